@@ -1,0 +1,152 @@
+"""Configuration schema shared by every config file in `configs/`.
+
+Each config file builds on `base_config()` and changes what its run needs.
+`validate(config)` checks names and values and raises a `ValueError` that names
+the offending key; `main`, `sample` and `convert` call it on every config they
+load, after the command-line overrides have been applied.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+CONDITIONINGS = ("channel", "filter", "none")
+TIGHTNESS_KINDS = ("l1", "smooth_clamp")
+DATASETS = ("mnist", "fashion_mnist")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The defaults: CIGN channel_small on MNIST as in the paper."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "mnist"
+  # Where tensorflow-datasets keeps prepared data; '' means $TFDS_DATA_DIR or
+  # ~/tensorflow_datasets.
+  config.data.data_dir = ""
+  # Gaussian noise added to training images (then clamped to [-1, 1]).
+  config.data.train_noise_std = 0.15
+
+  config.model = ml_collections.ConfigDict()
+  config.model.conditioning = "channel"  # 'channel' | 'filter' | 'none' (IGN)
+  config.model.latent_dim = 32
+  config.model.intermediate_dim = 128
+  config.model.embedding_dim = 5
+  config.model.num_classes = 10
+  config.model.image_size = 28
+  config.model.image_channels = 1
+  config.model.dropout_rate = 0.15
+  # The paper clips the N(0, 1) prior to [-1, 1]; the author's code does not.
+  config.model.clip_prior = False
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.rec_weight = 20.0
+  config.loss.idem_noise_weight = 20.0
+  config.loss.tight_noise_weight = 2.5
+  config.loss.idem_mismatch_weight = 3.0
+  config.loss.tight_mismatch_weight = 1.0
+  # 'l1': plain negative L1 (the CIGN code); 'smooth_clamp': IGN's
+  # tanh(L / (a L_rec)) a L_rec with a = tightness_clamp_a.
+  config.loss.tightness = "l1"
+  config.loss.tightness_clamp_a = 1.5
+  # Wrong labels per real image: 9 = all of them (the paper), 0..8 = that many
+  # distinct wrong labels drawn at random per image.
+  config.loss.num_mismatch_labels = 9
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.b1 = 0.5
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.01
+
+  config.batch_size = 128  # real images per step (global, over all devices)
+  config.num_epochs = 50
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+
+  config.log_every_steps = 50
+  config.sample_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3
+  config.samples_noise_seed = 1234  # the fixed noise of the sample grids
+
+  # Parallelism and precision.
+  config.mesh_shape = (-1,)  # -1: all devices
+  config.mesh_axis_names = ("data",)
+  config.compute_dtype = "float32"
+  return config
+
+
+def _check(cond: bool, key: str, message: str):
+  if not cond:
+    raise ValueError(f"config.{key}: {message}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Raises ValueError naming the first invalid field; returns the config."""
+  base = base_config()
+
+  def walk(node, ref, prefix):
+    for key in node.keys():
+      if key not in ref:
+        raise ValueError(
+            f"config.{prefix}{key}: unknown config key (known: "
+            f"{', '.join(sorted(ref.keys()))})")
+      if isinstance(ref[key], ml_collections.ConfigDict):
+        walk(node[key], ref[key], f"{prefix}{key}.")
+
+  walk(config, base, "")
+  for key in base.keys():
+    _check(key in config, key, "missing config key")
+
+  m, l, o = config.model, config.loss, config.optimizer
+  _check(m.conditioning in CONDITIONINGS, "model.conditioning",
+         f"unknown conditioning {m.conditioning!r}; expected one of "
+         f"{CONDITIONINGS}")
+  for key in ("latent_dim", "intermediate_dim", "embedding_dim", "num_classes",
+              "image_channels"):
+    _check(int(m[key]) >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
+  _check(m.image_size == 28, "model.image_size",
+         f"the paper's architecture is for 28x28 images, got {m.image_size}")
+  _check(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate",
+         f"must be in [0, 1), got {m.dropout_rate}")
+  for key in ("rec_weight", "idem_noise_weight", "tight_noise_weight",
+              "idem_mismatch_weight", "tight_mismatch_weight"):
+    _check(l[key] >= 0, f"loss.{key}", f"a loss weight must be >= 0, got "
+           f"{l[key]}")
+  _check(l.tightness in TIGHTNESS_KINDS, "loss.tightness",
+         f"unknown tightness {l.tightness!r}; expected one of "
+         f"{TIGHTNESS_KINDS}")
+  _check(l.tightness_clamp_a > 0, "loss.tightness_clamp_a",
+         f"must be > 0, got {l.tightness_clamp_a}")
+  _check(0 <= l.num_mismatch_labels <= m.num_classes - 1,
+         "loss.num_mismatch_labels",
+         f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}")
+  _check(o.learning_rate > 0, "optimizer.learning_rate",
+         f"must be > 0, got {o.learning_rate}")
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1",
+         f"betas must be in [0, 1), got {o.b1}, {o.b2}")
+  _check(o.weight_decay >= 0, "optimizer.weight_decay",
+         f"must be >= 0, got {o.weight_decay}")
+  _check(config.data.dataset in DATASETS, "data.dataset",
+         f"unknown dataset {config.data.dataset!r}; expected one of "
+         f"{DATASETS}")
+  _check(config.data.train_noise_std >= 0, "data.train_noise_std",
+         f"must be >= 0, got {config.data.train_noise_std}")
+  _check(config.batch_size >= 1, "batch_size",
+         f"must be >= 1, got {config.batch_size}")
+  _check(config.num_epochs >= 1 or config.num_train_steps > 0, "num_epochs",
+         f"must be >= 1 when num_train_steps is not set, got "
+         f"{config.num_epochs}")
+  for key in ("log_every_steps", "sample_every_steps", "checkpoint_every_steps",
+              "keep_checkpoints"):
+    _check(config[key] >= 1, key, f"must be >= 1, got {config[key]}")
+  _check(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype",
+         f"unknown dtype {config.compute_dtype!r}; expected one of "
+         f"{COMPUTE_DTYPES}")
+  _check(len(config.mesh_shape) == len(config.mesh_axis_names), "mesh_shape",
+         f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
+         f"{tuple(config.mesh_axis_names)}")
+  return config

@@ -1,0 +1,192 @@
+"""The CIGN / IGN objective: five weighted terms (CIGN paper, section 3-4).
+
+With D the mean L1 distance, f_theta the trained network and f_theta' the
+same network with its parameters' gradients stopped (the "frozen copy":
+`jax.lax.stop_gradient(params)`, not a second parameter set):
+
+  rec             D(f(x, c), x)                                 `loss_rec`
+  idem, noise     D(f_theta'(f_theta(z, c_z)), f_theta(z, c_z))  `loss_idem_noise`
+  tight, noise    -D(f_theta(y), y),  y = sg(f(z, c_z))          `loss_tight_noise`
+  idem, mismatch  as idem, noise, on (x, c_wrong)                `loss_idem_mismatch`
+  tight, mismatch as tight, noise, on (x, c_wrong)               `loss_tight_mismatch`
+
+Every forward call is its own BatchNorm group, normalised over its own batch,
+in the author's order: real, noise, mismatch, copy(noise), tight(noise),
+copy(mismatch), tight(mismatch). The running statistics are chained through
+the trained network's calls in that order; the frozen copy's updates are
+dropped (the original reloads the copy from the model every step).
+
+Tightness is the plain negative L1 (the CIGN code; default) or IGN's smooth
+clamp tanh(L / (a L_rec)) a L_rec, per sample, with L_rec the (gradient-
+stopped) mean reconstruction loss of the step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+LOSS_TERMS = ("loss_rec", "loss_idem_noise", "loss_tight_noise",
+              "loss_idem_mismatch", "loss_tight_mismatch")
+
+
+def l1_distance(a, b):
+  """D: mean absolute difference over all elements (torch's L1Loss)."""
+  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def per_sample_l1(a, b):
+  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)),
+                  axis=tuple(range(1, a.ndim)))
+
+
+def sample_prior(key, shape, clip: bool):
+  """z ~ N(0, 1) of the images' shape, optionally clipped to [-1, 1]."""
+  z = jax.random.normal(key, shape, jnp.float32)
+  return jnp.clip(z, -1.0, 1.0) if clip else z
+
+
+def add_training_noise(key, images, std: float):
+  """The training images' regulariser: x + std N(0, 1), clamped to [-1, 1]."""
+  if std == 0:
+    return images
+  return jnp.clip(images + std * jax.random.normal(key, images.shape,
+                                                   images.dtype), -1.0, 1.0)
+
+
+def mismatch_batch(images, labels, num_classes: int, num_wrong: int,
+                   key=None):
+  """Pairs every image with wrong labels, vectorised.
+
+  num_wrong == num_classes - 1: all wrong labels, in increasing order (the
+  original's order); otherwise `num_wrong` distinct wrong labels per image
+  drawn uniformly at random with `key`. Returns images (B*num_wrong, ...)
+  repeated image-major and labels (B*num_wrong,).
+  """
+  b = images.shape[0]
+  if not 0 <= num_wrong <= num_classes - 1:
+    raise ValueError(f"num_wrong must be in 0..{num_classes - 1}, got "
+                     f"{num_wrong}")
+  if num_wrong == num_classes - 1:
+    slots = jnp.broadcast_to(jnp.arange(num_classes - 1), (b, num_wrong))
+  else:
+    if key is None:
+      raise ValueError("a key is needed to draw a random subset of wrong "
+                       "labels")
+    order = jnp.argsort(jax.random.uniform(key, (b, num_classes - 1)), axis=1)
+    slots = order[:, :num_wrong]
+  # Slot j in 0..num_classes-2 names the j-th label other than the true one.
+  wrong = slots + (slots >= labels[:, None]).astype(slots.dtype)
+  return (jnp.repeat(images, num_wrong, axis=0),
+          wrong.reshape(-1).astype(jnp.int32))
+
+
+class LossConfig(NamedTuple):
+  rec_weight: float = 20.0
+  idem_noise_weight: float = 20.0
+  tight_noise_weight: float = 2.5
+  idem_mismatch_weight: float = 3.0
+  tight_mismatch_weight: float = 1.0
+  tightness: str = "l1"
+  tightness_clamp_a: float = 1.5
+  num_mismatch_labels: int = 9
+  num_classes: int = 10
+  conditional: bool = True
+  clip_prior: bool = False
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
+    l, m = config.loss, config.model
+    return cls(rec_weight=l.rec_weight, idem_noise_weight=l.idem_noise_weight,
+               tight_noise_weight=l.tight_noise_weight,
+               idem_mismatch_weight=l.idem_mismatch_weight,
+               tight_mismatch_weight=l.tight_mismatch_weight,
+               tightness=l.tightness, tightness_clamp_a=l.tightness_clamp_a,
+               num_mismatch_labels=l.num_mismatch_labels,
+               num_classes=m.num_classes,
+               conditional=m.conditioning != "none",
+               clip_prior=m.clip_prior)
+
+
+def _tightness(f_y, y, rec_scale, cfg: LossConfig):
+  """-D(f(y), y), plain or IGN's smooth clamp (per sample)."""
+  if cfg.tightness == "l1":
+    return -l1_distance(f_y, y)
+  if cfg.tightness == "smooth_clamp":
+    raw = -per_sample_l1(f_y, y)
+    scale = cfg.tightness_clamp_a * rec_scale
+    return jnp.mean(jnp.tanh(raw / scale) * scale)
+  raise ValueError(f"unknown tightness {cfg.tightness!r}")
+
+
+def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
+                    key, cfg: LossConfig, frozen_params: Optional[Any] = None,
+                    dropout_rng: Callable = lambda k: k
+                    ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], Any]]:
+  """Total loss and (weighted terms, updated batch_stats).
+
+  apply_fn(variables, x, labels, train=True, rngs=..., mutable=[...]) is the
+  Flax model's apply. `images` are the (already noised) training images in
+  [-1, 1], `labels` their labels (ignored by an unconditional model).
+  `frozen_params` replaces `stop_gradient(params)` for the frozen copy (used
+  by the tests to show both give the same gradient). `dropout_rng` turns each
+  forward call's key into the key its dropout masks are drawn from.
+  """
+  b = images.shape[0]
+  keys = jax.random.split(key, 10)
+  frozen = (jax.lax.stop_gradient(params) if frozen_params is None
+            else frozen_params)
+
+  def f(p, stats, x, c, rng):
+    out, updates = apply_fn({"params": p, "batch_stats": stats}, x, c,
+                            train=True, rngs={"dropout": dropout_rng(rng)},
+                            mutable=["batch_stats"])
+    return out, updates["batch_stats"]
+
+  z = sample_prior(keys[0], images.shape, cfg.clip_prior)
+  if cfg.conditional:
+    z_labels = jax.random.randint(keys[1], (b,), 0, cfg.num_classes)
+  else:
+    z_labels = jnp.zeros((b,), jnp.int32)
+  use_mismatch = cfg.conditional and cfg.num_mismatch_labels > 0
+  if use_mismatch:
+    mm_images, mm_labels = mismatch_batch(images, labels, cfg.num_classes,
+                                          cfg.num_mismatch_labels, keys[2])
+
+  stats = batch_stats
+  f_x, stats = f(params, stats, images, labels, keys[3])
+  f_z, stats = f(params, stats, z, z_labels, keys[4])
+  if use_mismatch:
+    f_m, stats = f(params, stats, mm_images, mm_labels, keys[5])
+
+  rec = l1_distance(f_x, images)
+  rec_scale = jax.lax.stop_gradient(rec)
+
+  f_copy_z, _ = f(frozen, stats, f_z, z_labels, keys[6])
+  idem_noise = l1_distance(f_copy_z, f_z)
+  y_z = jax.lax.stop_gradient(f_z)
+  f_tight_z, stats = f(params, stats, y_z, z_labels, keys[7])
+  tight_noise = _tightness(f_tight_z, y_z, rec_scale, cfg)
+
+  if use_mismatch:
+    f_copy_m, _ = f(frozen, stats, f_m, mm_labels, keys[8])
+    idem_mismatch = l1_distance(f_copy_m, f_m)
+    y_m = jax.lax.stop_gradient(f_m)
+    f_tight_m, stats = f(params, stats, y_m, mm_labels, keys[9])
+    tight_mismatch = _tightness(f_tight_m, y_m, rec_scale, cfg)
+  else:
+    idem_mismatch = jnp.zeros((), jnp.float32)
+    tight_mismatch = jnp.zeros((), jnp.float32)
+
+  terms = {
+      "loss_rec": cfg.rec_weight * rec,
+      "loss_idem_noise": cfg.idem_noise_weight * idem_noise,
+      "loss_tight_noise": cfg.tight_noise_weight * tight_noise,
+      "loss_idem_mismatch": cfg.idem_mismatch_weight * idem_mismatch,
+      "loss_tight_mismatch": cfg.tight_mismatch_weight * tight_mismatch,
+  }
+  total = sum(terms[k] for k in LOSS_TERMS)
+  return total, (terms, stats)

@@ -1,0 +1,124 @@
+"""Sampling f(z, c), repeated application f^n, and projection f(x, c).
+
+All forward passes here are evaluation-time: BatchNorm uses its running
+statistics and dropout is off, so a sample is a deterministic function of
+(z, c) and applying f again refines it (IGN, section 3).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cign_jax import losses
+from cign_jax import models
+
+
+@functools.partial(jax.jit, static_argnames=("model", "applications"))
+def _apply_n(model, variables, x, labels, applications: int):
+  for _ in range(applications):
+    x = model.apply(variables, x, labels, train=False)
+  return x
+
+
+def apply_repeatedly(model: models.IdempotentNetwork, variables, x, labels,
+                     applications: int = 1, batch_size: int = 1000):
+  """f^applications(x, c) in batches (the last batch padded, not recompiled)."""
+  if applications < 1:
+    raise ValueError(f"applications must be >= 1, got {applications}")
+  x = np.asarray(x, np.float32)
+  labels = np.asarray(labels, np.int32)
+  n = x.shape[0]
+  if n == 0:
+    return np.zeros_like(x)
+  bs = min(batch_size, n)
+  outs = []
+  for start in range(0, n, bs):
+    xb, cb = x[start:start + bs], labels[start:start + bs]
+    pad = bs - xb.shape[0]
+    if pad:
+      xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+      cb = np.concatenate([cb, np.zeros((pad,), cb.dtype)])
+    out = _apply_n(model, variables, jnp.asarray(xb), jnp.asarray(cb),
+                   applications)
+    outs.append(np.asarray(out)[:bs - pad])
+  return np.concatenate(outs)
+
+
+def prior_noise(key, num: int, image_channels: int = 1, clip: bool = False):
+  return np.asarray(losses.sample_prior(key, (num, 28, 28, image_channels),
+                                        clip))
+
+
+def generate(model: models.IdempotentNetwork, variables, labels: Sequence[int],
+             key, applications: int = 1, clip: bool = False,
+             batch_size: int = 1000):
+  """Samples f^applications(z, c) with z ~ N(0, 1) (clipped if `clip`)."""
+  labels = models.check_labels(labels, model.num_classes)
+  z = prior_noise(key, labels.shape[0], model.image_channels, clip)
+  return apply_repeatedly(model, variables, z, labels, applications,
+                          batch_size)
+
+
+def project(model: models.IdempotentNetwork, variables, images,
+            labels: Optional[Sequence[int]] = None, applications: int = 1,
+            batch_size: int = 1000):
+  """IGN's projection of given inputs (noisy, degraded, out of distribution)
+  onto the model's fixed points: f^applications(x, c). Images in [-1, 1],
+  (N, 28, 28) or (N, 28, 28, 1)."""
+  images = models.check_images(images, model.image_channels)
+  if labels is None:
+    if model.conditioning != "none":
+      raise ValueError("projection with a conditional model needs labels")
+    labels = np.zeros((images.shape[0],), np.int32)
+  labels = models.check_labels(labels, model.num_classes, images.shape[0])
+  return apply_repeatedly(model, variables, images, labels, applications,
+                          batch_size)
+
+
+def label_grid(model: models.IdempotentNetwork, variables, key,
+               num_per_label: int = 10, applications: int = 1,
+               clip: bool = False):
+  """The paper's appendix figure: one row per label, the same noise in every
+  row. Returns images (num_classes, num_per_label, 28, 28, C)."""
+  k = model.num_classes if model.conditioning != "none" else 1
+  z = prior_noise(key, num_per_label, model.image_channels, clip)
+  x = np.tile(z, (k, 1, 1, 1))
+  labels = np.repeat(np.arange(k, dtype=np.int32), num_per_label)
+  out = apply_repeatedly(model, variables, x, labels, applications)
+  return out.reshape((k, num_per_label) + out.shape[1:])
+
+
+def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
+  """(R, C, 28, 28, ch) in [-1, 1] -> one uint8 (H, W) image with gaps."""
+  r, c, h, w = rows.shape[:4]
+  canvas = np.ones((r * (h + pad) + pad, c * (w + pad) + pad), np.float32)
+  for i in range(r):
+    for j in range(c):
+      img = rows[i, j].reshape(h, w, -1)[..., 0]
+      top, left = pad + i * (h + pad), pad + j * (w + pad)
+      canvas[top:top + h, left:left + w] = (img + 1.0) / 2.0
+  return np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
+
+
+def save_png(image_u8: np.ndarray, path: str, scale: int = 2):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  img = Image.fromarray(image_u8)
+  if scale > 1:
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+  img.save(path)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] floats -> uint8 pixels (how a sample is saved as an image)."""
+  return np.round(np.clip((np.asarray(images) + 1.0) / 2.0, 0, 1) * 255
+                  ).astype(np.uint8)
+
+
+def label_rows_for(num_classes: int, labels: Any, num_per_label: int):
+  labels = models.check_labels(labels, num_classes)
+  return np.repeat(labels, num_per_label)
