@@ -150,3 +150,15 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
          f"{tuple(config.mesh_axis_names)}")
   return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` from a config file path (as --config=PATH does)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location("_cign_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return validate(module.get_config())

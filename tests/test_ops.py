@@ -1,0 +1,221 @@
+"""The conditioning and convolution ops against naive loops written here.
+
+The naive references below are independent of cign_jax: explicit loops over
+samples, channels and kernel taps in numpy, following PyTorch's definitions
+of conv2d / conv_transpose2d (with groups for the per-sample ops).
+"""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from cign_jax import ops
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def naive_depthwise_correlation(x, f, s, p):
+  b, h, w, c = x.shape
+  k1, k2 = f.shape[1], f.shape[2]
+  xp = np.zeros((b, h + 2 * p, w + 2 * p, c))
+  xp[:, p:p + h, p:p + w] = x
+  ho, wo = (h + 2 * p - k1) // s + 1, (w + 2 * p - k2) // s + 1
+  out = np.zeros((b, ho, wo, c))
+  for n in range(b):
+    for ch in range(c):
+      for i in range(ho):
+        for j in range(wo):
+          acc = 0.0
+          for di in range(k1):
+            for dj in range(k2):
+              acc += xp[n, i * s + di, j * s + dj, ch] * f[n, di, dj, ch]
+          out[n, i, j, ch] = acc
+  return out
+
+
+def naive_depthwise_transposed(x, f, s, p):
+  b, h, w, c = x.shape
+  k1, k2 = f.shape[1], f.shape[2]
+  full = np.zeros((b, (h - 1) * s + k1, (w - 1) * s + k2, c))
+  for n, ch, i, j, di, dj in itertools.product(range(b), range(c), range(h),
+                                               range(w), range(k1), range(k2)):
+    full[n, i * s + di, j * s + dj, ch] += x[n, i, j, ch] * f[n, di, dj, ch]
+  return full[:, p:full.shape[1] - p, p:full.shape[2] - p]
+
+
+def naive_conv2d(x, kern, s, p):
+  b, h, w, ci = x.shape
+  k1, k2, _, co = kern.shape
+  xp = np.zeros((b, h + 2 * p, w + 2 * p, ci))
+  xp[:, p:p + h, p:p + w] = x
+  ho, wo = (h + 2 * p - k1) // s + 1, (w + 2 * p - k2) // s + 1
+  out = np.zeros((b, ho, wo, co))
+  for i in range(ho):
+    for j in range(wo):
+      patch = xp[:, i * s:i * s + k1, j * s:j * s + k2, :]  # (b, k1, k2, ci)
+      for o in range(co):
+        out[:, i, j, o] = np.sum(patch * kern[None, :, :, :, o],
+                                 axis=(1, 2, 3))
+  return out
+
+
+def naive_conv_transpose2d(x, kern, s, p):
+  b, h, w, ci = x.shape
+  k1, k2, _, co = kern.shape
+  full = np.zeros((b, (h - 1) * s + k1, (w - 1) * s + k2, co))
+  for i in range(h):
+    for j in range(w):
+      for di in range(k1):
+        for dj in range(k2):
+          full[:, i * s + di, j * s + dj, :] += x[:, i, j, :] @ kern[di, dj]
+  return full[:, p:full.shape[1] - p, p:full.shape[2] - p]
+
+
+# Odd and even sizes, strides 1 and 2, padding 0 and 1, CIGN's kernels.
+CASES = [
+    # (batch, H, W, C, k, stride, padding)
+    (3, 7, 5, 2, 3, 2, 1),
+    (2, 5, 5, 3, 4, 2, 1),
+    (2, 6, 7, 2, 2, 1, 0),
+    (2, 4, 3, 3, 3, 1, 1),
+    (2, 5, 6, 2, 3, 2, 0),
+    (1, 2, 2, 4, 4, 2, 1),
+]
+
+
+def _rand(shape, seed):
+  return np.random.RandomState(seed).standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_depthwise_correlation(case):
+  b, h, w, c, k, s, p = case
+  x, f = _rand((b, h, w, c), 0), _rand((b, k, k, c), 1)
+  want = naive_depthwise_correlation(x, f, s, p)
+  assert want.shape[1] == ops.conv_output_size(h, k, s, p)
+  for fn in (ops.per_sample_depthwise_correlation,
+             ops.per_sample_depthwise_correlation_reference):
+    got = np.asarray(fn(jnp.asarray(x), jnp.asarray(f), s, p))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_per_sample_depthwise_transposed_correlation(case):
+  b, h, w, c, k, s, p = case
+  if p > k - 1:
+    pytest.skip("padding must be smaller than the kernel for a transpose")
+  x, f = _rand((b, h, w, c), 2), _rand((b, k, k, c), 3)
+  want = naive_depthwise_transposed(x, f, s, p)
+  assert want.shape[1] == ops.conv_transpose_output_size(h, k, s, p)
+  for fn in (ops.per_sample_depthwise_transposed_correlation,
+             ops.per_sample_depthwise_transposed_correlation_reference):
+    got = np.asarray(fn(jnp.asarray(x), jnp.asarray(f), s, p))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shared_kernel_convs(case):
+  b, h, w, ci, k, s, p = case
+  co = 3
+  x = _rand((b, h, w, ci), 4)
+  kern = _rand((k, k, ci, co), 5)
+  want = naive_conv2d(x, kern, s, p)
+  for fn in (ops.conv2d, ops.conv2d_im2col, ops.conv2d_reference):
+    np.testing.assert_allclose(np.asarray(fn(x, kern, s, p)), want,
+                               rtol=1e-5, atol=1e-5)
+  kern_t = _rand((k, k, ci, co), 6)
+  want_t = naive_conv_transpose2d(x, kern_t, s, p)
+  for fn in (ops.conv_transpose2d, ops.conv_transpose2d_col2im,
+             ops.conv_transpose2d_reference):
+    np.testing.assert_allclose(np.asarray(fn(x, kern_t, s, p)), want_t,
+                               rtol=1e-5, atol=1e-5)
+
+
+def _grad_pairs():
+  return [
+      (ops.per_sample_depthwise_correlation,
+       ops.per_sample_depthwise_correlation_reference, "per_sample"),
+      (ops.per_sample_depthwise_transposed_correlation,
+       ops.per_sample_depthwise_transposed_correlation_reference,
+       "per_sample"),
+      (ops.conv2d_im2col, ops.conv2d_reference, "shared"),
+      (ops.conv_transpose2d_col2im, ops.conv_transpose2d_reference, "shared"),
+  ]
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
+@pytest.mark.parametrize("pair", range(4))
+def test_gradients(case, pair):
+  """Gradients: finite differences (exact for these bilinear maps up to
+  rounding) and the lax reference's autodiff gradient."""
+  fast, reference, kind = _grad_pairs()[pair]
+  b, h, w, c, k, s, p = case
+  x = jnp.asarray(_rand((b, h, w, c), 7))
+  if kind == "per_sample":
+    f = jnp.asarray(_rand((b, k, k, c), 8))
+  else:
+    f = jnp.asarray(_rand((k, k, c, 2), 8))
+  fn = lambda a, bb: fast(a, bb, s, p)
+  check_grads(fn, (x, f), order=1, modes=("rev",), eps=1e-2, atol=2e-2,
+              rtol=2e-2)
+  out_shape = jax.eval_shape(fn, x, f).shape
+  g = jnp.asarray(_rand(out_shape, 9))
+  grads = jax.grad(lambda a, bb: jnp.sum(fast(a, bb, s, p) * g),
+                   argnums=(0, 1))(x, f)
+  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb, s, p) * g),
+                 argnums=(0, 1))(x, f)
+  for got, want in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_transposed_is_adjoint_of_correlation():
+  """<corr(x, f), y> == <x, corr_T(y, f)>: the transposed op is the adjoint."""
+  b, h, c, k, s, p = 2, 7, 3, 3, 2, 1
+  x = jnp.asarray(_rand((b, h, h, c), 10))
+  f = jnp.asarray(_rand((b, k, k, c), 11))
+  y = ops.per_sample_depthwise_correlation(x, f, s, p)
+  v = jnp.asarray(_rand(y.shape, 12))
+  lhs = jnp.sum(y * v)
+  back = ops.per_sample_depthwise_transposed_correlation(v, f, s, p)
+  # (H'-1)s - 2p + k may be smaller than H when (H + 2p - k) % s != 0.
+  rhs = jnp.sum(x[:, :back.shape[1], :back.shape[2]] * back)
+  np.testing.assert_allclose(float(lhs), float(rhs), rtol=1e-4)
+
+
+def test_channel_condition():
+  b, h, w, c, e = 3, 5, 4, 2, 5
+  x = _rand((b, h, w, c), 13)
+  emb = _rand((b, e), 14)
+  kern = _rand((e, h * w), 15)
+  bias = _rand((h * w,), 16)
+  got = np.asarray(ops.channel_condition(x, emb, kern, bias))
+  assert got.shape == (b, h, w, c + 1)
+  np.testing.assert_array_equal(got[..., :c], x)
+  for n in range(b):
+    for i in range(h):
+      for j in range(w):
+        want = np.tanh(sum(emb[n, q] * kern[q, i * w + j] for q in range(e))
+                       + bias[i * w + j])
+        np.testing.assert_allclose(got[n, i, j, c], want, rtol=1e-5,
+                                   atol=1e-6)
+  check_grads(lambda a, bb: ops.channel_condition(a, bb, kern, bias),
+              (jnp.asarray(x), jnp.asarray(emb)), order=1, modes=("rev",),
+              eps=1e-3, atol=1e-2, rtol=1e-2)
+
+
+def test_bad_shapes_are_named():
+  x = jnp.zeros((2, 5, 5, 3))
+  with pytest.raises(ValueError, match="agree in batch"):
+    ops.per_sample_depthwise_correlation(x, jnp.zeros((2, 3, 3, 4)), 1, 0)
+  with pytest.raises(ValueError, match="rank 4"):
+    ops.per_sample_depthwise_transposed_correlation(jnp.zeros((5, 5, 3)),
+                                                    jnp.zeros((2, 3, 3, 3)), 1,
+                                                    0)
+  with pytest.raises(ValueError, match="H\\*W"):
+    ops.channel_condition(x, jnp.zeros((2, 5)), jnp.zeros((5, 24)),
+                          jnp.zeros((24,)))
