@@ -42,6 +42,7 @@ on GPU/TPU they are XLA's own convolutions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import pathlib
@@ -294,13 +295,17 @@ def avg_pool_same_exclude_pad(x):
 class ConvBN(nn.Module):
   """Conv (no bias) + BatchNorm (eps 0.001, no scale, running stats) + ReLU.
 
-  The BatchNorm is folded: conv(x, kernel * s) + (bias - mean * s) with
-  s = 1 / sqrt(var + eps).
+  Variables: params `kernel` (kh, kw, in, out) and `bias` (BatchNorm's beta),
+  batch_stats `mean` and `var`. Computed as relu(conv(x, kernel * s) +
+  (bias - mean * s)) with s = 1 / sqrt(var + eps). With `folded=True` the
+  module has only `kernel` and `bias`, holding kernel * s and bias - mean * s
+  (see `fold_batch_norm`), which saves that arithmetic on every call.
   """
   features: int
   kernel_size: tuple[int, int]
   stride: int = 1
   padding: tuple[int, int] = (0, 0)
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -308,11 +313,34 @@ class ConvBN(nn.Module):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (kh, kw, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,))
-    var = self.variable("batch_stats", "var", jnp.ones, (self.features,))
-    scale = lax.rsqrt(var.value + BN_EPSILON)
-    y = conv2d(x, (kernel * scale).astype(x.dtype), self.stride, self.padding)
-    return nn.relu(y + (bias - mean.value * scale).astype(x.dtype))
+    if not self.folded:
+      mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,))
+      var = self.variable("batch_stats", "var", jnp.ones, (self.features,))
+      scale = lax.rsqrt(var.value + BN_EPSILON)
+      kernel = kernel * scale
+      bias = bias - mean.value * scale
+    y = conv2d(x, kernel.astype(x.dtype), self.stride, self.padding)
+    return nn.relu(y + bias.astype(x.dtype))
+
+
+def fold_batch_norm(variables: dict) -> dict:
+  """{'params': ...} for `FIDInceptionV3(folded=True)` from the variables of
+  `FIDInceptionV3()`: every BatchNorm folded into its conv (in float64)."""
+  def fold(params, stats):
+    out = {}
+    for key, value in params.items():
+      if "kernel" in value and not isinstance(value["kernel"], dict):
+        st = stats[key]
+        scale = 1.0 / np.sqrt(np.asarray(st["var"], np.float64) + BN_EPSILON)
+        kernel = np.asarray(value["kernel"], np.float64) * scale
+        bias = (np.asarray(value["bias"], np.float64) -
+                np.asarray(st["mean"], np.float64) * scale)
+        out[key] = {"kernel": kernel.astype(np.float32),
+                    "bias": bias.astype(np.float32)}
+      else:
+        out[key] = fold(value, stats[key])
+    return out
+  return {"params": fold(variables["params"], variables["batch_stats"])}
 
 
 def _conv_name(i: int) -> str:
@@ -322,18 +350,20 @@ def _conv_name(i: int) -> str:
 class Tower(nn.Module):
   """A chain of ConvBN layers named conv, conv_1, ... (an archive Sequential).
 
-  `layers`: (features, (kh, kw), stride, (ph, pw)) per conv. `pool`: 'avg'
+  `layers`: (features, (kh, kw), stride, (ph, pw)) per conv. `pool='avg'`
   puts the 3x3 stride-1 average pool (padding not counted) first.
   """
   layers: Sequence[tuple]
   pool: str | None = None
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     if self.pool == "avg":
       x = avg_pool_same_exclude_pad(x)
     for i, (features, kernel, stride, padding) in enumerate(self.layers):
-      x = ConvBN(features, kernel, stride, padding, name=_conv_name(i))(x)
+      x = ConvBN(features, kernel, stride, padding, folded=self.folded,
+                 name=_conv_name(i))(x)
     return x
 
 
@@ -346,26 +376,31 @@ def _c(features, kh, kw=None, stride=1, ph=0, pw=None):
 class InceptionA(nn.Module):
   """Mixed_5b..5d: 1x1 | 1x1, 5x5 | 1x1, 3x3, 3x3 | avg pool, 1x1."""
   pool_features: int
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
+    f = self.folded
     return jnp.concatenate([
-        ConvBN(64, (1, 1), name="conv")(x),
-        Tower((_c(48, 1), _c(64, 5, ph=2)), name="tower")(x),
-        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, ph=1)),
+        ConvBN(64, (1, 1), folded=f, name="conv")(x),
+        Tower((_c(48, 1), _c(64, 5, ph=2)), folded=f, name="tower")(x),
+        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, ph=1)), folded=f,
               name="tower_1")(x),
-        Tower((_c(self.pool_features, 1),), pool="avg", name="tower_2")(x),
+        Tower((_c(self.pool_features, 1),), pool="avg", folded=f,
+              name="tower_2")(x),
     ], axis=-1)
 
 
 class InceptionB(nn.Module):
   """Mixed_6a: 3x3 s2 | 1x1, 3x3, 3x3 s2 | max pool 3 s2."""
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
+    f = self.folded
     return jnp.concatenate([
-        ConvBN(384, (3, 3), 2, name="conv")(x),
-        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, stride=2)),
+        ConvBN(384, (3, 3), 2, folded=f, name="conv")(x),
+        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, stride=2)), folded=f,
               name="tower")(x),
         max_pool(x, 3, 2),
     ], axis=-1)
@@ -374,31 +409,34 @@ class InceptionB(nn.Module):
 class InceptionC(nn.Module):
   """Mixed_6b..6e: 1x1 | 1x7, 7x1 factorised towers | avg pool, 1x1."""
   channels_7x7: int
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    c = self.channels_7x7
+    c, f = self.channels_7x7, self.folded
     return jnp.concatenate([
-        ConvBN(192, (1, 1), name="conv")(x),
+        ConvBN(192, (1, 1), folded=f, name="conv")(x),
         Tower((_c(c, 1), _c(c, 1, 7, ph=0, pw=3), _c(192, 7, 1, ph=3, pw=0)),
-              name="tower")(x),
+              folded=f, name="tower")(x),
         Tower((_c(c, 1), _c(c, 7, 1, ph=3, pw=0), _c(c, 1, 7, ph=0, pw=3),
                _c(c, 7, 1, ph=3, pw=0), _c(192, 1, 7, ph=0, pw=3)),
-              name="tower_1")(x),
-        Tower((_c(192, 1),), pool="avg", name="tower_2")(x),
+              folded=f, name="tower_1")(x),
+        Tower((_c(192, 1),), pool="avg", folded=f, name="tower_2")(x),
     ], axis=-1)
 
 
 class InceptionD(nn.Module):
   """Mixed_7a: 1x1, 3x3 s2 | 1x1, 1x7, 7x1, 3x3 s2 | max pool 3 s2."""
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
+    f = self.folded
     return jnp.concatenate([
-        Tower((_c(192, 1), _c(320, 3, stride=2)), name="tower")(x),
+        Tower((_c(192, 1), _c(320, 3, stride=2)), folded=f, name="tower")(x),
         Tower((_c(192, 1), _c(192, 1, 7, ph=0, pw=3),
                _c(192, 7, 1, ph=3, pw=0), _c(192, 3, stride=2)),
-              name="tower_1")(x),
+              folded=f, name="tower_1")(x),
         max_pool(x, 3, 2),
     ], axis=-1)
 
@@ -410,23 +448,25 @@ class InceptionE(nn.Module):
   3x3 stride 1 pad 1, then a 1x1 conv.
   """
   pool: str
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    a = ConvBN(384, (1, 1), name="tower_conv")(x)
-    b = ConvBN(448, (1, 1), name="tower_1_conv")(x)
-    b = ConvBN(384, (3, 3), padding=(1, 1), name="tower_1_conv_1")(b)
+    conv = functools.partial(ConvBN, folded=self.folded)
+    a = conv(384, (1, 1), name="tower_conv")(x)
+    b = conv(448, (1, 1), name="tower_1_conv")(x)
+    b = conv(384, (3, 3), padding=(1, 1), name="tower_1_conv_1")(b)
     if self.pool == "avg":
       p = avg_pool_same_exclude_pad(x)
     else:
       p = max_pool(x, 3, 1, 1)
     return jnp.concatenate([
-        ConvBN(320, (1, 1), name="conv")(x),
-        ConvBN(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a),
-        ConvBN(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a),
-        ConvBN(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b),
-        ConvBN(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b),
-        ConvBN(192, (1, 1), name="tower_2_conv")(p),
+        conv(320, (1, 1), name="conv")(x),
+        conv(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a),
+        conv(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a),
+        conv(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b),
+        conv(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b),
+        conv(192, (1, 1), name="tower_2_conv")(p),
     ], axis=-1)
 
 
@@ -439,42 +479,46 @@ class FIDInceptionV3(nn.Module):
 
   `__call__(x, max_features=2048)`: x (B, 299, 299, 3) NHWC in [-1, 1]
   (already resized). Returns {64: (B, 64), 192: (B, 192), ...} for every tap
-  up to and including `max_features`.
+  up to and including `max_features`. `folded=True`: the variables are
+  `fold_batch_norm(...)` of the plain ones (faster).
   """
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x, max_features: int = 2048):
     if max_features not in FEATURE_SIZES:
       raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
                        f"{max_features}")
+    f = self.folded
+    conv = functools.partial(ConvBN, folded=f)
     out = {}
-    x = ConvBN(32, (3, 3), 2, name="conv")(x)
-    x = ConvBN(32, (3, 3), name="conv_1")(x)
-    x = ConvBN(64, (3, 3), padding=(1, 1), name="conv_2")(x)
+    x = conv(32, (3, 3), 2, name="conv")(x)
+    x = conv(32, (3, 3), name="conv_1")(x)
+    x = conv(64, (3, 3), padding=(1, 1), name="conv_2")(x)
     x = max_pool(x, 3, 2)
     out[64] = _spatial_mean(x)
     if max_features == 64:
       return out
-    x = ConvBN(80, (1, 1), name="conv_3")(x)
-    x = ConvBN(192, (3, 3), name="conv_4")(x)
+    x = conv(80, (1, 1), name="conv_3")(x)
+    x = conv(192, (3, 3), name="conv_4")(x)
     x = max_pool(x, 3, 2)
     out[192] = _spatial_mean(x)
     if max_features == 192:
       return out
-    x = InceptionA(32, name="mixed")(x)
-    x = InceptionA(64, name="mixed_1")(x)
-    x = InceptionA(64, name="mixed_2")(x)
-    x = InceptionB(name="mixed_3")(x)
-    x = InceptionC(128, name="mixed_4")(x)
-    x = InceptionC(160, name="mixed_5")(x)
-    x = InceptionC(160, name="mixed_6")(x)
-    x = InceptionC(192, name="mixed_7")(x)
+    x = InceptionA(32, folded=f, name="mixed")(x)
+    x = InceptionA(64, folded=f, name="mixed_1")(x)
+    x = InceptionA(64, folded=f, name="mixed_2")(x)
+    x = InceptionB(folded=f, name="mixed_3")(x)
+    x = InceptionC(128, folded=f, name="mixed_4")(x)
+    x = InceptionC(160, folded=f, name="mixed_5")(x)
+    x = InceptionC(160, folded=f, name="mixed_6")(x)
+    x = InceptionC(192, folded=f, name="mixed_7")(x)
     out[768] = _spatial_mean(x)
     if max_features == 768:
       return out
-    x = InceptionD(name="mixed_8")(x)
-    x = InceptionE("avg", name="mixed_9")(x)
-    x = InceptionE("max", name="mixed_10")(x)
+    x = InceptionD(folded=f, name="mixed_8")(x)
+    x = InceptionE("avg", folded=f, name="mixed_9")(x)
+    x = InceptionE("max", folded=f, name="mixed_10")(x)
     out[2048] = _spatial_mean(x)
     return out
 

@@ -124,7 +124,8 @@ def _tightness(f_y, y, rec_scale, cfg: LossConfig):
 
 def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
                     key, cfg: LossConfig, frozen_params: Optional[Any] = None,
-                    dropout_rng: Callable = lambda k: k
+                    dropout_rng: Callable = lambda k: k, noise=None,
+                    noise_labels=None
                     ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], Any]]:
   """Total loss and (weighted terms, updated batch_stats).
 
@@ -134,6 +135,8 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
   `frozen_params` replaces `stop_gradient(params)` for the frozen copy (used
   by the tests to show both give the same gradient). `dropout_rng` turns each
   forward call's key into the key its dropout masks are drawn from.
+  `noise` / `noise_labels` replace the prior sample and its uniform labels
+  (for cross-checks against other implementations).
   """
   b = images.shape[0]
   keys = jax.random.split(key, 10)
@@ -146,8 +149,11 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
                             mutable=["batch_stats"])
     return out, updates["batch_stats"]
 
-  z = sample_prior(keys[0], images.shape, cfg.clip_prior)
-  if cfg.conditional:
+  z = (sample_prior(keys[0], images.shape, cfg.clip_prior) if noise is None
+       else noise)
+  if noise_labels is not None:
+    z_labels = noise_labels
+  elif cfg.conditional:
     z_labels = jax.random.randint(keys[1], (b,), 0, cfg.num_classes)
   else:
     z_labels = jnp.zeros((b,), jnp.int32)

@@ -1,0 +1,167 @@
+"""Checkpoints of a run directory (orbax), and loading a model from one.
+
+Layout of a run directory (`--workdir`):
+
+  WORKDIR/config.json          the run's config (every field)
+  WORKDIR/checkpoints/<step>/  orbax checkpoints of {step, params,
+                               batch_stats, opt_state}, the last few kept
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a process killed while saving leaves the earlier checkpoints
+intact; unfinished temporaries are cleaned on the next start. The same format
+is written by training and by `cign_jax.convert` (PyTorch import, fresh
+optimiser state, step 0), and read by `sample` and `evaluate`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cign_jax import config as config_lib
+from cign_jax import models
+from cign_jax import train_step as train_step_lib
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, corrupt or does not match the config."""
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict):
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json(indent=2))
+  os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise CheckpointError(f"no {CONFIG_FILE} in {workdir}: not a cign_jax run "
+                          "directory (train with cign_jax.main or import with "
+                          "cign_jax.convert)")
+  with open(path) as f:
+    raw = json.load(f)
+  config = config_lib.base_config()
+
+  def fill(node, values, prefix):
+    for key, value in values.items():
+      if key not in node:
+        raise CheckpointError(f"{path}: unknown config key {prefix}{key}")
+      if isinstance(node[key], ml_collections.ConfigDict):
+        fill(node[key], value, f"{prefix}{key}.")
+      else:
+        node[key] = tuple(value) if isinstance(value, list) else value
+
+  fill(config, raw, "")
+  return config_lib.validate(config)
+
+
+def manager(workdir: str, keep: int = 3,
+            create: bool = True) -> ocp.CheckpointManager:
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
+  """What a checkpoint holds: the state's arrays, no functions."""
+  return {"step": state.step, "params": state.params,
+          "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+
+
+def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
+         wait: bool = True):
+  step = int(jax.device_get(state.step))
+  mngr.save(step, args=ocp.args.StandardSave(state_tree(state)), force=True)
+  if wait:
+    mngr.wait_until_finished()
+
+
+def _describe_mismatch(stored, target) -> Optional[str]:
+  """The first key whose presence or shape differs, or None."""
+  flat_stored = {jax.tree_util.keystr(k): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(stored)[0]}
+  flat_target = {jax.tree_util.keystr(k): v for k, v in
+                 jax.tree_util.tree_flatten_with_path(target)[0]}
+  for key in sorted(flat_target):
+    if key not in flat_stored:
+      return f"missing key {key}"
+  for key in sorted(flat_stored):
+    if key not in flat_target:
+      return f"unexpected key {key}"
+  for key in sorted(flat_target):
+    s_shape = tuple(getattr(flat_stored[key], "shape", ()) or ())
+    t_shape = tuple(getattr(flat_target[key], "shape", ()) or ())
+    if s_shape != t_shape:
+      return f"key {key} has shape {s_shape} in the checkpoint, {t_shape} " \
+             "expected by the config"
+  return None
+
+
+def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
+            step: Optional[int] = None) -> train_step_lib.TrainState:
+  """Restores `step` (default: latest) into the structure, shapes and
+  shardings of `state`; clear errors for a corrupt or mismatched one."""
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {mngr.directory}")
+  path = os.path.join(str(mngr.directory), str(step))
+  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
+                                  state_tree(state))
+  try:
+    stored = mngr.item_metadata(step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: "
+                          f"{type(e).__name__}: {e}") from e
+  stored_tree = getattr(stored, "tree", stored)
+  if isinstance(stored_tree, dict):
+    problem = None
+    for part in ("params", "batch_stats"):
+      if part not in stored_tree:
+        problem = f"missing key ['{part}']"
+        break
+      problem = _describe_mismatch({part: stored_tree[part]},
+                                   {part: target[part]})
+      if problem:
+        break
+    if problem:
+      raise CheckpointError(f"checkpoint {path} does not match the config: "
+                            f"{problem}")
+  try:
+    tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {path} is corrupt or does not match "
+                          f"the config: {type(e).__name__}: {e}") from e
+  return state.replace(step=tree["step"], params=tree["params"],
+                       batch_stats=tree["batch_stats"],
+                       opt_state=tree["opt_state"])
+
+
+def load_model(workdir: str, step: Optional[int] = None
+               ) -> Tuple[ml_collections.ConfigDict, models.IdempotentNetwork,
+                          Dict[str, Any], int]:
+  """(config, model, eval variables, step) of a run directory."""
+  config = load_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
+    raise CheckpointError(f"no checkpoints in {workdir}")
+  model = models.model_from_config(config)
+  state = train_step_lib.create_train_state(config, model=model)
+  mngr = manager(workdir, keep=config.keep_checkpoints, create=False)
+  state = restore(mngr, state, step)
+  mngr.close()
+  return (config, model, train_step_lib.eval_variables(state),
+          int(np.asarray(state.step)))
