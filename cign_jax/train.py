@@ -1,0 +1,259 @@
+"""The training loop: data, sharded jitted steps, logging, checkpoints.
+
+`train_and_evaluate(config, workdir)` trains for `config.num_train_steps`
+steps (when > 0) or `config.num_epochs` epochs, resuming from the latest
+checkpoint in `workdir`. A resumed run ends in the same state as an
+uninterrupted one: batches are a function of (seed, step) and so is every
+random number of a step.
+
+Data parallelism: a mesh over all devices (and hosts, once
+`jax.distributed.initialize()` has run) with a `data` axis; the global batch is
+split over it, parameters and optimiser state are replicated, and the step is
+jitted with these shardings. BatchNorm means are taken over the global batch
+(XLA inserts the all-reduce), so N devices compute the same step as one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Dict, Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cign_jax import checkpoints
+from cign_jax import config as config_lib
+from cign_jax import data as data_lib
+from cign_jax import models
+from cign_jax import sampling
+from cign_jax import train_step as train_step_lib
+
+# Fields that may change when a run is resumed (how long / how often).
+RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
+                     "sample_every_steps", "checkpoint_every_steps",
+                     "keep_checkpoints", "mesh_shape", "mesh_axis_names")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+  """The device mesh of `config.mesh_shape` (-1: all devices)."""
+  devices = jax.devices()
+  shape = list(config.mesh_shape)
+  if shape.count(-1) > 1:
+    raise ValueError("config.mesh_shape: at most one -1")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    shape[shape.index(-1)] = len(devices) // known
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} does not "
+                     f"cover the {len(devices)} devices")
+  names = tuple(config.mesh_axis_names)
+  try:
+    return jax.make_mesh(tuple(shape), names,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+  except (AttributeError, TypeError):  # older JAX without axis_types
+    return jax.sharding.Mesh(np.array(devices).reshape(shape), names)
+
+
+def data_sharding(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divides(config, mesh):
+  n = mesh.size
+  if config.batch_size % n:
+    raise ValueError(f"config.batch_size {config.batch_size} does not divide "
+                     f"by the {n} devices of the mesh; choose a multiple of "
+                     f"{n}")
+
+
+def put_global_batch(array: np.ndarray, sharding: NamedSharding):
+  """Places a global batch (the same numpy array on every host) sharded."""
+  return jax.make_array_from_callback(array.shape, sharding,
+                                      lambda index: array[index])
+
+
+def put_replicated(tree, mesh):
+  return jax.device_put(tree, replicated(mesh))
+
+
+def compile_train_step(config, mesh):
+  """The jitted step with the mesh's shardings; the state is donated."""
+  step = train_step_lib.make_train_step(config)
+  repl, batch = replicated(mesh), data_sharding(mesh)
+  return jax.jit(step, in_shardings=(repl, batch, batch, repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
+  path = os.path.join(workdir, checkpoints.CONFIG_FILE)
+  if not os.path.isfile(path):
+    return
+  previous = checkpoints.load_config(workdir)
+  old = json.loads(previous.to_json())
+  new = json.loads(config.to_json())
+  for key in sorted(set(old) | set(new)):
+    if key in RESUMABLE_CHANGES:
+      continue
+    if old.get(key) != new.get(key):
+      raise ValueError(
+          f"config.{key} differs from the run in {workdir} ({old.get(key)} "
+          f"there, {new.get(key)} now); use a new --workdir or the same config")
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def write_sample_grid(config, model, variables, path: Optional[str] = None,
+                      num_per_label: int = 10):
+  """The paper's figure: a row per label, the same noise in every row."""
+  rows = sampling.label_grid(model, variables,
+                             jax.random.key(config.samples_noise_seed),
+                             num_per_label=num_per_label,
+                             clip=config.model.clip_prior)
+  grid = sampling.grid_image(rows)
+  if path:
+    sampling.save_png(grid, path)
+  return grid
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       dataset: Optional[Any] = None
+                       ) -> train_step_lib.TrainState:
+  """Trains (or resumes) the run in `workdir`; returns the final state.
+
+  `dataset`: optional (images uint8 (N, 28, 28, 1), labels) to train on
+  instead of the config's tfds dataset (notebooks, tests).
+  """
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  config = config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  _check_resume_config(workdir, config)
+  if jax.process_index() == 0:
+    checkpoints.save_config(workdir, config)
+
+  mesh = create_mesh(config)
+  check_batch_divides(config, mesh)
+
+  if dataset is None:
+    images, labels = data_lib.load_split(config.data.dataset, "train",
+                                         config.data.data_dir)
+  else:
+    images, labels = dataset
+  batches = data_lib.TrainBatches(images, labels, config.batch_size,
+                                  config.seed)
+  if config.num_train_steps > 0:
+    total_steps = int(config.num_train_steps)
+  else:
+    total_steps = int(config.num_epochs) * batches.steps_per_epoch
+
+  model = models.model_from_config(config)
+  state = train_step_lib.create_train_state(config, model=model)
+  mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
+  if mngr.latest_step() is not None:
+    state = checkpoints.restore(mngr, state)
+    logging.info("Resumed from the checkpoint of step %d in %s",
+                 int(state.step), workdir)
+  state = put_replicated(state, mesh)
+  base_key = put_replicated(jax.random.key(config.seed), mesh)
+  step_fn = compile_train_step(config, mesh)
+  batch_sharding = data_sharding(mesh)
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+  start = int(jax.device_get(state.step))
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flat(config).items()})
+  logging.info("Training %s for %d steps (%d per epoch), from step %d, on %d "
+               "device(s); %d parameters", config.model.conditioning,
+               total_steps, batches.steps_per_epoch, start, mesh.size,
+               models.count_parameters(state.params))
+
+  pending = []  # (step, metrics) not yet checked on the host
+  last_checked = start
+  t_log, n_images = time.time(), 0
+  t_start = time.time()
+
+  def check_pending():
+    nonlocal pending
+    for step_done, metrics in pending:
+      if not bool(jax.device_get(metrics["finite"])):
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {step_done}; training "
+            f"stopped. The last good checkpoint (step {mngr.latest_step()}) in "
+            f"{workdir} is kept; lower the learning rate or check the data")
+    pending = []
+
+  for step in range(start, total_steps):
+    x, c = batches.batch(step)
+    state, metrics = step_fn(state, put_global_batch(x, batch_sharding),
+                             put_global_batch(c, batch_sharding), base_key)
+    # Check the previous step while this one runs (no pipeline stall).
+    check_pending()
+    pending.append((step + 1, metrics))
+    n_images += config.batch_size
+    done = step + 1
+
+    if done % config.log_every_steps == 0 or done == total_steps:
+      check_pending()
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
+                 if k != "finite"}
+      now = time.time()
+      ips = n_images / max(now - t_log, 1e-9)
+      steps_per_s = (done - last_checked) / max(now - t_log, 1e-9)
+      eta = (total_steps - done) / max(steps_per_s, 1e-9)
+      scalars["images_per_second"] = ips
+      writer.write_scalars(done, scalars)
+      logging.info("step %d/%d | loss %.4f | %.1f images/s | ETA %s", done,
+                   total_steps, scalars["loss"], ips, _format_eta(eta))
+      t_log, n_images, last_checked = now, 0, done
+
+    if done % config.sample_every_steps == 0 or done == total_steps:
+      grid = write_sample_grid(config, model,
+                               train_step_lib.eval_variables(state))
+      writer.write_images(done, {"samples": grid[None, :, :, None]})
+
+    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+      check_pending()
+      checkpoints.save(mngr, state)
+
+  check_pending()
+  writer.flush()
+  if jax.process_index() == 0:
+    write_sample_grid(config, model, train_step_lib.eval_variables(state),
+                      os.path.join(workdir, "samples.png"))
+  mngr.close()
+  logging.info("Done: %d steps in %s; samples in %s", total_steps,
+               _format_eta(time.time() - t_start),
+               os.path.join(workdir, "samples.png"))
+  return state
+
+
+def _flat(config, prefix="") -> Dict[str, Any]:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = str(value) if isinstance(value, (tuple, list)) \
+          else value
+  return out
