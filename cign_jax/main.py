@@ -35,6 +35,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Imported here so that --help and flag errors do not wait for JAX.
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from cign_jax import utils  # pylint: disable=g-import-not-at-top
+  utils.enable_compilation_cache()
   from cign_jax import train  # pylint: disable=g-import-not-at-top
   config = config_lib.validate(FLAGS.config)
   logging.info("Config:\n%s", config)

@@ -1,0 +1,26 @@
+"""Small shared helpers: cache directories and JAX's compilation cache."""
+
+from __future__ import annotations
+
+import os
+
+
+def cache_dir(*parts: str) -> str:
+  """~/.cache/cign_jax/<parts> (or $CIGN_JAX_CACHE/<parts>), created."""
+  root = os.environ.get("CIGN_JAX_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "cign_jax")
+  path = os.path.join(root, *parts)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def enable_compilation_cache(path: str = "") -> str:
+  """Turns on JAX's persistent compilation cache, so that a restarted or
+  resumed run does not compile its train step again (minutes on a small
+  CPU). $JAX_COMPILATION_CACHE_DIR, when set, wins."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or
+          cache_dir("jax_compilation_cache"))
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path

@@ -1,0 +1,225 @@
+"""The training loop: determinism, resume (also after a hard kill), NaN stop,
+bad configs, and the sample command on the resulting run directory."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cign_jax import checkpoints
+from cign_jax import config as config_lib
+from cign_jax import data as data_lib
+from cign_jax import train
+from cign_jax import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 6
+
+# Every jit in this file and its subprocesses shares one compilation cache.
+CACHE = utils.enable_compilation_cache()
+
+
+def tiny_config(**overrides):
+  config = config_lib.base_config()
+  config.model.latent_dim = 2
+  config.model.intermediate_dim = 4
+  config.batch_size = 4
+  config.num_train_steps = NUM_STEPS
+  config.log_every_steps = 2
+  config.sample_every_steps = 1000
+  config.checkpoint_every_steps = 2
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return config
+
+
+CLI_OVERRIDES = ["--config.model.latent_dim=2", "--config.model.intermediate_dim=4",
+                 "--config.batch_size=4", f"--config.num_train_steps={NUM_STEPS}",
+                 "--config.log_every_steps=2", "--config.sample_every_steps=1000",
+                 "--config.checkpoint_every_steps=2"]
+
+
+def _main_cmd(workdir, *extra):
+  return [sys.executable, "-m", "cign_jax.main",
+          f"--config={ROOT}/configs/channel_small.py", f"--workdir={workdir}",
+          *CLI_OVERRIDES, *extra]
+
+
+def _env():
+  env = dict(os.environ)
+  env["JAX_COMPILATION_CACHE_DIR"] = CACHE
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  return env
+
+
+def _leaves(state_or_workdir):
+  if isinstance(state_or_workdir, str):
+    _, _, variables, step = checkpoints.load_model(state_or_workdir)
+    return step, [np.asarray(a) for a in jax.tree_util.tree_leaves(variables)]
+  s = state_or_workdir
+  variables = {"params": s.params, "batch_stats": s.batch_stats}
+  return int(s.step), [np.asarray(a) for a in
+                       jax.tree_util.tree_leaves(variables)]
+
+
+@pytest.fixture(scope="module")
+def mnist():
+  return data_lib.load_split("mnist", "train")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist):
+  workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+  state = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, state
+
+
+def test_run_leaves_checkpoints_events_and_samples(uninterrupted):
+  workdir, state = uninterrupted
+  assert int(state.step) == NUM_STEPS
+  files = os.listdir(workdir)
+  assert "samples.png" in files and "config.json" in files
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir,
+                                                         "checkpoints")))
+  assert steps == [2, 4, 6]
+  step, leaves = _leaves(workdir)
+  assert step == NUM_STEPS
+  assert all(np.all(np.isfinite(a)) for a in leaves)
+
+
+def test_same_seed_same_run_other_seed_other_run(uninterrupted, tmp_path):
+  _, reference = uninterrupted
+  again = train.train_and_evaluate(tiny_config(num_train_steps=2),
+                                   str(tmp_path / "a"))
+  again2 = train.train_and_evaluate(tiny_config(num_train_steps=2),
+                                    str(tmp_path / "b"))
+  other = train.train_and_evaluate(tiny_config(num_train_steps=2, seed=1),
+                                   str(tmp_path / "c"))
+  for a, b in zip(_leaves(again)[1], _leaves(again2)[1]):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(_leaves(again)[1], _leaves(other)[1]))
+
+
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+  _, reference = uninterrupted
+  workdir = str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  resumed = train.train_and_evaluate(tiny_config(), workdir)
+  assert int(resumed.step) == NUM_STEPS
+  for a, b in zip(_leaves(resumed)[1], _leaves(reference)[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_resume_after_hard_kill(uninterrupted, tmp_path):
+  """SIGKILL between checkpoints, then the same command again."""
+  _, reference = uninterrupted
+  workdir = str(tmp_path / "killed")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  proc = subprocess.Popen(_main_cmd(workdir), env=_env(), cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 900
+  try:
+    while time.time() < deadline:
+      if os.path.isdir(os.path.join(ckpt_dir, "2")):
+        break
+      if proc.poll() is not None:
+        pytest.fail("training ended before its first checkpoint")
+      time.sleep(0.05)
+    else:
+      pytest.fail("no checkpoint within the time limit")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  done = [int(s) for s in os.listdir(ckpt_dir) if s.isdigit()]
+  assert max(done) < NUM_STEPS, "killed before the end"
+  result = subprocess.run(_main_cmd(workdir), env=_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from the checkpoint" in result.stderr
+  step, leaves = _leaves(workdir)
+  assert step == NUM_STEPS
+  for a, b in zip(leaves, _leaves(reference)[1]):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    uninterrupted, tmp_path, monkeypatch):
+  workdir = str(tmp_path / "nan")
+  original = data_lib.TrainBatches.batch
+
+  def poisoned(self, step):
+    x, c = original(self, step)
+    if step >= 3:
+      x = np.full_like(x, np.nan)
+    return x, c
+
+  monkeypatch.setattr(data_lib.TrainBatches, "batch", poisoned)
+  with pytest.raises(train.NonFiniteLossError, match="step 4"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  step, leaves = _leaves(workdir)
+  assert step == 2
+  assert all(np.all(np.isfinite(a)) for a in leaves)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.model.latentdim=3", "latentdim"),
+    ("--config.model.conditioning=spatial", "model.conditioning"),
+    ("--config.loss.rec_weight=-1", "loss.rec_weight"),
+    ("--config.loss.num_mismatch_labels=12", "num_mismatch_labels"),
+])
+def test_bad_config_is_named(tmp_path, override, message):
+  result = subprocess.run(_main_cmd(str(tmp_path / "bad"), override),
+                          env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr
+
+
+def test_resume_with_another_model_is_refused(uninterrupted, tmp_path):
+  workdir = str(tmp_path / "other")
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  with pytest.raises(ValueError, match="config.model differs"):
+    train.train_and_evaluate(tiny_config(**{"model.latent_dim": 3}), workdir)
+
+
+def test_sample_command(uninterrupted, tmp_path):
+  workdir, _ = uninterrupted
+  out = str(tmp_path / "s.npz")
+  result = subprocess.run(
+      [sys.executable, "-m", "cign_jax.sample", f"--workdir={workdir}",
+       f"--out={out}", "--labels=3,7", "--num_per_label=4",
+       "--applications=2"], env=_env(), cwd=ROOT, capture_output=True,
+      text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with np.load(out) as f:
+    images, labels = f["images"], f["labels"]
+  assert images.shape == (8, 28, 28, 1) and images.dtype == np.float32
+  assert list(labels) == [3] * 4 + [7] * 4
+  assert images.min() >= -1 and images.max() <= 1
+  assert os.path.isfile(str(tmp_path / "s.png"))
+  # Projection of given inputs, (N, 28, 28) accepted; f applied twice equals
+  # f(f(x)) computed from the first output.
+  inputs = str(tmp_path / "in.npz")
+  np.savez(inputs, images=images[:3, :, :, 0], labels=labels[:3])
+  out2 = str(tmp_path / "p.npz")
+  from cign_jax import sample  # pylint: disable=g-import-not-at-top
+  once, _ = sample.sample_to_file(workdir, out2, inputs=inputs)
+  twice, _ = sample.sample_to_file(workdir, out2, inputs=inputs,
+                                   applications=2)
+  np.savez(inputs, images=once, labels=labels[:3])
+  again, _ = sample.sample_to_file(workdir, out2, inputs=inputs)
+  np.testing.assert_allclose(twice, again, atol=1e-5)
+  np.savez(inputs, images=images[:2], labels=np.array([1, 10]))
+  with pytest.raises(ValueError, match="label out of range"):
+    sample.sample_to_file(workdir, out2, inputs=inputs)
