@@ -39,6 +39,8 @@ against an independent naive loop, values and gradients.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -168,11 +170,36 @@ def _tap_slices(x, kh: int, kw: int, stride: int, padding: int):
           (1, stride, stride, 1))
 
 
-def _place_tap(y, di: int, dj: int, kh: int, kw: int, stride: int):
-  """Puts y[:, i, j] at (i*s + di, j*s + dj) in a ((H-1)s + kh)-sized map."""
-  zero = jnp.zeros((), y.dtype)
-  return lax.pad(y, zero, ((0, 0, 0), (di, kh - 1 - di, stride - 1),
-                           (dj, kw - 1 - dj, stride - 1), (0, 0, 0)))
+def _place_taps(tap_values, kh: int, kw: int, stride: int):
+  """sum over taps of tap_values(di, dj)[:, i, j] placed at (i*s + di, j*s + dj)
+  in a ((H-1)s + kh, (W-1)s + kw) map: the col2im of a transposed conv.
+
+  Sub-pixel form: tap (di, dj) = (s*qh + rh, s*qw + rw) lands on the output
+  phase (rh, rw) shifted by (qh, qw), so each phase is a sum of small
+  shifted (unstrided, zero-padded) maps, and the phases are interleaved by
+  one reshape. That moves s^2 times less memory than placing every tap into
+  a full-size interior-padded map.
+  """
+  qh_max, qw_max = (kh - 1) // stride, (kw - 1) // stride
+  phases = {}
+  h = w = None
+  for di in range(kh):
+    for dj in range(kw):
+      y = tap_values(di, dj)
+      h, w = y.shape[1], y.shape[2]
+      (qh, rh), (qw, rw) = divmod(di, stride), divmod(dj, stride)
+      shifted = jnp.pad(y, ((0, 0), (qh, qh_max - qh), (qw, qw_max - qw),
+                            (0, 0)))
+      key = (rh, rw)
+      phases[key] = shifted if key not in phases else phases[key] + shifted
+  b, c = y.shape[0], y.shape[3]
+  hb, wb = h + qh_max, w + qw_max
+  zero = jnp.zeros((b, hb, wb, c), y.dtype)
+  grid = jnp.stack([jnp.stack([phases.get((rh, rw), zero)
+                               for rw in range(stride)], axis=3)
+                    for rh in range(stride)], axis=2)  # (B, hb, s, wb, s, C)
+  full = grid.reshape(b, hb * stride, wb * stride, c)
+  return full[:, :(h - 1) * stride + kh, :(w - 1) * stride + kw]
 
 
 def _crop(y, padding: int):
@@ -181,17 +208,20 @@ def _crop(y, padding: int):
   return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
 
 
+def _fit(y, h: int, w: int):
+  """Zero-pads y at the bottom/right to (h, w) (the rows a strided conv
+  never reads, when (H + 2p - k) % s != 0)."""
+  dh, dw = h - y.shape[1], w - y.shape[2]
+  if dh == 0 and dw == 0:
+    return y
+  return jnp.pad(y, ((0, 0), (0, dh), (0, dw), (0, 0)))
+
+
 # ---------------------------------------------------------------------------
 # Per-sample depthwise ops (CIGN filter conditioning).
 
 
-def per_sample_depthwise_correlation(x, filters, stride: int, padding: int):
-  """out[b,i,j,c] = sum_{di,dj} x_pad[b, i*s+di, j*s+dj, c] filters[b,di,dj,c].
-
-  x: (B, H, W, C); filters: (B, kh, kw, C) -> (B, H', W', C) with
-  H' = (H + 2p - kh) // s + 1.
-  """
-  _check_per_sample("per_sample_depthwise_correlation", x, filters)
+def _depthwise_correlation(x, filters, stride, padding):
   kh, kw = filters.shape[1], filters.shape[2]
   out = None
   for (di, dj), tap in _tap_slices(x, kh, kw, stride, padding):
@@ -200,22 +230,86 @@ def per_sample_depthwise_correlation(x, filters, stride: int, padding: int):
   return out
 
 
+def _depthwise_transposed(x, filters, stride, padding):
+  kh, kw = filters.shape[1], filters.shape[2]
+  full = _place_taps(lambda di, dj: x * filters[:, di, dj, :][:, None, None, :],
+                     kh, kw, stride)
+  return _crop(full, padding)
+
+
+def _stack_taps(sums, kh, kw):
+  return jnp.stack([jnp.stack([sums[(di, dj)] for dj in range(kw)], axis=1)
+                    for di in range(kh)], axis=1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_correlation_vjp(x, filters, stride, padding):
+  return _depthwise_correlation(x, filters, stride, padding)
+
+
+def _dc_fwd(x, filters, stride, padding):
+  return _depthwise_correlation(x, filters, stride, padding), (x, filters)
+
+
+def _dc_bwd(stride, padding, res, g):
+  # The adjoint in x is the transposed correlation with the same filters;
+  # the filter gradient is, per tap, sum_{i,j} x_tap * g.
+  x, filters = res
+  kh, kw = filters.shape[1], filters.shape[2]
+  dx = _fit(_depthwise_transposed(g, filters, stride, padding), x.shape[1],
+            x.shape[2])
+  sums = {key: jnp.sum(tap * g, axis=(1, 2))
+          for key, tap in _tap_slices(x, kh, kw, stride, padding)}
+  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+
+
+_depthwise_correlation_vjp.defvjp(_dc_fwd, _dc_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_transposed_vjp(x, filters, stride, padding):
+  return _depthwise_transposed(x, filters, stride, padding)
+
+
+def _dt_fwd(x, filters, stride, padding):
+  return _depthwise_transposed(x, filters, stride, padding), (x, filters)
+
+
+def _dt_bwd(stride, padding, res, g):
+  # The adjoint in x is the correlation of g with the same filters; the
+  # filter gradient is, per tap, sum_{i,j} x * (tap of g).
+  x, filters = res
+  kh, kw = filters.shape[1], filters.shape[2]
+  dx = _depthwise_correlation(g, filters, stride, padding)
+  h, w = x.shape[1], x.shape[2]
+  sums = {key: jnp.sum(x * tap[:, :h, :w], axis=(1, 2))
+          for key, tap in _tap_slices(g, kh, kw, stride, padding)}
+  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+
+
+_depthwise_transposed_vjp.defvjp(_dt_fwd, _dt_bwd)
+
+
+def per_sample_depthwise_correlation(x, filters, stride: int, padding: int):
+  """out[b,i,j,c] = sum_{di,dj} x_pad[b, i*s+di, j*s+dj, c] filters[b,di,dj,c].
+
+  x: (B, H, W, C); filters: (B, kh, kw, C) -> (B, H', W', C) with
+  H' = (H + 2p - kh) // s + 1. Its gradient is written by hand (custom VJP):
+  autodiff of the tap slices scattered kh*kw full-size maps.
+  """
+  _check_per_sample("per_sample_depthwise_correlation", x, filters)
+  return _depthwise_correlation_vjp(x, filters, stride, padding)
+
+
 def per_sample_depthwise_transposed_correlation(x, filters, stride: int,
                                                 padding: int):
   """out[b, i*s - p + di, j*s - p + dj, c] += x[b,i,j,c] filters[b,di,dj,c].
 
   x: (B, H, W, C); filters: (B, kh, kw, C) -> (B, (H-1)s - 2p + kh, ..., C),
-  PyTorch's conv_transpose2d with groups = B*C.
+  PyTorch's conv_transpose2d with groups = B*C. Custom VJP as above.
   """
   _check_per_sample("per_sample_depthwise_transposed_correlation", x, filters)
-  kh, kw = filters.shape[1], filters.shape[2]
-  out = None
-  for di in range(kh):
-    for dj in range(kw):
-      term = _place_tap(x * filters[:, di, dj, :][:, None, None, :], di, dj,
-                        kh, kw, stride)
-      out = term if out is None else out + term
-  return _crop(out, padding)
+  return _depthwise_transposed_vjp(x, filters, stride, padding)
 
 
 # ---------------------------------------------------------------------------
@@ -225,9 +319,7 @@ def per_sample_depthwise_transposed_correlation(x, filters, stride: int,
 def conv2d_im2col(x, kernel, stride: int, padding: int):
   """conv2d as im2col (strided slices) and one matrix product."""
   kh, kw, ci, co = kernel.shape
-  taps = [tap for _, tap in _tap_slices(x, kh, kw, stride, padding)]
-  patches = jnp.concatenate(taps, axis=-1)  # (B, H', W', kh*kw*Ci), tap-major
-  return patches @ kernel.reshape(kh * kw * ci, co)
+  return _im2col(x, kh, kw, stride, padding) @ kernel.reshape(kh * kw * ci, co)
 
 
 def conv_transpose2d_col2im(x, kernel, stride: int, padding: int):
@@ -235,12 +327,65 @@ def conv_transpose2d_col2im(x, kernel, stride: int, padding: int):
   kh, kw, ci, co = kernel.shape
   cols = x @ kernel.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co)
   cols = cols.reshape(x.shape[:3] + (kh, kw, co))
-  out = None
-  for di in range(kh):
-    for dj in range(kw):
-      term = _place_tap(cols[:, :, :, di, dj, :], di, dj, kh, kw, stride)
-      out = term if out is None else out + term
-  return _crop(out, padding)
+  full = _place_taps(lambda di, dj: cols[:, :, :, di, dj, :], kh, kw, stride)
+  return _crop(full, padding)
+
+
+def _im2col(x, kh: int, kw: int, stride: int, padding: int):
+  """(B, H', W', kh*kw*C) patches, tap-major (matches a (kh, kw, C, O) kernel)."""
+  return jnp.concatenate(
+      [tap for _, tap in _tap_slices(x, kh, kw, stride, padding)], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_cpu(x, kernel, stride: int, padding: int):
+  """conv2d for CPU: XLA's convolution forward; backward by hand, with the
+  input gradient as a col2im transposed convolution (XLA's CPU lowering of
+  that gradient was 5-10x slower for CIGN's shapes)."""
+  return conv2d_reference(x, kernel, stride, padding)
+
+
+def _conv2d_cpu_fwd(x, kernel, stride, padding):
+  return conv2d_reference(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_cpu_bwd(stride, padding, res, g):
+  x, kernel = res
+  kh, kw, ci, co = kernel.shape
+  dx = conv_transpose2d_col2im(g, kernel.transpose(0, 1, 3, 2), stride,
+                               padding)
+  dx = _fit(dx, x.shape[1], x.shape[2])
+  patches = _im2col(x, kh, kw, stride, padding)
+  dk = jnp.einsum("bhwk,bhwo->ko", patches, g).reshape(kh, kw, ci, co)
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_transpose2d_cpu(x, kernel, stride: int, padding: int):
+  """conv_transpose2d for CPU: col2im forward; its input gradient is a plain
+  convolution (XLA's), its kernel gradient an im2col matrix product."""
+  return conv_transpose2d_col2im(x, kernel, stride, padding)
+
+
+def _conv_transpose2d_cpu_fwd(x, kernel, stride, padding):
+  return conv_transpose2d_col2im(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv_transpose2d_cpu_bwd(stride, padding, res, g):
+  x, kernel = res
+  kh, kw, ci, co = kernel.shape
+  dx = conv2d_reference(g, kernel.transpose(0, 1, 3, 2), stride, padding)
+  # dK[di, dj, c, o] = sum_{b,i,j} x[b,i,j,c] g_pad[b, i*s+di, j*s+dj, o]
+  patches = _im2col(g, kh, kw, stride, padding)[:, :x.shape[1], :x.shape[2]]
+  dk = jnp.einsum("bhwc,bhwk->ck", x, patches).reshape(ci, kh, kw, co)
+  return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+
+
+conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
+                            _conv_transpose2d_cpu_bwd)
 
 
 def _use_matmul_convs() -> bool:
@@ -254,7 +399,7 @@ def conv2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv2d: x has {x.shape[-1]} channels, the kernel "
                      f"{tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv2d_im2col(x, kernel, stride, padding)
+    return conv2d_cpu(x, kernel, stride, padding)
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -265,5 +410,5 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv_transpose2d: x has {x.shape[-1]} channels, the "
                      f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv_transpose2d_col2im(x, kernel, stride, padding)
+    return conv_transpose2d_cpu(x, kernel, stride, padding)
   return conv_transpose2d_reference(x, kernel, stride, padding)

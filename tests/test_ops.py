@@ -124,13 +124,14 @@ def test_shared_kernel_convs(case):
   x = _rand((b, h, w, ci), 4)
   kern = _rand((k, k, ci, co), 5)
   want = naive_conv2d(x, kern, s, p)
-  for fn in (ops.conv2d, ops.conv2d_im2col, ops.conv2d_reference):
+  for fn in (ops.conv2d, ops.conv2d_im2col, ops.conv2d_cpu,
+             ops.conv2d_reference):
     np.testing.assert_allclose(np.asarray(fn(x, kern, s, p)), want,
                                rtol=1e-5, atol=1e-5)
   kern_t = _rand((k, k, ci, co), 6)
   want_t = naive_conv_transpose2d(x, kern_t, s, p)
   for fn in (ops.conv_transpose2d, ops.conv_transpose2d_col2im,
-             ops.conv_transpose2d_reference):
+             ops.conv_transpose2d_cpu, ops.conv_transpose2d_reference):
     np.testing.assert_allclose(np.asarray(fn(x, kern_t, s, p)), want_t,
                                rtol=1e-5, atol=1e-5)
 
@@ -144,11 +145,13 @@ def _grad_pairs():
        "per_sample"),
       (ops.conv2d_im2col, ops.conv2d_reference, "shared"),
       (ops.conv_transpose2d_col2im, ops.conv_transpose2d_reference, "shared"),
+      (ops.conv2d_cpu, ops.conv2d_reference, "shared"),
+      (ops.conv_transpose2d_cpu, ops.conv_transpose2d_reference, "shared"),
   ]
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]])
-@pytest.mark.parametrize("pair", range(4))
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]])
+@pytest.mark.parametrize("pair", range(6))
 def test_gradients(case, pair):
   """Gradients: finite differences (exact for these bilinear maps up to
   rounding) and the lax reference's autodiff gradient."""
