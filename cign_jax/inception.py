@@ -33,11 +33,12 @@ archive with `cign_jax.torch_archive` (no PyTorch needed), converts once and
 keeps the result as an `.npz` next to it. Cache: `$CIGN_JAX_CACHE/fid`, by
 default `~/.cache/cign_jax/fid`.
 
-`FeatureExtractor` runs the model fast: one jitted function per (batch size,
-deepest tap, preprocessing), a fixed batch size with the last batch padded,
-NHWC, BatchNorm folded into the convolution kernels. On CPU the convolutions
-are matrix products over im2col patches (the XLA CPU convolution was slower);
-on GPU/TPU they are XLA's own convolutions.
+`FeatureExtractor` runs the model fast: BatchNorm folded into the kernels
+once, one compiled function per (batch size, deepest tap, preprocessing), a
+fixed batch size with the last batch padded, NHWC, and on CPU an XLA option
+that lets YNNPACK fuse each convolution with its bias and ReLU
+(`CPU_COMPILER_OPTIONS`). Convolutions ask for full float32 precision, so
+GPUs do not fall back to TF32.
 """
 
 from __future__ import annotations
@@ -242,34 +243,13 @@ def load_variables(cache_dir: os.PathLike | None = None,
 # Layers.
 
 
-def _use_matmul_convs() -> bool:
-  return jax.default_backend() == "cpu"
-
-
 def conv2d(x, kernel, stride: int, padding: tuple[int, int]):
   """NHWC cross-correlation, kernel HWIO, symmetric padding (ph, pw)."""
-  kh, kw, ci, co = kernel.shape
   ph, pw = padding
-  if not _use_matmul_convs():
-    return lax.conv_general_dilated(
-        x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  if ph or pw:
-    x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  b, h, w, _ = x.shape
-  ho = (h - kh) // stride + 1
-  wo = (w - kw) // stride + 1
-  if kh == kw == 1 and stride == 1:
-    return jnp.dot(x, kernel.reshape(ci, co))
-  taps = []
-  for di in range(kh):
-    for dj in range(kw):
-      taps.append(lax.slice(
-          x, (0, di, dj, 0),
-          (b, di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1, ci),
-          (1, stride, stride, 1)))
-  patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
-  return jnp.dot(patches, kernel.reshape(kh * kw * ci, co))
+  return lax.conv_general_dilated(
+      x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST)
 
 
 def max_pool(x, size: int, stride: int, padding: int = 0):
@@ -527,34 +507,73 @@ class FIDInceptionV3(nn.Module):
 # Fast batched extraction.
 
 
+# XLA:CPU hands convolutions to YNNPACK; letting it fuse the bias + ReLU
+# that follows each one (instead of a separate XLA loop over the output) made
+# the whole network ~25% faster per CPU-second here. Experimental option: if
+# this jaxlib does not know it, compilation falls back to the defaults.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE",
+}
+
+_SHARED_VARIABLES: dict = {}
+
+
+def shared_folded_variables():
+  """`fold_batch_norm(load_variables())` on the default device, loaded once
+  per process (and per cache directory)."""
+  key = (str(fid_cache_dir()), jax.default_backend())
+  if key not in _SHARED_VARIABLES:
+    folded = fold_batch_norm(load_variables())
+    _SHARED_VARIABLES[key] = jax.tree_util.tree_map(jnp.asarray, folded)
+  return _SHARED_VARIABLES[key]
+
+
+def default_compiler_options() -> dict:
+  return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
 class FeatureExtractor:
   """Batched, jitted FID Inception features.
 
-  `FeatureExtractor(batch_size=..., variables=None)`; `variables` default to
-  `load_variables()`. `extract(x, max_features, preprocess=None)` runs the
-  model on x (numpy, (N, ...)) in batches of exactly `batch_size` (the last
-  batch padded with copies of its first row, the padding dropped), and returns
+  FeatureExtractor(batch_size=None, variables=None, compiler_options=None):
+  - batch_size: images per call, fixed (the last batch is padded with copies
+    of its first image, the padding dropped); default `default_batch_size()`.
+  - variables: Flax variables of `FIDInceptionV3()` (e.g. `load_variables()`);
+    default the shared, cached ones. BatchNorm is folded into the kernels.
+  - compiler_options: XLA options for the compilation; default
+    `default_compiler_options()` (the YNNPACK fusion above on CPU).
+
+  `extract(x, max_features, preprocess=None, progress=None)` returns
   {size: (N, size) float32 numpy} for every tap up to `max_features`.
-  `preprocess` (a jax function taking a batch of x to (B, 299, 299, 3) in
-  [-1, 1]) runs inside the same jitted function; without it x must already
-  be that. One compilation per (preprocess, max_features, input shape/dtype).
+  `preprocess` (a jax function mapping a batch of x to (B, 299, 299, 3) in
+  [-1, 1]) runs inside the same compiled function; without it x must already
+  be that. One compilation per (preprocess, max_features, input shape and
+  dtype), reused across calls.
   """
 
   def __init__(self, batch_size: int | None = None,
-               variables: dict | None = None):
+               variables: dict | None = None,
+               compiler_options: dict | None = None):
     if batch_size is None:
       batch_size = default_batch_size()
-    if batch_size < 1:
+    if int(batch_size) < 1:
       raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     self.batch_size = int(batch_size)
-    self.model = FIDInceptionV3()
+    self.model = FIDInceptionV3(folded=True)
     if variables is None:
-      variables = load_variables()
-    self.variables = jax.tree_util.tree_map(jnp.asarray, variables)
+      self.variables = shared_folded_variables()
+    else:
+      self.variables = jax.tree_util.tree_map(jnp.asarray,
+                                              fold_batch_norm(variables))
+    self.compiler_options = (default_compiler_options()
+                             if compiler_options is None
+                             else dict(compiler_options))
     self._compiled: dict = {}
 
-  def _fn(self, preprocess: Callable | None, max_features: int):
-    key = (preprocess, max_features)
+  def compiled(self, preprocess: Callable | None, max_features: int,
+               shape: tuple, dtype):
+    """The compiled function for one batch shape (cached)."""
+    key = (preprocess, max_features, tuple(shape), np.dtype(dtype).str)
     fn = self._compiled.get(key)
     if fn is None:
       model = self.model
@@ -564,31 +583,45 @@ class FeatureExtractor:
           x = preprocess(x)
         return model.apply(variables, x, max_features=max_features)
 
-      fn = jax.jit(run)
+      spec = jax.ShapeDtypeStruct(tuple(shape), dtype)
+      lowered = jax.jit(run).lower(self.variables, spec)
+      fn = None
+      if self.compiler_options:
+        try:
+          fn = lowered.compile(self.compiler_options)
+        except Exception:  # pylint: disable=broad-except
+          fn = None  # an option this jaxlib does not know: use the defaults
+      if fn is None:
+        fn = lowered.compile()
       self._compiled[key] = fn
     return fn
 
   def batches(self, x, max_features: int = 2048,
               preprocess: Callable | None = None):
-    """Yields (start, n, features of x[start:start+n]) per batch."""
+    """Yields (start, n, {size: features of x[start:start + n]})."""
     if max_features not in FEATURE_SIZES:
       raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
                        f"{max_features}")
-    fn = self._fn(preprocess, max_features)
-    n_total = len(x)
     bs = self.batch_size
-    for start in range(0, n_total, bs):
-      chunk = np.asarray(x[start:start + bs])
+    x = np.asarray(x)
+    fn = self.compiled(preprocess, max_features, (bs,) + x.shape[1:], x.dtype)
+    pending = None
+    for start in range(0, len(x), bs):
+      chunk = x[start:start + bs]
       n = len(chunk)
       if n < bs:
-        pad = np.repeat(chunk[:1], bs - n, axis=0)
-        chunk = np.concatenate([chunk, pad], axis=0)
-      out = fn(self.variables, chunk)
-      yield start, n, {k: np.asarray(v)[:n] for k, v in out.items()}
+        chunk = np.concatenate(
+            [chunk, np.repeat(chunk[:1], bs - n, axis=0)], axis=0)
+      out = fn(self.variables, chunk)  # dispatched asynchronously
+      if pending is not None:
+        yield pending[0], pending[1], _to_numpy(pending[2], pending[1])
+      pending = (start, n, out)
+    if pending is not None:
+      yield pending[0], pending[1], _to_numpy(pending[2], pending[1])
 
   def extract(self, x, max_features: int = 2048,
               preprocess: Callable | None = None, progress=None) -> dict:
-    """Features of all of x; `progress` is called with each batch's size."""
+    """Features of all of x; `progress(n)` is called after each batch."""
     sizes = [s for s in FEATURE_SIZES if s <= max_features]
     out = {s: np.zeros((len(x), s), np.float32) for s in sizes}
     for start, n, feats in self.batches(x, max_features, preprocess):
@@ -599,7 +632,11 @@ class FeatureExtractor:
     return out
 
 
+def _to_numpy(out: dict, n: int) -> dict:
+  return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
 def default_batch_size() -> int:
-  """A batch size that keeps the CPU busy without large memory; 64 on
-  accelerators."""
-  return 16 if jax.default_backend() == "cpu" else 64
+  """8 on CPU (the fastest per image here; see benchmarks/inception.py), 64
+  on accelerators."""
+  return 8 if jax.default_backend() == "cpu" else 64

@@ -42,6 +42,7 @@ A file that is not a PyTorch zip archive, or is truncated or corrupt, raises a
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
 import datetime
 import os
@@ -381,6 +382,12 @@ class _Unpickler(pickle.Unpickler):
     self._storages: dict[str, _Storage] = {}
 
   def find_class(self, module, name):
+    # Protocol-2 pickles written by Python 3 name some builtins by their
+    # Python 2 modules (`__builtin__.set`); map them back as pickle would.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+      module = _compat_pickle.IMPORT_MAPPING[module]
     fn = _ALLOWED.get((module, name))
     if fn is not None:
       return fn

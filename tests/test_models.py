@@ -65,11 +65,14 @@ def test_shapes_and_ranges(conditioning):
   variables = models.init_variables(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (5, 28, 28, 1))
   labels = jnp.arange(5)
-  y = model.apply(variables, x, labels, train=False)
+  y = jax.jit(lambda v, a, c: model.apply(v, a, c, train=False))(
+      variables, x, labels)
   assert y.shape == (5, 28, 28, 1)
   assert float(jnp.max(jnp.abs(y))) <= 1.0  # tanh output
-  h = model.apply(variables, x, labels, train=False,
-                  method=lambda m, a, c, train: m.discriminator(a, c, train))
+  h = jax.jit(lambda v, a, c: model.apply(
+      v, a, c, train=False,
+      method=lambda m, a, c, train: m.discriminator(a, c, train)))(
+          variables, x, labels)
   assert h.shape == (5, 1, 1, 8)
   assert float(h.min()) >= 0.0 and float(h.max()) <= 1.0  # sigmoid
 
@@ -81,8 +84,9 @@ def test_labels_change_the_output_only_when_conditioned():
     model = models.IdempotentNetwork(conditioning=conditioning, latent_dim=4,
                                      intermediate_dim=8)
     v = models.init_variables(model, jax.random.key(0))
-    a = model.apply(v, x, jnp.zeros(4, jnp.int32), train=False)
-    b = model.apply(v, x, jnp.full(4, 7, jnp.int32), train=False)
+    f = jax.jit(lambda v, x, c: model.apply(v, x, c, train=False))
+    a = f(v, x, jnp.zeros(4, jnp.int32))
+    b = f(v, x, jnp.full(4, 7, jnp.int32))
     assert bool(jnp.any(jnp.abs(a - b) > 1e-6)) == should_differ, conditioning
 
 
@@ -92,10 +96,11 @@ def test_eval_mode_is_deterministic_train_mode_uses_dropout():
   v = models.init_variables(model, jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 28, 28, 1))
   c = jnp.arange(4)
-  np.testing.assert_array_equal(model.apply(v, x, c, train=False),
-                                model.apply(v, x, c, train=False))
-  outs = [model.apply(v, x, c, train=True, rngs={"dropout": jax.random.key(i)},
-                      mutable=["batch_stats"])[0] for i in range(2)]
+  f = jax.jit(lambda v, x, c: model.apply(v, x, c, train=False))
+  np.testing.assert_array_equal(f(v, x, c), f(v, x, c))
+  g = jax.jit(lambda v, x, c, k: model.apply(
+      v, x, c, train=True, rngs={"dropout": k}, mutable=["batch_stats"])[0])
+  outs = [g(v, x, c, jax.random.key(i)) for i in range(2)]
   assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) > 1e-4
 
 
