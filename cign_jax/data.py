@@ -59,6 +59,8 @@ from typing import Iterator
 
 import numpy as np
 
+from cign_jax import utils
+
 log = logging.getLogger(__name__)
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -130,10 +132,7 @@ def default_data_dir(data_dir: str = "") -> str:
 
 def cache_root() -> str:
   """$CIGN_JAX_CACHE if set, else ~/.cache/cign_jax."""
-  env = os.environ.get("CIGN_JAX_CACHE", "")
-  if env:
-    return os.path.expanduser(env)
-  return os.path.join(os.path.expanduser("~"), ".cache", "cign_jax")
+  return utils.cache_root()
 
 
 def source_cache_dir() -> str:

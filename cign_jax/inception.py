@@ -59,6 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cign_jax import utils
+
 FEATURE_SIZES = (64, 192, 768, 2048)
 BN_EPSILON = 1e-3
 
@@ -79,10 +81,7 @@ NUM_ARCHIVE_NUMBERS = 21_802_784
 
 def cache_root() -> pathlib.Path:
   """`$CIGN_JAX_CACHE`, or `~/.cache/cign_jax`."""
-  root = os.environ.get("CIGN_JAX_CACHE")
-  if root:
-    return pathlib.Path(root).expanduser()
-  return pathlib.Path("~/.cache/cign_jax").expanduser()
+  return pathlib.Path(utils.cache_root())
 
 
 def fid_cache_dir() -> pathlib.Path:

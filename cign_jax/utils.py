@@ -5,11 +5,18 @@ from __future__ import annotations
 import os
 
 
+def cache_root() -> str:
+  """The library's cache: $CIGN_JAX_CACHE if set, else ~/.cache/cign_jax
+  (data sources, classifier, FID weights and statistics, compiled steps)."""
+  env = os.environ.get("CIGN_JAX_CACHE", "")
+  if env:
+    return os.path.expanduser(env)
+  return os.path.join(os.path.expanduser("~"), ".cache", "cign_jax")
+
+
 def cache_dir(*parts: str) -> str:
-  """~/.cache/cign_jax/<parts> (or $CIGN_JAX_CACHE/<parts>), created."""
-  root = os.environ.get("CIGN_JAX_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "cign_jax")
-  path = os.path.join(root, *parts)
+  """<cache_root>/<parts>, created."""
+  path = os.path.join(cache_root(), *parts)
   os.makedirs(path, exist_ok=True)
   return path
 
