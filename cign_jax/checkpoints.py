@@ -159,7 +159,9 @@ def load_model(workdir: str, step: Optional[int] = None
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise CheckpointError(f"no checkpoints in {workdir}")
   model = models.model_from_config(config)
-  state = train_step_lib.create_train_state(config, model=model)
+  # Only the structure and shapes are needed: no initialisation is run.
+  state = jax.eval_shape(
+      lambda: train_step_lib.create_train_state(config, model=model))
   mngr = manager(workdir, keep=config.keep_checkpoints, create=False)
   state = restore(mngr, state, step)
   mngr.close()

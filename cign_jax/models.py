@@ -330,9 +330,12 @@ def model_from_config(config: ml_collections.ConfigDict) -> IdempotentNetwork:
 
 
 def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):
+  """Initial variables (PyTorch's init distributions), jitted: run eagerly
+  the init dispatches thousands of small ops and takes most of a minute."""
   x = jnp.zeros((batch_size, 28, 28, model.image_channels), jnp.float32)
   labels = jnp.zeros((batch_size,), jnp.int32)
-  return model.init({"params": key}, x, labels, train=False)
+  return jax.jit(lambda k: model.init({"params": k}, x, labels,
+                                      train=False))(key)
 
 
 def check_labels(labels, num_classes: int, num_images: Optional[int] = None):
