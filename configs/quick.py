@@ -14,7 +14,7 @@ def get_config():
   config.model.intermediate_dim = 64
   config.optimizer.learning_rate = 1e-3
   config.batch_size = 32
-  config.num_train_steps = 2000
+  config.num_train_steps = 1500
   config.log_every_steps = 50
   config.sample_every_steps = 500
   config.checkpoint_every_steps = 500
