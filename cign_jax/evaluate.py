@@ -143,12 +143,13 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
       with np.load(cache, allow_pickle=False) as f:
         if json.loads(str(f["settings"])) == settings:
           images, labels = f["images"], f["labels"]
+          meta["step"] = int(f["step"])
     from cign_jax import checkpoints  # pylint: disable=g-import-not-at-top
     run_config = checkpoints.load_config(workdir)
     if images is None:
       images, labels, _, step = generate_for_eval(workdir, num_per_class,
                                                   applications, seed)
-      np.savez(cache, images=images, labels=labels,
+      np.savez(cache, images=images, labels=labels, step=step,
                settings=json.dumps(settings))
       meta["step"] = step
     out = out or workdir
