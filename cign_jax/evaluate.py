@@ -32,17 +32,22 @@ from absl import flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory to generate from.")
-flags.DEFINE_string("samples", None, "Score this .npz instead of generating.")
-flags.DEFINE_string("out", None, "Output directory (default: the workdir, or "
-                    "the samples file's directory).")
-flags.DEFINE_string("dataset", None, "Dataset of the real images (default: "
-                    "the run's, else mnist).")
-flags.DEFINE_integer("num_per_class", 1000, "Samples generated per label.")
-flags.DEFINE_integer("applications", 1, "Apply f this many times.")
-flags.DEFINE_integer("seed", 0, "Seed of the generated noise.")
-flags.DEFINE_list("feature_sizes", None, "FID feature sizes (default: 64, "
-                  "192, 768 and 2048 when there are enough samples).")
+
+
+def _define_flags():
+  """The command's flags, defined only when run as a command (so that
+  importing this module beside another command does not clash)."""
+  flags.DEFINE_string("workdir", None, "Run directory to generate from.")
+  flags.DEFINE_string("samples", None, "Score this .npz instead of generating.")
+  flags.DEFINE_string("out", None, "Output directory (default: the workdir, or "
+                      "the samples file's directory).")
+  flags.DEFINE_string("dataset", None, "Dataset of the real images (default: "
+                      "the run's, else mnist).")
+  flags.DEFINE_integer("num_per_class", 1000, "Samples generated per label.")
+  flags.DEFINE_integer("applications", 1, "Apply f this many times.")
+  flags.DEFINE_integer("seed", 0, "Seed of the generated noise.")
+  flags.DEFINE_list("feature_sizes", None, "FID feature sizes (default: 64, "
+                    "192, 768 and 2048 when there are enough samples).")
 
 
 def generate_for_eval(workdir: str, num_per_class: int, applications: int,
@@ -179,4 +184,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -21,14 +21,19 @@ from absl import flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Run directory (training or convert).")
-flags.DEFINE_string("out", None, "Output .npz file.")
-flags.DEFINE_list("labels", None, "Labels to sample (default: all classes).")
-flags.DEFINE_integer("num_per_label", 10, "Samples per label.")
-flags.DEFINE_integer("seed", 0, "Seed of the prior noise.")
-flags.DEFINE_integer("applications", 1, "Apply f this many times.")
-flags.DEFINE_string("inputs", None, "Project these images instead of noise.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+
+
+def _define_flags():
+  """The command's flags, defined only when run as a command (so that
+  importing this module beside another command does not clash)."""
+  flags.DEFINE_string("workdir", None, "Run directory (training or convert).")
+  flags.DEFINE_string("out", None, "Output .npz file.")
+  flags.DEFINE_list("labels", None, "Labels to sample (default: all classes).")
+  flags.DEFINE_integer("num_per_label", 10, "Samples per label.")
+  flags.DEFINE_integer("seed", 0, "Seed of the prior noise.")
+  flags.DEFINE_integer("applications", 1, "Apply f this many times.")
+  flags.DEFINE_string("inputs", None, "Project these images instead of noise.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 
 
 def sample_to_file(workdir: str, out: str,
@@ -93,5 +98,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)
