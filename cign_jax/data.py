@@ -158,14 +158,6 @@ def _version_dir(dataset: str, data_dir: str) -> str:
 # --- Checksums and IDX ------------------------------------------------------
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
 def _idx_bytes(array: np.ndarray) -> bytes:
   """The IDX file holding a uint8 array (what MNIST's files are)."""
   array = np.ascontiguousarray(array, dtype=np.uint8)
@@ -201,7 +193,7 @@ def _verify_arrays(dataset: str, arrays: dict, source: str) -> None:
 
 
 def _verified_cached_file(path: str, sha256: str, source: str) -> None:
-  got = _sha256_file(path)
+  got = utils.file_digest(path, "sha256")
   if got != sha256:
     raise SourceError(
         f"{source}: the file {path} is altered or corrupt (sha256 {got}, "

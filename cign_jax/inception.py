@@ -44,7 +44,6 @@ GPUs do not fall back to TF32.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import pathlib
 import subprocess
@@ -89,16 +88,8 @@ def fid_cache_dir() -> pathlib.Path:
   return cache_root() / "fid"
 
 
-def _sha1(path) -> str:
-  digest = hashlib.sha1()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
 def _check_archive(path: pathlib.Path) -> None:
-  actual = _sha1(path)
+  actual = utils.file_digest(path, "sha1")
   if actual != ARCHIVE_SHA1:
     raise ValueError(
         f"{path}: SHA1 {actual} differs from the expected {ARCHIVE_SHA1} of "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -31,3 +32,12 @@ def enable_compilation_cache(path: str = "") -> str:
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path
+
+
+def file_digest(path, algorithm: str = "sha256") -> str:
+  """Hex digest of a file's bytes, read in 1 MiB chunks."""
+  digest = hashlib.new(algorithm)
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
