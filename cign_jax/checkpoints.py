@@ -120,8 +120,20 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   if step is None:
     raise CheckpointError(f"no checkpoint in {mngr.directory}")
   path = os.path.join(str(mngr.directory), str(step))
-  target = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct,
-                                  state_tree(state))
+  # A shape-only target (jax.eval_shape) has no sharding; orbax would then
+  # restore onto the devices the checkpoint was saved from, which may not
+  # exist here (a 4-device run read on 1): use the first local device.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def to_target(leaf):
+    if isinstance(leaf, (int, float)):  # TrainState.create's step is an int
+      leaf = np.asarray(leaf)
+    leaf = ocp.utils.to_shape_dtype_struct(leaf)
+    if getattr(leaf, "sharding", None) is None:
+      leaf = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local)
+    return leaf
+
+  target = jax.tree_util.tree_map(to_target, state_tree(state))
   try:
     stored = mngr.item_metadata(step)
   except Exception as e:  # pylint: disable=broad-except

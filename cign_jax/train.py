@@ -88,7 +88,22 @@ def put_global_batch(array: np.ndarray, sharding: NamedSharding):
 
 
 def put_replicated(tree, mesh):
-  return jax.device_put(tree, replicated(mesh))
+  """Places `tree` (the same values in every process) replicated over the
+  mesh. With several processes the values go through host memory: JAX does
+  not device_put an array committed to one local device onto the devices of
+  other processes, but does place host (numpy) values on them."""
+  sharding = replicated(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(leaf):
+    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+        leaf.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
+                                      impl=jax.random.key_impl(leaf))
+    return jax.device_put(np.asarray(jax.device_get(leaf)), sharding)
+
+  return jax.tree_util.tree_map(put, tree)
 
 
 def compile_train_step(config, mesh):
