@@ -44,24 +44,12 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
                            tx=make_optimizer(config))
 
 
-def dropout_key(key):
-  """A key of JAX's 'rbg' PRNG for the dropout masks, derived from `key`.
-
-  'rbg' (XLA's RngBitGenerator) is a supported JAX PRNG implementation and
-  far cheaper than threefry for the millions of mask bits a step needs on
-  CPU; the rest of the step's randomness stays on threefry.
-  """
-  bits = jax.random.bits(key, (4,), jnp.uint32)
-  return jax.random.wrap_key_data(bits, impl="rbg")
-
-
 def step_key(base_key, step):
   return jax.random.fold_in(base_key, step)
 
 
 def train_step(state: TrainState, images, labels, base_key,
-               loss_cfg: losses.LossConfig, train_noise_std: float,
-               dropout_impl: str = "rbg"
+               loss_cfg: losses.LossConfig, train_noise_std: float
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One AdamW step on a batch of real images in [-1, 1] with labels.
 
@@ -77,8 +65,7 @@ def train_step(state: TrainState, images, labels, base_key,
   def loss_fn(params):
     return losses.idempotent_loss(
         state.apply_fn, params, state.batch_stats, x, labels, k_loss,
-        loss_cfg, dropout_rng=dropout_key if dropout_impl == "rbg" else
-        (lambda k: k))
+        loss_cfg)
 
   (loss, (terms, new_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
