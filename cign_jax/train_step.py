@@ -18,6 +18,7 @@ import ml_collections
 import optax
 from flax.training import train_state
 
+from cign_jax import data
 from cign_jax import losses
 from cign_jax import models
 
@@ -26,14 +27,34 @@ class TrainState(train_state.TrainState):
   batch_stats: Any = None
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def total_train_steps(config: ml_collections.ConfigDict,
+                      num_examples: int = data.SPLIT_SIZES["train"]) -> int:
+  """`num_train_steps` when > 0, else `num_epochs` epochs of full batches."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  return int(config.num_epochs) * (num_examples // int(config.batch_size))
+
+
+def learning_rate(config: ml_collections.ConfigDict, total_steps=None):
+  """The learning rate: the paper's constant, or (`optimizer.lr_schedule =
+  'cosine'`) a cosine decay from it to 0 over the run's steps."""
   o = config.optimizer
-  return optax.adamw(learning_rate=o.learning_rate, b1=o.b1, b2=o.b2,
-                     eps=o.eps, weight_decay=o.weight_decay)
+  if o.lr_schedule == "constant":
+    return o.learning_rate
+  if total_steps is None:
+    total_steps = total_train_steps(config)
+  return optax.cosine_decay_schedule(o.learning_rate, max(int(total_steps), 1))
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps=None) -> optax.GradientTransformation:
+  o = config.optimizer
+  return optax.adamw(learning_rate=learning_rate(config, total_steps),
+                     b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def create_train_state(config: ml_collections.ConfigDict, key=None,
-                       model=None) -> TrainState:
+                       model=None, total_steps=None) -> TrainState:
   """Initialises parameters (PyTorch's init distributions) and AdamW state."""
   model = model or models.model_from_config(config)
   if key is None:
@@ -41,7 +62,7 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
   variables = models.init_variables(model, key)
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           tx=make_optimizer(config))
+                           tx=make_optimizer(config, total_steps))
 
 
 def step_key(base_key, step):

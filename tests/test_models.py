@@ -157,6 +157,10 @@ def test_config_errors_name_the_key():
   with pytest.raises(ValueError, match="num_mismatch_labels"):
     config_lib.validate(config)
   config = config_lib.base_config()
+  config.optimizer.lr_schedule = "linear"
+  with pytest.raises(ValueError, match="optimizer.lr_schedule"):
+    config_lib.validate(config)
+  config = config_lib.base_config()
   with config.unlocked():
     config.model.latentdim = 3
   with pytest.raises(ValueError, match="model.latentdim: unknown config key"):

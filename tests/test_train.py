@@ -15,6 +15,7 @@ from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import data as data_lib
 from cign_jax import train
+from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,3 +224,21 @@ def test_sample_command(uninterrupted, tmp_path):
   np.savez(inputs, images=images[:2], labels=np.array([1, 10]))
   with pytest.raises(ValueError, match="label out of range"):
     sample.sample_to_file(workdir, out2, inputs=inputs)
+
+
+def test_learning_rate_schedules():
+  """'constant' is the paper's rate; 'cosine' decays it to 0 over the run:
+  lr0 * (1 + cos(pi t / T)) / 2 at step t of T."""
+  config = config_lib.base_config()
+  assert train_step_lib.learning_rate(config) == config.optimizer.learning_rate
+  config.optimizer.lr_schedule = "cosine"
+  config.num_train_steps = 100
+  schedule = train_step_lib.learning_rate(config)
+  lr0 = config.optimizer.learning_rate
+  for t, expected in ((0, lr0), (50, lr0 / 2),
+                      (25, lr0 * (1 + np.cos(np.pi / 4)) / 2), (100, 0.0)):
+    np.testing.assert_allclose(float(schedule(t)), expected, atol=1e-12)
+  # Without num_train_steps the run is num_epochs of full batches of 60000.
+  config.num_train_steps = -1
+  config.num_epochs, config.batch_size = 2, 128
+  assert train_step_lib.total_train_steps(config) == 2 * (60000 // 128)
