@@ -176,10 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     images, labels = dataset
   batches = data_lib.TrainBatches(images, labels, config.batch_size,
                                   config.seed)
-  if config.num_train_steps > 0:
-    total_steps = int(config.num_train_steps)
-  else:
-    total_steps = int(config.num_epochs) * batches.steps_per_epoch
+  total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
   model = models.model_from_config(config)
   state = train_step_lib.create_train_state(config, model=model,
