@@ -17,7 +17,7 @@ index) when
     threefry2x32_20(k, (i, 0))[0] < round(keep_prob * 2^32),
 
 so P(keep) equals keep_prob to within 2^-33 (JAX's float-based bernoulli is
-within 2^-24), and decisions are independent across elements and across keys
+within 2^-23), and decisions are independent across elements and across keys
 as far as Threefry's statistical quality goes (it passes TestU01's BigCrush;
 JAX uses it by default). `tests/test_dropout.py` checks the generator against
 the Random123 known-answer vectors and `jax.extend.random.threefry_2x32`, and
