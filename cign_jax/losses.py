@@ -124,8 +124,7 @@ def _tightness(f_y, y, rec_scale, cfg: LossConfig):
 
 def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
                     key, cfg: LossConfig, frozen_params: Optional[Any] = None,
-                    dropout_rng: Callable = lambda k: k, noise=None,
-                    noise_labels=None
+                    noise=None, noise_labels=None
                     ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], Any]]:
   """Total loss and (weighted terms, updated batch_stats).
 
@@ -133,8 +132,7 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
   Flax model's apply. `images` are the (already noised) training images in
   [-1, 1], `labels` their labels (ignored by an unconditional model).
   `frozen_params` replaces `stop_gradient(params)` for the frozen copy (used
-  by the tests to show both give the same gradient). `dropout_rng` turns each
-  forward call's key into the key its dropout masks are drawn from.
+  by the tests to show both give the same gradient).
   `noise` / `noise_labels` replace the prior sample and its uniform labels
   (for cross-checks against other implementations).
   """
@@ -145,7 +143,7 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
 
   def f(p, stats, x, c, rng):
     out, updates = apply_fn({"params": p, "batch_stats": stats}, x, c,
-                            train=True, rngs={"dropout": dropout_rng(rng)},
+                            train=True, rngs={"dropout": rng},
                             mutable=["batch_stats"])
     return out, updates["batch_stats"]
 

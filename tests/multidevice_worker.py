@@ -92,12 +92,7 @@ def tiny_config(conditioning="channel", **overrides):
   config.model.latent_dim = 4
   config.model.intermediate_dim = 8
   config.batch_size = 8
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config_lib.validate(config)
 
 

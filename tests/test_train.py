@@ -34,12 +34,7 @@ def tiny_config(**overrides):
   config.log_every_steps = 2
   config.sample_every_steps = 1000
   config.checkpoint_every_steps = 2
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  config.update_from_flattened_dict(overrides)
   return config
 
 
