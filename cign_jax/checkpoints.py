@@ -78,9 +78,13 @@ def manager(workdir: str, keep: int = 3,
 
 
 def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
-  """What a checkpoint holds: the state's arrays, no functions."""
-  return {"step": state.step, "params": state.params,
+  """What a checkpoint holds: the state's arrays, no functions (and the
+  parameters' moving average when the run keeps one)."""
+  tree = {"step": state.step, "params": state.params,
           "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+  if state.ema_params is not None:
+    tree["ema_params"] = state.ema_params
+  return tree
 
 
 def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
@@ -142,7 +146,9 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   stored_tree = getattr(stored, "tree", stored)
   if isinstance(stored_tree, dict):
     problem = None
-    for part in ("params", "batch_stats"):
+    for part in ("params", "batch_stats", "ema_params"):
+      if part not in target:
+        continue
       if part not in stored_tree:
         problem = f"missing key ['{part}']"
         break
@@ -150,6 +156,10 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
                                    {part: target[part]})
       if problem:
         break
+    if not problem and "ema_params" in stored_tree and \
+        "ema_params" not in target:
+      problem = ("the checkpoint holds a parameter average (ema_params) "
+                 "but the config's ema_decay is 0")
     if problem:
       raise CheckpointError(f"checkpoint {path} does not match the config: "
                             f"{problem}")
@@ -160,7 +170,8 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
                           f"the config: {type(e).__name__}: {e}") from e
   return state.replace(step=tree["step"], params=tree["params"],
                        batch_stats=tree["batch_stats"],
-                       opt_state=tree["opt_state"])
+                       opt_state=tree["opt_state"],
+                       ema_params=tree.get("ema_params"))
 
 
 def load_model(workdir: str, step: Optional[int] = None

@@ -64,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.weight_decay = 0.01
   # 'constant' (the paper) or 'cosine' (decay to 0 over the run; short runs).
   config.optimizer.lr_schedule = "constant"
+  # Exponential moving average of the parameters, used for sampling and
+  # evaluation: 0 = none (the paper); e.g. 0.995 for short runs.
+  config.ema_decay = 0.0
 
   config.batch_size = 128  # real images per step (global, over all devices)
   config.num_epochs = 50
@@ -135,6 +138,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
          f"must be >= 0, got {o.weight_decay}")
   _check(o.lr_schedule in LR_SCHEDULES, "optimizer.lr_schedule",
          f"unknown schedule {o.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+  _check(0.0 <= config.ema_decay < 1.0, "ema_decay",
+         f"must be in [0, 1), got {config.ema_decay}")
   _check(config.data.dataset in DATASETS, "data.dataset",
          f"unknown dataset {config.data.dataset!r}; expected one of "
          f"{DATASETS}")

@@ -272,7 +272,8 @@ def convert(torch_checkpoint: str, config, workdir: str):
   abstract = jax.eval_shape(lambda: train_step.create_train_state(config))
   state = abstract.replace(
       step=jnp.zeros(abstract.step.shape, abstract.step.dtype), params=params,
-      batch_stats=batch_stats, opt_state=abstract.tx.init(params))
+      batch_stats=batch_stats, opt_state=abstract.tx.init(params),
+      ema_params=None if abstract.ema_params is None else params)
   for part in ("params", "batch_stats", "opt_state"):
     want = jax.tree_util.tree_structure(getattr(abstract, part))
     got = jax.tree_util.tree_structure(getattr(state, part))

@@ -3,7 +3,8 @@
 One step: noise the real images (std 0.15, clamped), compute the five-term
 loss of `cign_jax.losses` and its gradient, apply AdamW (betas 0.5/0.999,
 weight decay 0.01, as PyTorch's AdamW) and carry the BatchNorm running
-statistics. All randomness of step n derives from (seed, n), so the same seed
+statistics, and (config.ema_decay > 0) an exponential moving average of the
+parameters that sampling and evaluation use. All randomness of step n derives from (seed, n), so the same seed
 gives the same run, and a resumed run continues exactly.
 """
 
@@ -25,6 +26,9 @@ from cign_jax import models
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # The parameters' exponential moving average when config.ema_decay > 0
+  # (what `eval_variables` returns), else None.
+  ema_params: Any = None
 
 
 def total_train_steps(config: ml_collections.ConfigDict,
@@ -60,9 +64,27 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
   if key is None:
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
   variables = models.init_variables(model, key)
+  ema = None
+  if config.ema_decay > 0:
+    ema = jax.tree_util.tree_map(jnp.copy, variables["params"])
   return TrainState.create(apply_fn=model.apply, params=variables["params"],
                            batch_stats=variables["batch_stats"],
-                           tx=make_optimizer(config, total_steps))
+                           tx=make_optimizer(config, total_steps),
+                           ema_params=ema)
+
+
+def ema_decay_at(step, ema_decay: float):
+  """The average's decay at `step` (the step being taken, from 0): the
+  usual warm-up min(ema_decay, (1 + step) / (10 + step)), so that the
+  average forgets the random initialisation within the first steps."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema_params, params, decay):
+  """ema <- decay * ema + (1 - decay) * params."""
+  return jax.tree_util.tree_map(
+      lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
 def step_key(base_key, step):
@@ -70,7 +92,8 @@ def step_key(base_key, step):
 
 
 def train_step(state: TrainState, images, labels, base_key,
-               loss_cfg: losses.LossConfig, train_noise_std: float
+               loss_cfg: losses.LossConfig, train_noise_std: float,
+               ema_decay: float = 0.0
                ) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One AdamW step on a batch of real images in [-1, 1] with labels.
 
@@ -93,6 +116,10 @@ def train_step(state: TrainState, images, labels, base_key,
   finite = jnp.isfinite(loss) & jnp.all(jnp.array(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
   new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+  if ema_decay > 0:
+    new_state = new_state.replace(ema_params=update_ema(
+        state.ema_params, new_state.params,
+        ema_decay_at(state.step, ema_decay)))
   new_state = jax.tree_util.tree_map(
       lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = dict(terms)
@@ -105,9 +132,13 @@ def make_train_step(config: ml_collections.ConfigDict):
   """The train step with the config's constants bound (not yet jitted)."""
   return functools.partial(
       train_step, loss_cfg=losses.LossConfig.from_config(config),
-      train_noise_std=float(config.data.train_noise_std))
+      train_noise_std=float(config.data.train_noise_std),
+      ema_decay=float(config.ema_decay))
 
 
 def eval_variables(state: TrainState) -> Dict[str, Any]:
-  """The variables for evaluation-time forward passes (running BN stats)."""
-  return {"params": state.params, "batch_stats": state.batch_stats}
+  """The variables for evaluation-time forward passes: the parameters'
+  moving average when the run keeps one, else the parameters; running BN
+  statistics."""
+  params = state.params if state.ema_params is None else state.ema_params
+  return {"params": params, "batch_stats": state.batch_stats}

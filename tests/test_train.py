@@ -237,3 +237,63 @@ def test_learning_rate_schedules():
   config.num_train_steps = -1
   config.num_epochs, config.batch_size = 2, 128
   assert train_step_lib.total_train_steps(config) == 2 * (60000 // 128)
+
+
+def test_parameter_average_recursion():
+  """ema_decay > 0: after step t (from 0) the state holds
+  ema_t = d_t ema_{t-1} + (1 - d_t) params_t, d_t = min(decay,
+  (1 + t) / (10 + t)), ema_{-1} = the initial parameters; evaluation uses it."""
+  config = tiny_config(ema_decay=0.9)
+  state = train_step_lib.create_train_state(config)
+  assert state.ema_params is not None
+  step = jax.jit(train_step_lib.make_train_step(config))
+  rs = np.random.RandomState(0)
+  images = rs.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
+  labels = np.arange(4, dtype=np.int32)
+  expected = jax.tree_util.tree_map(np.asarray, state.params)
+  for t in range(3):
+    state, metrics = step(state, images, labels, jax.random.key(0))
+    assert float(metrics["finite"]) == 1.0
+    d = min(0.9, (1 + t) / (10 + t))
+    expected = jax.tree_util.tree_map(
+        lambda e, p, d=d: d * e + (1 - d) * np.asarray(p, np.float64),
+        expected, state.params)
+  for e, got in zip(jax.tree_util.tree_leaves(expected),
+                    jax.tree_util.tree_leaves(state.ema_params)):
+    np.testing.assert_allclose(np.asarray(got), e, rtol=1e-5, atol=1e-7)
+  assert train_step_lib.eval_variables(state)["params"] is state.ema_params
+  # Without it the state carries none and evaluation uses the parameters.
+  plain = train_step_lib.create_train_state(tiny_config())
+  assert plain.ema_params is None
+  assert train_step_lib.eval_variables(plain)["params"] is plain.params
+
+
+def test_parameter_average_is_checkpointed_and_resumed(tmp_path):
+  config = tiny_config(num_train_steps=4, ema_decay=0.9)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  workdir = str(tmp_path / "resumed")
+  train.train_and_evaluate(tiny_config(num_train_steps=2, ema_decay=0.9),
+                           workdir)
+  resumed = train.train_and_evaluate(config, workdir)
+  for a, b in zip(jax.tree_util.tree_leaves(resumed.ema_params),
+                  jax.tree_util.tree_leaves(straight.ema_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
+                               atol=1e-7)
+  # load_model (sampling, evaluation) returns the average.
+  _, _, variables, step = checkpoints.load_model(workdir)
+  assert step == 4
+  for a, b in zip(jax.tree_util.tree_leaves(variables["params"]),
+                  jax.tree_util.tree_leaves(resumed.ema_params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Resuming with another ema_decay is refused by name; restoring a
+  # checkpoint into a state that disagrees on having the average, too.
+  with pytest.raises(ValueError, match="ema_decay"):
+    train.train_and_evaluate(tiny_config(num_train_steps=6), workdir)
+  plain = str(tmp_path / "plain")
+  train.train_and_evaluate(tiny_config(num_train_steps=2), plain)
+  for run_dir, other in ((workdir, tiny_config()), (plain, config)):
+    target = jax.eval_shape(lambda c=other: train_step_lib.create_train_state(c))
+    mngr = checkpoints.manager(run_dir, create=False)
+    with pytest.raises(checkpoints.CheckpointError, match="ema_params"):
+      checkpoints.restore(mngr, target)
+    mngr.close()
