@@ -98,7 +98,8 @@ def passes(transposed: bool, s: int, p: int, x, kernel):
         "dk": {"xla": xla_vjp(1),
                "matmul": lambda x, k, g: jnp.einsum(
                    "bhwc,bhwk->ck", x,
-                   ops._im2col(g, kh, kw, s, p)[:, :h, :w])},  # pylint: disable=protected-access
+                   ops._im2col(g, kh, kw, s, p)[:, :h, :w]).reshape(  # pylint: disable=protected-access
+                       ci, kh, kw, co).transpose(1, 2, 0, 3)},
     }
   return table, g
 

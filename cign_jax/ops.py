@@ -337,55 +337,129 @@ def _im2col(x, kh: int, kw: int, stride: int, padding: int):
       [tap for _, tap in _tap_slices(x, kh, kw, stride, padding)], axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d_cpu(x, kernel, stride: int, padding: int):
-  """conv2d for CPU: XLA's convolution forward; backward by hand, with the
-  input gradient as a col2im transposed convolution (XLA's CPU lowering of
-  that gradient was 5-10x slower for CIGN's shapes)."""
-  return conv2d_reference(x, kernel, stride, padding)
+# On CPU each of a convolution's three passes (forward, input gradient dx,
+# kernel gradient dk) runs in one of two formulations, chosen per layer shape
+# by `cpu_plan` from measurements (`benchmarks/conv_components.py`):
+#   "xla":    lax.conv_general_dilated, or its autodiff gradient;
+#   "matmul": im2col by strided slices + one matrix product, or one matrix
+#             product + sub-pixel col2im.
+# A plan is the tuple (forward, dx, dk). Every plan is exact (the same sums
+# in another order); tests/test_ops.py checks all of them.
+FORMULATIONS = ("xla", "matmul")
+ALL_PLANS = tuple((f, dx, dk) for f in FORMULATIONS for dx in FORMULATIONS
+                  for dk in FORMULATIONS)
 
 
-def _conv2d_cpu_fwd(x, kernel, stride, padding):
-  return conv2d_reference(x, kernel, stride, padding), (x, kernel)
+def _check_plan(plan):
+  if len(plan) != 3 or any(p not in FORMULATIONS for p in plan):
+    raise ValueError(f"a CPU conv plan is (forward, dx, dk), each one of "
+                     f"{FORMULATIONS}; got {plan!r}")
 
 
-def _conv2d_cpu_bwd(stride, padding, res, g):
+def _xla_grads(reference, x, kernel, g, stride, padding):
+  """(dx, dk) by autodiff of the lax formulation (XLA's gradient convs);
+  XLA drops whichever of the two is unused."""
+  _, vjp = jax.vjp(lambda a, b: reference(a, b, stride, padding), x, kernel)
+  return vjp(g)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_cpu(x, kernel, stride: int, padding: int,
+               plan=("xla", "matmul", "matmul")):
+  """conv2d for CPU, each pass in the formulation `plan` names (see above).
+  XLA's CPU lowering of the input gradient was 5-10x slower than col2im for
+  CIGN's shapes; its forward and kernel gradient win for some layers."""
+  return _conv2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
+
+
+def _conv2d_cpu_fwd(x, kernel, stride, padding, plan):
+  _check_plan(plan)
+  if plan[0] == "matmul":
+    y = conv2d_im2col(x, kernel, stride, padding)
+  else:
+    y = conv2d_reference(x, kernel, stride, padding)
+  return y, (x, kernel)
+
+
+def _conv2d_cpu_bwd(stride, padding, plan, res, g):
   x, kernel = res
   kh, kw, ci, co = kernel.shape
-  dx = conv_transpose2d_col2im(g, kernel.transpose(0, 1, 3, 2), stride,
-                               padding)
-  dx = _fit(dx, x.shape[1], x.shape[2])
-  patches = _im2col(x, kh, kw, stride, padding)
-  dk = jnp.einsum("bhwk,bhwo->ko", patches, g).reshape(kh, kw, ci, co)
+  if "xla" in plan[1:]:
+    xla_dx, xla_dk = _xla_grads(conv2d_reference, x, kernel, g, stride,
+                                padding)
+  if plan[1] == "matmul":
+    dx = conv_transpose2d_col2im(g, kernel.transpose(0, 1, 3, 2), stride,
+                                 padding)
+    dx = _fit(dx, x.shape[1], x.shape[2])
+  else:
+    dx = xla_dx
+  if plan[2] == "matmul":
+    patches = _im2col(x, kh, kw, stride, padding)
+    dk = jnp.einsum("bhwk,bhwo->ko", patches, g).reshape(kh, kw, ci, co)
+  else:
+    dk = xla_dk
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv_transpose2d_cpu(x, kernel, stride: int, padding: int):
-  """conv_transpose2d for CPU: col2im forward; its input gradient is a plain
-  convolution (XLA's), its kernel gradient an im2col matrix product."""
-  return conv_transpose2d_col2im(x, kernel, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_transpose2d_cpu(x, kernel, stride: int, padding: int,
+                         plan=("matmul", "xla", "matmul")):
+  """conv_transpose2d for CPU, each pass in the formulation `plan` names:
+  forward "matmul" is col2im; dx "xla" is XLA's plain convolution of the
+  output gradient, "matmul" its im2col form; dk "matmul" an im2col product."""
+  return _conv_transpose2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
 
 
-def _conv_transpose2d_cpu_fwd(x, kernel, stride, padding):
-  return conv_transpose2d_col2im(x, kernel, stride, padding), (x, kernel)
+def _conv_transpose2d_cpu_fwd(x, kernel, stride, padding, plan):
+  _check_plan(plan)
+  if plan[0] == "matmul":
+    y = conv_transpose2d_col2im(x, kernel, stride, padding)
+  else:
+    y = conv_transpose2d_reference(x, kernel, stride, padding)
+  return y, (x, kernel)
 
 
-def _conv_transpose2d_cpu_bwd(stride, padding, res, g):
+def _conv_transpose2d_cpu_bwd(stride, padding, plan, res, g):
   x, kernel = res
   kh, kw, ci, co = kernel.shape
-  dx = conv2d_reference(g, kernel.transpose(0, 1, 3, 2), stride, padding)
-  # dK[di, dj, c, o] = sum_{b,i,j} x[b,i,j,c] g_pad[b, i*s+di, j*s+dj, o]
-  patches = _im2col(g, kh, kw, stride, padding)[:, :x.shape[1], :x.shape[2]]
-  dk = jnp.einsum("bhwc,bhwk->ck", x, patches).reshape(ci, kh, kw, co)
-  return dx.astype(x.dtype), dk.transpose(1, 2, 0, 3).astype(kernel.dtype)
+  kernel_t = kernel.transpose(0, 1, 3, 2)
+  if plan[1] == "matmul":
+    dx = conv2d_im2col(g, kernel_t, stride, padding)
+  else:
+    dx = conv2d_reference(g, kernel_t, stride, padding)
+  if plan[2] == "matmul":
+    # dK[di, dj, c, o] = sum_{b,i,j} x[b,i,j,c] g_pad[b, i*s+di, j*s+dj, o]
+    patches = _im2col(g, kh, kw, stride, padding)[:, :x.shape[1], :x.shape[2]]
+    dk = jnp.einsum("bhwc,bhwk->ck", x, patches).reshape(ci, kh, kw, co)
+    dk = dk.transpose(1, 2, 0, 3)
+  else:
+    dk = _xla_grads(conv_transpose2d_reference, x, kernel, g, stride,
+                    padding)[1]
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
 conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
                             _conv_transpose2d_cpu_bwd)
+
+
+def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int):
+  """The CPU formulation of each pass for one layer, from measurements
+  (`python benchmarks/conv_components.py`, docs/performance.md): XLA's
+  forward conv beats im2col + product for the strided convs (the im2col
+  copy costs 4-5x the product); col2im beats XLA's input gradient of a conv
+  (up to 7x) and XLA's transposed-conv forward and kernel gradient (up to
+  10x); XLA's kernel gradient beats the im2col product when a strided conv's
+  output is at most 4x4 (discriminator blocks 3-4: 35 vs 58 ms, 51 vs 57 ms
+  at batch 1152)."""
+  del kernel_shape
+  if transposed:
+    return ("matmul", "xla", "matmul")
+  out_h = x_shape[1] // stride  # approximately; only a size class is needed
+  kernel_grad = "xla" if stride > 1 and out_h <= 4 else "matmul"
+  return ("xla", "matmul", kernel_grad)
 
 
 def _use_matmul_convs() -> bool:
@@ -399,7 +473,8 @@ def conv2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv2d: x has {x.shape[-1]} channels, the kernel "
                      f"{tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv2d_cpu(x, kernel, stride, padding)
+    return conv2d_cpu(x, kernel, stride, padding,
+                      cpu_plan(False, x.shape, kernel.shape, stride))
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -410,5 +485,6 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv_transpose2d: x has {x.shape[-1]} channels, the "
                      f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv_transpose2d_cpu(x, kernel, stride, padding)
+    return conv_transpose2d_cpu(x, kernel, stride, padding,
+                                cpu_plan(True, x.shape, kernel.shape, stride))
   return conv_transpose2d_reference(x, kernel, stride, padding)

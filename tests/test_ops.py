@@ -222,3 +222,37 @@ def test_bad_shapes_are_named():
   with pytest.raises(ValueError, match="H\\*W"):
     ops.channel_condition(x, jnp.zeros((2, 5)), jnp.zeros((5, 24)),
                           jnp.zeros((24,)))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
+@pytest.mark.parametrize("plan", ops.ALL_PLANS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
+  """Each CPU formulation of each pass (forward, dx, dk): values and both
+  gradients equal the lax reference's."""
+  b, h, w, c, k, s, p = case
+  if transposed and p > k - 1:
+    pytest.skip("padding must be smaller than the kernel for a transpose")
+  fast = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
+  reference = (ops.conv_transpose2d_reference if transposed
+               else ops.conv2d_reference)
+  x = jnp.asarray(_rand((b, h, w, c), 17))
+  kern = jnp.asarray(_rand((k, k, c, 3), 18))
+  y = fast(x, kern, s, p, plan)
+  np.testing.assert_allclose(np.asarray(y),
+                             np.asarray(reference(x, kern, s, p)),
+                             rtol=1e-5, atol=1e-5)
+  g = jnp.asarray(_rand(y.shape, 19))
+  grads = jax.grad(lambda a, bb: jnp.sum(fast(a, bb, s, p, plan) * g),
+                   argnums=(0, 1))(x, kern)
+  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb, s, p) * g),
+                 argnums=(0, 1))(x, kern)
+  for got, want in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_bad_cpu_plan_is_named():
+  x = jnp.zeros((1, 4, 4, 1))
+  with pytest.raises(ValueError, match="plan"):
+    ops.conv2d_cpu(x, jnp.zeros((2, 2, 1, 1)), 1, 0, ("xla", "fast", "xla"))
