@@ -445,7 +445,8 @@ conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
                             _conv_transpose2d_cpu_bwd)
 
 
-def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int):
+def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
+             padding: int):
   """The CPU formulation of each pass for one layer, from measurements
   (`python benchmarks/conv_components.py`, docs/performance.md): XLA's
   forward conv beats im2col + product for the strided convs (the im2col
@@ -454,10 +455,9 @@ def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int):
   10x); XLA's kernel gradient beats the im2col product when a strided conv's
   output is at most 4x4 (discriminator blocks 3-4: 35 vs 58 ms, 51 vs 57 ms
   at batch 1152)."""
-  del kernel_shape
   if transposed:
     return ("matmul", "xla", "matmul")
-  out_h = x_shape[1] // stride  # approximately; only a size class is needed
+  out_h = conv_output_size(x_shape[1], kernel_shape[0], stride, padding)
   kernel_grad = "xla" if stride > 1 and out_h <= 4 else "matmul"
   return ("xla", "matmul", kernel_grad)
 
@@ -474,7 +474,8 @@ def conv2d(x, kernel, stride: int, padding: int):
                      f"{tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
     return conv2d_cpu(x, kernel, stride, padding,
-                      cpu_plan(False, x.shape, kernel.shape, stride))
+                      cpu_plan(False, x.shape, kernel.shape, stride,
+                               padding))
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -486,5 +487,6 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
                      f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
     return conv_transpose2d_cpu(x, kernel, stride, padding,
-                                cpu_plan(True, x.shape, kernel.shape, stride))
+                                cpu_plan(True, x.shape, kernel.shape, stride,
+                                         padding))
   return conv_transpose2d_reference(x, kernel, stride, padding)

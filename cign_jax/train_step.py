@@ -4,8 +4,9 @@ One step: noise the real images (std 0.15, clamped), compute the five-term
 loss of `cign_jax.losses` and its gradient, apply AdamW (betas 0.5/0.999,
 weight decay 0.01, as PyTorch's AdamW) and carry the BatchNorm running
 statistics, and (config.ema_decay > 0) an exponential moving average of the
-parameters that sampling and evaluation use. All randomness of step n derives from (seed, n), so the same seed
-gives the same run, and a resumed run continues exactly.
+parameters that sampling and evaluation use. All randomness of step n derives
+from (seed, n), so the same seed gives the same run, and a resumed run
+continues exactly.
 """
 
 from __future__ import annotations
