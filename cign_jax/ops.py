@@ -28,10 +28,11 @@ one per op, chosen per backend:
   convolution, in another order), B*H'*W'*C*kh*kw multiply-adds, and autodiff
   of slices/pads is pads/slices, so the gradient is as cheap. On CPU the
   vmap/grouped formulation was far slower or ran out of memory.
-- Shared-kernel convolution on CPU: im2col by strided slices and one matrix
-  product; transposed convolution on CPU: one matrix product and col2im by
-  interior-padded placements (XLA's CPU convolutions were ~3x slower than
-  PyTorch's here). On GPU/TPU: XLA's own convolutions.
+- Shared-kernel (transposed) convolution on CPU: each pass (forward, input
+  gradient, kernel gradient) is either XLA's convolution or a matrix product
+  with im2col / sub-pixel col2im, chosen per layer shape by `cpu_plan` from
+  measurements (XLA's CPU lowering of some passes was up to 10x slower).
+  On GPU/TPU: XLA's own convolutions.
 
 `tests/test_ops.py` checks every implementation against the lax reference and
 against an independent naive loop, values and gradients.
