@@ -18,7 +18,6 @@ pass can be checked against numbers. Median of 5 runs after compilation, ms.
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -28,18 +27,7 @@ import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
 from cign_jax import ops  # pylint: disable=g-import-not-at-top
-
-
-def bench(f, *a, n=5):
-  f = jax.jit(f)
-  r = f(*a)
-  jax.block_until_ready(r)
-  ts = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*a))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts) * 1e3), r
+from conv_layers import bench  # pylint: disable=g-import-not-at-top  # this folder's timer
 
 
 def layers(ld: int, idim: int):

@@ -373,13 +373,15 @@ def conv2d_cpu(x, kernel, stride: int, padding: int,
   return _conv2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
 
 
-def _conv2d_cpu_fwd(x, kernel, stride, padding, plan):
+def _planned_forward(matmul, xla, x, kernel, stride, padding, plan):
+  """The forward pass in the plan's formulation; residuals (x, kernel)."""
   _check_plan(plan)
-  if plan[0] == "matmul":
-    y = conv2d_im2col(x, kernel, stride, padding)
-  else:
-    y = conv2d_reference(x, kernel, stride, padding)
-  return y, (x, kernel)
+  forward = matmul if plan[0] == "matmul" else xla
+  return forward(x, kernel, stride, padding), (x, kernel)
+
+
+_conv2d_cpu_fwd = functools.partial(_planned_forward, conv2d_im2col,
+                                    conv2d_reference)
 
 
 def _conv2d_cpu_bwd(stride, padding, plan, res, g):
@@ -414,13 +416,8 @@ def conv_transpose2d_cpu(x, kernel, stride: int, padding: int,
   return _conv_transpose2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
 
 
-def _conv_transpose2d_cpu_fwd(x, kernel, stride, padding, plan):
-  _check_plan(plan)
-  if plan[0] == "matmul":
-    y = conv_transpose2d_col2im(x, kernel, stride, padding)
-  else:
-    y = conv_transpose2d_reference(x, kernel, stride, padding)
-  return y, (x, kernel)
+_conv_transpose2d_cpu_fwd = functools.partial(
+    _planned_forward, conv_transpose2d_col2im, conv_transpose2d_reference)
 
 
 def _conv_transpose2d_cpu_bwd(stride, padding, plan, res, g):

@@ -150,6 +150,16 @@ def _grad_pairs():
   ]
 
 
+def _assert_same_gradients(fn, reference, x, f, g):
+  """Both gradients of <fn(x, f), g> equal those of <reference(x, f), g>."""
+  grads = jax.grad(lambda a, bb: jnp.sum(fn(a, bb) * g), argnums=(0, 1))(x, f)
+  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb) * g),
+                 argnums=(0, 1))(x, f)
+  for got, want in zip(grads, ref):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
+                               atol=1e-4)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]])
 @pytest.mark.parametrize("pair", range(6))
 def test_gradients(case, pair):
@@ -167,13 +177,7 @@ def test_gradients(case, pair):
               rtol=2e-2)
   out_shape = jax.eval_shape(fn, x, f).shape
   g = jnp.asarray(_rand(out_shape, 9))
-  grads = jax.grad(lambda a, bb: jnp.sum(fast(a, bb, s, p) * g),
-                   argnums=(0, 1))(x, f)
-  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb, s, p) * g),
-                 argnums=(0, 1))(x, f)
-  for got, want in zip(grads, ref):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
-                               atol=1e-4)
+  _assert_same_gradients(fn, lambda a, bb: reference(a, bb, s, p), x, f, g)
 
 
 def test_transposed_is_adjoint_of_correlation():
@@ -243,13 +247,8 @@ def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
                              np.asarray(reference(x, kern, s, p)),
                              rtol=1e-5, atol=1e-5)
   g = jnp.asarray(_rand(y.shape, 19))
-  grads = jax.grad(lambda a, bb: jnp.sum(fast(a, bb, s, p, plan) * g),
-                   argnums=(0, 1))(x, kern)
-  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb, s, p) * g),
-                 argnums=(0, 1))(x, kern)
-  for got, want in zip(grads, ref):
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4,
-                               atol=1e-4)
+  _assert_same_gradients(lambda a, bb: fast(a, bb, s, p, plan),
+                         lambda a, bb: reference(a, bb, s, p), x, kern, g)
 
 
 def test_bad_cpu_plan_is_named():
