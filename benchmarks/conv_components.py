@@ -10,6 +10,8 @@ group's batch, C+1 input channels), times each of the three passes
   matmul   im2col by strided slices + one matrix product (conv forward,
            transposed-conv dx, both dk), or one matrix product + sub-pixel
            col2im (conv dx, transposed-conv forward)
+  native   the same products, patches built in cache-sized blocks by the
+           C++ kernels of `cign_jax.native_conv` (when they build here)
 
 and prints the faster one per pass, so that `cign_jax.ops`' CPU choice per
 pass can be checked against numbers. Median of 5 runs after compilation, ms.
@@ -26,6 +28,7 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from cign_jax import native_conv  # pylint: disable=g-import-not-at-top
 from cign_jax import ops  # pylint: disable=g-import-not-at-top
 from conv_layers import bench  # pylint: disable=g-import-not-at-top  # this folder's timer
 
@@ -67,9 +70,11 @@ def passes(transposed: bool, s: int, p: int, x, kernel):
                       argnums=which)(x, k)
     return fn
 
-  table = {"fwd": {f: forward(f) for f in ops.FORMULATIONS},
-           "dx": {f: gradient(0, f) for f in ops.FORMULATIONS},
-           "dk": {f: gradient(1, f) for f in ops.FORMULATIONS}}
+  forms = [f for f in ops.FORMULATIONS
+           if f != "native" or native_conv.available()]
+  table = {"fwd": {f: forward(f) for f in forms},
+           "dx": {f: gradient(0, f) for f in forms},
+           "dk": {f: gradient(1, f) for f in forms}}
   return table, g
 
 
@@ -94,15 +99,16 @@ def main():
       results = {}
       for impl, fn in impls.items():
         times[impl], results[impl] = bench(fn, x, kernel, g)
-      a, b = results["xla"], results["matmul"]
-      err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
-      if err > 1e-4:
-        raise AssertionError(f"{name} {pass_name}: formulations differ by "
-                             f"{err:.1e}")
+      a = results["xla"]
+      for impl, b in results.items():
+        err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
+        if err > 1e-4:
+          raise AssertionError(f"{name} {pass_name}: {impl} differs from xla "
+                               f"by {err:.1e}")
       best = min(times, key=times.get)
       best_total[pass_name] += times[best]
-      cells.append(f"{pass_name} xla {times['xla']:7.1f} matmul "
-                   f"{times['matmul']:7.1f} -> {best:6s}")
+      cells.append(f"{pass_name} " + " ".join(
+          f"{impl} {t:6.1f}" for impl, t in times.items()) + f" -> {best}")
     print(f"{name:7s} " + " | ".join(cells), flush=True)
   print("sum of the faster per pass (ms): " +
         ", ".join(f"{k} {v:.0f}" for k, v in best_total.items()))
