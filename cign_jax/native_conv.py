@@ -146,6 +146,12 @@ def unavailable_reason() -> Optional[str]:
   return _state["error"]
 
 
+def _require():
+  if not available():
+    raise NativeBuildError(f"the native conv kernels are not available: "
+                           f"{unavailable_reason()}")
+
+
 def _attrs(kh, kw, stride, padding):
   return dict(kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
               padding=np.int64(padding))
@@ -157,6 +163,7 @@ def _out_size(size, k, stride, padding):
 
 def conv_forward(x, kernel, stride: int, padding: int):
   """conv2d: x (B,H,W,C), kernel (kh,kw,C,Co) -> (B,Ho,Wo,Co), float32."""
+  _require()
   kh, kw, c, co = kernel.shape
   b, h, w, _ = x.shape
   shape = (b, _out_size(h, kh, stride, padding),
@@ -172,6 +179,7 @@ def conv_input_grad(g, kernel, stride: int, padding: int,
                     hw: Tuple[int, int]):
   """The adjoint of conv_forward in x: g (B,Ho,Wo,Co) -> (B,H,W,C) for an
   input of spatial size hw (rows a strided conv never reads get zeros)."""
+  _require()
   kh, kw, c, co = kernel.shape
   shape = (g.shape[0], hw[0], hw[1], c)
   return jax.ffi.ffi_call(
@@ -183,6 +191,7 @@ def conv_input_grad(g, kernel, stride: int, padding: int,
 
 def conv_kernel_grad(x, g, kh: int, kw: int, stride: int, padding: int):
   """The adjoint of conv_forward in the kernel: (kh, kw, C, Co)."""
+  _require()
   c, co = x.shape[-1], g.shape[-1]
   dk = jax.ffi.ffi_call(
       "cign_conv_kernel_grad",

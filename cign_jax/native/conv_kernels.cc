@@ -19,17 +19,22 @@
 //
 // A transposed convolution is the adjoint of a convolution, so its three
 // passes are these three with the roles exchanged (cign_jax/native_conv.py).
-// Work is split over threads by samples (no two threads write the same
-// output element; the kernel gradient sums per-thread partials in a fixed
-// order, so results do not depend on scheduling); each thread calls a
-// single-threaded sgemm.
+// Work is split into chunks of samples that run on XLA's own intra-op thread
+// pool (so a kernel never competes with XLA's threads for the cores): no two
+// chunks write the same output element, and the kernel gradient sums
+// per-chunk partials in chunk order, so results do not depend on
+// scheduling. Each chunk calls a single-threaded sgemm.
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cblas.h"
@@ -51,50 +56,87 @@ int64_t ConvOut(int64_t size, int64_t k, int64_t s, int64_t p) {
   return (size + 2 * p - k) / s + 1;
 }
 
-// Threads to use: CIGN_JAX_NATIVE_THREADS, else the hardware's count.
-int NumThreads() {
-  static const int n = [] {
-    if (const char* env = std::getenv("CIGN_JAX_NATIVE_THREADS")) {
-      int v = std::atoi(env);
-      if (v > 0) return v;
-    }
-    unsigned hw = std::thread::hardware_concurrency();
-    return hw == 0 ? 1 : static_cast<int>(hw);
-  }();
-  return n;
+// Rows per block: a patch block of about CIGN_JAX_NATIVE_BLOCK_KIB KiB
+// (default 256: half the L2 of the smallest cores we run on), at least
+// CIGN_JAX_NATIVE_MIN_ROWS rows (default 16).
+int64_t EnvInt(const char* name, int64_t fallback) {
+  if (const char* env = std::getenv(name)) {
+    int64_t v = std::atoll(env);
+    if (v > 0) return v;
+  }
+  return fallback;
 }
 
-// Rows per block: a patch block of about 256 KiB (half the L2 of the
-// smallest cores we run on), at least 16 rows.
 int64_t BlockRows(int64_t patch_len) {
-  return std::max<int64_t>(16, (int64_t{1} << 16) / std::max<int64_t>(
-                                   patch_len, 1));
+  static const int64_t floats = EnvInt("CIGN_JAX_NATIVE_BLOCK_KIB", 1024) * 256;
+  static const int64_t min_rows = EnvInt("CIGN_JAX_NATIVE_MIN_ROWS", 256);
+  return std::max<int64_t>(min_rows,
+                           floats / std::max<int64_t>(patch_len, 1));
 }
 
-// Runs fn(first_sample, end_sample, thread_index) on up to NumThreads()
-// threads over contiguous ranges of samples.
-template <typename Fn>
-int RunOverSamples(int64_t batch, int64_t work_per_sample, Fn fn) {
-  // Below about a million multiply-adds per thread, threads cost more than
-  // they save.
-  int64_t by_work = std::max<int64_t>(
-      1, batch * work_per_sample / (int64_t{1} << 20));
-  int threads = static_cast<int>(std::min<int64_t>(
-      {static_cast<int64_t>(NumThreads()), batch, by_work}));
-  threads = std::max(threads, 1);
-  if (threads == 1) {
-    fn(int64_t{0}, batch, 0);
-    return 1;
+// Chunks claimed from a shared counter by the calling thread and by helper
+// tasks on XLA's pool. The caller only ever waits for chunks that a running
+// thread has claimed, so a busy pool cannot deadlock it; helpers that start
+// after the work is gone return at once (the state is reference-counted).
+struct ChunkQueue {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t total = 0;
+  std::function<void(int64_t)> fn;
+  std::mutex mu;
+  std::condition_variable finished;
+
+  void Drain() {
+    for (;;) {
+      const int64_t chunk = next.fetch_add(1);
+      if (chunk >= total) return;
+      fn(chunk);
+      if (done.fetch_add(1) + 1 == total) {
+        std::lock_guard<std::mutex> lock(mu);
+        finished.notify_all();
+      }
+    }
   }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
-  for (int t = 1; t < threads; ++t) {
-    int64_t lo = batch * t / threads, hi = batch * (t + 1) / threads;
-    pool.emplace_back(fn, lo, hi, t);
+};
+
+// Number of chunks for `batch` samples of `work_per_sample` multiply-adds:
+// CIGN_JAX_NATIVE_CHUNKS_PER_THREAD per pool thread (default 4: when XLA
+// runs two ops at once, small chunks keep both threads busy; 1, 2 and 8 were
+// slower for channel_large's step), none under about a million
+// multiply-adds.
+int64_t NumChunks(ffi::ThreadPool& pool, int64_t batch,
+                  int64_t work_per_sample) {
+  static const int64_t per_thread = EnvInt("CIGN_JAX_NATIVE_CHUNKS_PER_THREAD",
+                                           4);
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t by_work =
+      std::max<int64_t>(1, batch * work_per_sample / (int64_t{1} << 20));
+  return std::max<int64_t>(1, std::min({per_thread * threads, batch, by_work}));
+}
+
+// Runs fn(chunk) for chunk in [0, chunks) on the pool and this thread.
+void RunChunks(ffi::ThreadPool& pool, int64_t chunks,
+               std::function<void(int64_t)> fn) {
+  if (chunks <= 1) {
+    if (chunks == 1) fn(0);
+    return;
   }
-  fn(int64_t{0}, batch / threads, 0);
-  for (auto& th : pool) th.join();
-  return threads;
+  auto queue = std::make_shared<ChunkQueue>();
+  queue->total = chunks;
+  queue->fn = std::move(fn);
+  const int64_t helpers =
+      std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([queue] { queue->Drain(); });
+  }
+  queue->Drain();
+  std::unique_lock<std::mutex> lock(queue->mu);
+  queue->finished.wait(lock, [&] { return queue->done.load() == chunks; });
+}
+
+// Samples [first, end) of chunk c of n over a batch.
+int64_t ChunkStart(int64_t batch, int64_t c, int64_t n) {
+  return batch * c / n;
 }
 
 // Patch rows r0 .. r0+n-1 (flat over (b, i, j)) into p (n, patch_len).
@@ -174,7 +216,8 @@ bool Rank(const B& buf, size_t rank) {
   return buf.dimensions().size() == rank;
 }
 
-ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> k,
                            ffi::ResultBuffer<ffi::F32> y, int64_t kh,
                            int64_t kw, int64_t stride, int64_t pad) {
   if (!Rank(x, 4) || !Rank(k, 2) || !Rank(*y, 4))
@@ -193,7 +236,10 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   float* out = y->typed_data();
   const int64_t len = g.patch_len(), per = g.rows_per_sample();
   const int64_t block = BlockRows(len);
-  RunOverSamples(g.b, per * len * g.co, [&](int64_t b0, int64_t b1, int) {
+  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
+  RunChunks(pool, chunks, [&](int64_t c) {
+    const int64_t b0 = ChunkStart(g.b, c, chunks);
+    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
     std::vector<float> patches(block * len);
     for (int64_t r = b0 * per; r < b1 * per; r += block) {
       const int64_t n = std::min(block, b1 * per - r);
@@ -206,7 +252,7 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> gy,
+ffi::Error ConvInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy,
                              ffi::Buffer<ffi::F32> k,
                              ffi::ResultBuffer<ffi::F32> dx, int64_t kh,
                              int64_t kw, int64_t stride, int64_t pad) {
@@ -227,7 +273,10 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> gy,
   const int64_t len = g.patch_len(), per = g.rows_per_sample();
   const int64_t block = BlockRows(len);
   const int64_t sample = g.h * g.w * g.c;
-  RunOverSamples(g.b, per * len * g.co, [&](int64_t b0, int64_t b1, int) {
+  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
+  RunChunks(pool, chunks, [&](int64_t c) {
+    const int64_t b0 = ChunkStart(g.b, c, chunks);
+    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
     std::memset(out + b0 * sample, 0, sizeof(float) * (b1 - b0) * sample);
     std::vector<float> cols(block * len);
     for (int64_t r = b0 * per; r < b1 * per; r += block) {
@@ -241,7 +290,7 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> gy,
   return ffi::Error::Success();
 }
 
-ffi::Error ConvKernelGradImpl(ffi::Buffer<ffi::F32> x,
+ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> gy,
                               ffi::ResultBuffer<ffi::F32> dk, int64_t kh,
                               int64_t kw, int64_t stride, int64_t pad) {
@@ -263,28 +312,37 @@ ffi::Error ConvKernelGradImpl(ffi::Buffer<ffi::F32> x,
   // The product's inner dimension is the block's rows: larger blocks.
   const int64_t block = 4 * BlockRows(len);
   const int64_t size = len * g.co;
-  std::vector<std::vector<float>> partial(NumThreads());
-  const int used = RunOverSamples(
-      g.b, per * len * g.co, [&](int64_t b0, int64_t b1, int t) {
-        float* acc = out;
-        if (t > 0) {
-          partial[t].assign(size, 0.0f);
-          acc = partial[t].data();
-        }
-        std::vector<float> patches(block * len);
-        float beta = 0.0f;
-        if (b0 == b1) std::memset(acc, 0, sizeof(float) * size);
-        for (int64_t r = b0 * per; r < b1 * per; r += block) {
-          const int64_t n = std::min(block, b1 * per - r);
-          Im2col(xp, g, r, n, patches.data());
-          scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, len, g.co,
-                            n, 1.0f, patches.data(), len, gp + r * g.co, g.co,
-                            beta, acc, g.co);
-          beta = 1.0f;
-        }
-      });
-  for (int t = 1; t < used; ++t)
-    for (int64_t e = 0; e < size; ++e) out[e] += partial[t][e];
+  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
+  // Chunk 0 accumulates into the result, the others into partials that are
+  // added in chunk order afterwards.
+  std::vector<std::vector<float>> partial(chunks);
+  RunChunks(pool, chunks, [&](int64_t c) {
+    const int64_t b0 = ChunkStart(g.b, c, chunks);
+    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
+    float* acc = out;
+    if (c > 0) {
+      partial[c].resize(size);
+      acc = partial[c].data();
+    }
+    if (b0 == b1) {
+      std::memset(acc, 0, sizeof(float) * size);
+      return;
+    }
+    std::vector<float> patches(block * len);
+    float beta = 0.0f;
+    for (int64_t r = b0 * per; r < b1 * per; r += block) {
+      const int64_t n = std::min(block, b1 * per - r);
+      Im2col(xp, g, r, n, patches.data());
+      scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, len, g.co, n,
+                        1.0f, patches.data(), len, gp + r * g.co, g.co, beta,
+                        acc, g.co);
+      beta = 1.0f;
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c) {
+    const float* p = partial[c].data();
+    for (int64_t e = 0; e < size; ++e) out[e] += p[e];
+  }
   return ffi::Error::Success();
 }
 
@@ -292,6 +350,7 @@ ffi::Error ConvKernelGradImpl(ffi::Buffer<ffi::F32> x,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvForward, ConvForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -302,6 +361,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvForward, ConvForwardImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvInputGrad, ConvInputGradImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -312,6 +372,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvInputGrad, ConvInputGradImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvKernelGrad, ConvKernelGradImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -320,5 +381,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CignConvKernelGrad, ConvKernelGradImpl,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
 
-// OpenBLAS's own threads would compete with ours: one per call.
+// OpenBLAS's own threads would compete with XLA's: one per call.
 extern "C" void cign_native_init() { scipy_openblas_set_num_threads(1); }
