@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from cign_jax import native_conv
 from cign_jax import ops
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -228,8 +229,23 @@ def test_bad_shapes_are_named():
                           jnp.zeros((24,)))
 
 
+# Every formulation in every pass position, twice: the three uniform plans
+# and the three cyclic mixtures (the passes are independent code paths, so
+# this covers what all 27 combinations would).
+_F = ops.FORMULATIONS
+PLANS_UNDER_TEST = ([(f, f, f) for f in _F] +
+                    [(_F[i], _F[(i + 1) % 3], _F[(i + 2) % 3])
+                     for i in range(3)])
+
+
+def _needs_native(plan):
+  if "native" in plan and not native_conv.available():
+    pytest.skip(f"native kernels unavailable: "
+                f"{native_conv.unavailable_reason()}")
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
-@pytest.mark.parametrize("plan", ops.ALL_PLANS)
+@pytest.mark.parametrize("plan", PLANS_UNDER_TEST)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
   """Each CPU formulation of each pass (forward, dx, dk): values and both
@@ -237,6 +253,7 @@ def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
   b, h, w, c, k, s, p = case
   if transposed and p > k - 1:
     pytest.skip("padding must be smaller than the kernel for a transpose")
+  _needs_native(plan)
   fast = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
   reference = (ops.conv_transpose2d_reference if transposed
                else ops.conv2d_reference)
@@ -255,3 +272,58 @@ def test_bad_cpu_plan_is_named():
   x = jnp.zeros((1, 4, 4, 1))
   with pytest.raises(ValueError, match="plan"):
     ops.conv2d_cpu(x, jnp.zeros((2, 2, 1, 1)), 1, 0, ("xla", "fast", "xla"))
+
+
+def test_native_kernels_build_where_a_compiler_is():
+  """Where a C++ compiler exists (this project's machines and CI), the
+  native kernels must build: a silent fallback would hide a 1.5x slowdown."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  if not shutil.which("c++") and not shutil.which("g++"):
+    pytest.skip("no C++ compiler on this machine")
+  assert native_conv.available(), native_conv.unavailable_reason()
+  assert ops.cpu_plan(False, (1, 14, 14, 33), (4, 4, 33, 64), 2, 1) == (
+      "native", "native", "native")
+
+
+@pytest.mark.parametrize("layer", [
+    # CIGN layers at a batch that spans several chunks and row blocks:
+    # (batch, H, C_in, k, s, p, C_out, transposed)
+    (40, 14, 33, 4, 2, 1, 64, False),   # discriminator block 2
+    (24, 4, 129, 4, 2, 1, 256, False),  # discriminator block 4 (K = 2064)
+    (24, 7, 65, 4, 2, 1, 32, True),     # generator block 4
+    (24, 2, 257, 4, 2, 1, 128, True),   # generator block 2
+])
+def test_native_kernels_on_cign_layers(layer):
+  """The blocked, chunked native passes at CIGN's sizes against the lax
+  reference (values and both gradients)."""
+  _needs_native(("native",))
+  b, h, c, k, s, p, o, transposed = layer
+  fast = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
+  reference = (ops.conv_transpose2d_reference if transposed
+               else ops.conv2d_reference)
+  x = jnp.asarray(_rand((b, h, h, c), 20))
+  kern = jnp.asarray(_rand((k, k, c, o), 21) * 0.1)
+  plan = ("native",) * 3
+  y = fast(x, kern, s, p, plan)
+  want = reference(x, kern, s, p)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4,
+                             atol=1e-4)
+  g = jnp.asarray(_rand(y.shape, 22))
+  grads = jax.grad(lambda a, bb: jnp.sum(fast(a, bb, s, p, plan) * g),
+                   argnums=(0, 1))(x, kern)
+  ref = jax.grad(lambda a, bb: jnp.sum(reference(a, bb, s, p) * g),
+                 argnums=(0, 1))(x, kern)
+  for got, exp in zip(grads, ref):
+    scale = float(jnp.max(jnp.abs(exp)))
+    np.testing.assert_allclose(np.asarray(got) / scale,
+                               np.asarray(exp) / scale, atol=1e-5)
+
+
+def test_native_kernels_name_bad_geometry():
+  """The C++ side checks shapes it is handed and says what is wrong."""
+  _needs_native(("native",))
+  g = jnp.zeros((2, 3, 3, 4))
+  kern = jnp.zeros((4, 4, 2, 4))
+  # A 4x4 stride-2 conv of a 9x9 input gives 4x4, not 3x3.
+  with pytest.raises(Exception, match="does not match input 9x9"):
+    jax.block_until_ready(native_conv.conv_input_grad(g, kern, 2, 1, (9, 9)))
