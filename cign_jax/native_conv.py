@@ -27,6 +27,7 @@ conv2d arithmetic Ho = (H + 2p - kh) // s + 1.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -51,7 +52,7 @@ _TARGETS = {"cign_conv_forward": "CignConvForward",
 ENV_SWITCH = "CIGN_JAX_NATIVE_CONV"
 
 _lock = threading.Lock()
-_state = {"loaded": False, "error": None}
+_state = {"loaded": False, "error": None, "disabled": 0}
 
 
 class NativeBuildError(RuntimeError):
@@ -130,8 +131,11 @@ def _load() -> None:
 
 
 def available() -> bool:
-  """Whether the kernels are built and registered (builds them once)."""
+  """Whether the kernels are built and registered (builds them once), and
+  not switched off by `disabled()`."""
   with _lock:
+    if _state["disabled"]:
+      return False
     if not _state["loaded"] and _state["error"] is None:
       try:
         _load()
@@ -139,6 +143,19 @@ def available() -> bool:
       except (NativeBuildError, OSError, AttributeError) as e:
         _state["error"] = f"{type(e).__name__}: {e}"
     return _state["loaded"]
+
+
+@contextlib.contextmanager
+def disabled():
+  """Within this block `available()` is False, so functions traced in it
+  use XLA's formulations (plans are chosen when a function is traced)."""
+  with _lock:
+    _state["disabled"] += 1
+  try:
+    yield
+  finally:
+    with _lock:
+      _state["disabled"] -= 1
 
 
 def unavailable_reason() -> Optional[str]:

@@ -476,12 +476,13 @@ conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
 
 
 def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
-             padding: int):
+             padding: int, dtype=jnp.float32):
   """The CPU formulation of each pass for one layer, from measurements
   (`python benchmarks/conv_components.py`, docs/performance.md).
 
-  With the C++ kernels built (`native_conv.available()`), every pass is
-  "native": 1.2x to 35x faster than the better of the two XLA formulations
+  With the C++ kernels built (`native_conv.available()`) and float32 data,
+  every pass is "native" (the kernels are float32 only; float64 and
+  bfloat16 convolutions keep their own precision in XLA's formulations): 1.2x to 35x faster than the better of the two XLA formulations
   for CIGN's large layers at batch 1152, and within a millisecond of it for
   the small ones. Without them: XLA's forward conv beats im2col + product
   for the strided convs (the im2col copy costs 4-5x the product); col2im
@@ -489,7 +490,7 @@ def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
   forward and kernel gradient (up to 10x); XLA's kernel gradient beats the
   im2col product when a strided conv's output is at most 4x4
   (discriminator blocks 3-4)."""
-  if native_conv.available():
+  if jnp.dtype(dtype) == jnp.float32 and native_conv.available():
     return ("native", "native", "native")
   if transposed:
     return ("matmul", "xla", "matmul")
@@ -511,7 +512,7 @@ def conv2d(x, kernel, stride: int, padding: int):
   if _use_matmul_convs():
     return conv2d_cpu(x, kernel, stride, padding,
                       cpu_plan(False, x.shape, kernel.shape, stride,
-                               padding))
+                               padding, jnp.result_type(x, kernel)))
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -524,5 +525,5 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
   if _use_matmul_convs():
     return conv_transpose2d_cpu(x, kernel, stride, padding,
                                 cpu_plan(True, x.shape, kernel.shape, stride,
-                                         padding))
+                                         padding, jnp.result_type(x, kernel)))
   return conv_transpose2d_reference(x, kernel, stride, padding)

@@ -283,6 +283,14 @@ def test_native_kernels_build_where_a_compiler_is():
   assert native_conv.available(), native_conv.unavailable_reason()
   assert ops.cpu_plan(False, (1, 14, 14, 33), (4, 4, 33, 64), 2, 1) == (
       "native", "native", "native")
+  with native_conv.disabled():
+    assert "native" not in ops.cpu_plan(False, (1, 14, 14, 33),
+                                        (4, 4, 33, 64), 2, 1)
+  assert native_conv.available()
+  # The kernels are float32 only: other precisions stay in XLA.
+  for dtype in (jnp.bfloat16, np.float64):
+    assert "native" not in ops.cpu_plan(True, (1, 7, 7, 65), (4, 4, 65, 32),
+                                        2, 1, dtype)
 
 
 @pytest.mark.parametrize("layer", [
