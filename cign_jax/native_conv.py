@@ -10,7 +10,8 @@ passes up to 10x slower (docs/performance.md).
 
 The library is compiled on first use with the system's C++ compiler
 (`$CXX`, else `c++`/`g++`) into the cache (`cign_jax.utils.cache_dir`), keyed
-by the source, the jaxlib version and the CPU, and registered with XLA as
+by the source, the jaxlib and OpenBLAS versions and paths, the compiler and
+the CPU, and registered with XLA as
 three FFI targets. `available()` says whether that worked; where it did not
 (no compiler, no OpenBLAS wheel, `CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops`
 uses its XLA formulations instead, with the same results up to rounding.
@@ -87,15 +88,17 @@ def _build(compiler: str) -> str:
   import scipy_openblas32  # pylint: disable=g-import-not-at-top
   with open(SOURCE, "rb") as f:
     source = f.read()
+  blas_dir = scipy_openblas32.get_lib_dir()
+  # The library finds OpenBLAS by its absolute path (rpath): a new
+  # environment gets its own build.
   key = hashlib.sha256(source + jaxlib.__version__.encode() +
                        scipy_openblas32.__version__.encode() +
-                       _cpu_signature().encode() +
+                       blas_dir.encode() + _cpu_signature().encode() +
                        compiler.encode()).hexdigest()[:16]
   out_dir = utils.cache_dir("native", key)
   lib = os.path.join(out_dir, "libcign_conv_kernels.so")
   if os.path.exists(lib):
     return lib
-  blas_dir = scipy_openblas32.get_lib_dir()
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
   os.close(fd)
   cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",

@@ -29,10 +29,12 @@ one per op, chosen per backend:
   of slices/pads is pads/slices, so the gradient is as cheap. On CPU the
   vmap/grouped formulation was far slower or ran out of memory.
 - Shared-kernel (transposed) convolution on CPU: each pass (forward, input
-  gradient, kernel gradient) is either XLA's convolution or a matrix product
-  with im2col / sub-pixel col2im, chosen per layer shape by `cpu_plan` from
-  measurements (XLA's CPU lowering of some passes was up to 10x slower).
-  On GPU/TPU: XLA's own convolutions.
+  gradient, kernel gradient) is XLA's convolution, a matrix product with
+  im2col / sub-pixel col2im, or the C++ kernels of `cign_jax.native_conv`
+  (the same products with the patches built in cache-sized blocks), chosen
+  by `cpu_plan`: the C++ kernels for float32 wherever they build, else per
+  layer shape from measurements (XLA's CPU lowering of some passes was up to
+  10x slower). On GPU/TPU: XLA's own convolutions.
 
 `tests/test_ops.py` checks every implementation against the lax reference and
 against an independent naive loop, values and gradients.
