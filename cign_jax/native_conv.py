@@ -16,7 +16,8 @@ three FFI targets. `available()` says whether that worked; where it did not
 (no compiler, no OpenBLAS wheel, `CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops`
 uses its XLA formulations instead, with the same results up to rounding.
 
-The public functions take and return JAX arrays and are used only on CPU:
+The public functions take and return JAX arrays and are used only on CPU
+(under `jax.vmap` they run once per mapped element):
 
   conv_forward(x, kernel, stride, padding)           conv2d
   conv_input_grad(g, kernel, stride, padding, hw)    its adjoint in x
@@ -189,7 +190,8 @@ def conv_forward(x, kernel, stride: int, padding: int):
   shape = (b, _out_size(h, kh, stride, padding),
            _out_size(w, kw, stride, padding), co)
   return jax.ffi.ffi_call(
-      "cign_conv_forward", jax.ShapeDtypeStruct(shape, jnp.float32))(
+      "cign_conv_forward", jax.ShapeDtypeStruct(shape, jnp.float32),
+      vmap_method="sequential")(
           x.astype(jnp.float32),
           kernel.astype(jnp.float32).reshape(kh * kw * c, co),
           **_attrs(kh, kw, stride, padding))
@@ -203,7 +205,8 @@ def conv_input_grad(g, kernel, stride: int, padding: int,
   kh, kw, c, co = kernel.shape
   shape = (g.shape[0], hw[0], hw[1], c)
   return jax.ffi.ffi_call(
-      "cign_conv_input_grad", jax.ShapeDtypeStruct(shape, jnp.float32))(
+      "cign_conv_input_grad", jax.ShapeDtypeStruct(shape, jnp.float32),
+      vmap_method="sequential")(
           g.astype(jnp.float32),
           kernel.astype(jnp.float32).reshape(kh * kw * c, co),
           **_attrs(kh, kw, stride, padding))
@@ -215,7 +218,8 @@ def conv_kernel_grad(x, g, kh: int, kw: int, stride: int, padding: int):
   c, co = x.shape[-1], g.shape[-1]
   dk = jax.ffi.ffi_call(
       "cign_conv_kernel_grad",
-      jax.ShapeDtypeStruct((kh * kw * c, co), jnp.float32))(
+      jax.ShapeDtypeStruct((kh * kw * c, co), jnp.float32),
+      vmap_method="sequential")(
           x.astype(jnp.float32), g.astype(jnp.float32),
           **_attrs(kh, kw, stride, padding))
   return dk.reshape(kh, kw, c, co)

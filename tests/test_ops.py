@@ -335,3 +335,25 @@ def test_native_kernels_name_bad_geometry():
   # A 4x4 stride-2 conv of a 9x9 input gives 4x4, not 3x3.
   with pytest.raises(Exception, match="does not match input 9x9"):
     jax.block_until_ready(native_conv.conv_input_grad(g, kern, 2, 1, (9, 9)))
+
+
+def test_native_kernels_under_vmap():
+  """A mapped axis over the public ops (as a user's jax.vmap of the model
+  makes) runs the kernels once per element: values and gradients as the
+  reference's."""
+  _needs_native(("native",))
+  x = jnp.asarray(_rand((3, 2, 6, 6, 4), 23))
+  kern = jnp.asarray(_rand((4, 4, 4, 5), 24))
+  for fn, reference in ((ops.conv2d, ops.conv2d_reference),
+                        (ops.conv_transpose2d,
+                         ops.conv_transpose2d_reference)):
+    got = jax.vmap(lambda a, f=fn: f(a, kern, 2, 1))(x)
+    want = jax.vmap(lambda a, r=reference: r(a, kern, 2, 1))(x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                               atol=1e-5)
+    g = jax.grad(lambda k, f=fn: jnp.sum(jnp.sin(
+        jax.vmap(lambda a: f(a, k, 2, 1))(x))))(kern)
+    g_ref = jax.grad(lambda k, r=reference: jnp.sum(jnp.sin(
+        jax.vmap(lambda a: r(a, k, 2, 1))(x))))(kern)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4,
+                               atol=1e-4)
