@@ -2,8 +2,8 @@
 
 `cign_jax/native/conv_kernels.cc` computes each pass of a shared-kernel
 convolution as im2col patches times the kernel matrix, building the patches
-a few hundred rows at a time in cache and multiplying each block with
-OpenBLAS's sgemm (the `scipy-openblas32` wheel). XLA's own CPU code either
+in blocks of at least 256 rows (about 1 MiB) and multiplying each block with
+OpenBLAS's sgemm (the `scipy-openblas32` wheel), on XLA's thread pool. XLA's own CPU code either
 materialises the whole patch array (its copy ran at about 1.3 GB/s, 4-5x the
 cost of the product) or, for its native convolutions, ran some of CIGN's
 passes up to 10x slower (docs/performance.md).
@@ -11,10 +11,11 @@ passes up to 10x slower (docs/performance.md).
 The library is compiled on first use with the system's C++ compiler
 (`$CXX`, else `c++`/`g++`) into the cache (`cign_jax.utils.cache_dir`), keyed
 by the source, the jaxlib and OpenBLAS versions and paths, the compiler and
-the CPU, and registered with XLA as
-three FFI targets. `available()` says whether that worked; where it did not
-(no compiler, no OpenBLAS wheel, `CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops`
-uses its XLA formulations instead, with the same results up to rounding.
+the CPU, and registered with XLA as three FFI targets. `available()` says
+whether that worked; where it did not (no compiler, no OpenBLAS wheel,
+`CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops` logs a warning with the reason
+and uses its XLA formulations instead: the same results up to rounding,
+about 1.5x slower train steps.
 
 The public functions take and return JAX arrays and are used only on CPU
 (under `jax.vmap` they run once per mapped element):
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -146,6 +148,10 @@ def available() -> bool:
         _state["loaded"] = True
       except (NativeBuildError, OSError, AttributeError) as e:
         _state["error"] = f"{type(e).__name__}: {e}"
+        if os.environ.get(ENV_SWITCH, "1") != "0":
+          logging.warning("cign_jax: the C++ conv kernels are unavailable, "
+                          "CPU convolutions use XLA (slower): %s",
+                          _state["error"])
     return _state["loaded"]
 
 

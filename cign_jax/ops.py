@@ -352,7 +352,8 @@ def _im2col(x, kh: int, kw: int, stride: int, padding: int):
 #             cache (C++ kernels, `cign_jax.native_conv`); only where
 #             `native_conv.available()`.
 # A plan is the tuple (forward, dx, dk). Every plan is exact (the same sums
-# in another order); tests/test_ops.py checks all of them.
+# in another order); tests/test_ops.py checks every formulation in every
+# pass position.
 FORMULATIONS = ("xla", "matmul", "native")
 ALL_PLANS = tuple((f, dx, dk) for f in FORMULATIONS for dx in FORMULATIONS
                   for dk in FORMULATIONS)
@@ -483,10 +484,11 @@ def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
   (`python benchmarks/conv_components.py`, docs/performance.md).
 
   With the C++ kernels built (`native_conv.available()`) and float32 data,
-  every pass is "native" (the kernels are float32 only; float64 and
-  bfloat16 convolutions keep their own precision in XLA's formulations): 1.2x to 35x faster than the better of the two XLA formulations
-  for CIGN's large layers at batch 1152, and within a millisecond of it for
-  the small ones. Without them: XLA's forward conv beats im2col + product
+  every pass is "native": 1.2x to 35x faster than the better of the two XLA
+  formulations for CIGN's large layers at batch 1152, and within a
+  millisecond of it for the small ones. The kernels are float32 only, so
+  float64 and bfloat16 convolutions keep their precision in XLA's
+  formulations. Without the kernels: XLA's forward conv beats im2col + product
   for the strided convs (the im2col copy costs 4-5x the product); col2im
   beats XLA's input gradient of a conv (up to 7x) and XLA's transposed-conv
   forward and kernel gradient (up to 10x); XLA's kernel gradient beats the
