@@ -4,9 +4,10 @@
 // matrix product with im2col patches. XLA builds those patches as one full
 // (B*H'*W', kh*kw*C) array in memory (its slice/concatenate code ran at about
 // 1.3 GB/s here, 4-5x the cost of the product itself). These kernels build
-// them in blocks of rows small enough to stay in the core's L2 cache and
-// hand each block to OpenBLAS's sgemm (the scipy-openblas32 build), so the
-// patches never go to main memory.
+// them a block of rows at a time (about 1 MiB, the L2 of a Zen 4 core, but
+// at least 256 rows so that each sgemm call amortises packing the kernel
+// matrix) and hand each block to OpenBLAS's sgemm (the scipy-openblas32
+// build): the whole patch array never exists.
 //
 // Geometry (PyTorch's conv2d, NHWC): x (B, H, W, C), kernel as a matrix
 // (kh*kw*C, Co) in (di, dj, c) row order, output (B, Ho, Wo, Co) with
@@ -56,9 +57,8 @@ int64_t ConvOut(int64_t size, int64_t k, int64_t s, int64_t p) {
   return (size + 2 * p - k) / s + 1;
 }
 
-// Rows per block: a patch block of about CIGN_JAX_NATIVE_BLOCK_KIB KiB
-// (default 256: half the L2 of the smallest cores we run on), at least
-// CIGN_JAX_NATIVE_MIN_ROWS rows (default 16).
+// A positive integer from the environment (the tuning knobs below), else
+// `fallback`.
 int64_t EnvInt(const char* name, int64_t fallback) {
   if (const char* env = std::getenv(name)) {
     int64_t v = std::atoll(env);
@@ -67,6 +67,10 @@ int64_t EnvInt(const char* name, int64_t fallback) {
   return fallback;
 }
 
+// Rows per block: a patch block of about CIGN_JAX_NATIVE_BLOCK_KIB KiB
+// (default 1024), at least CIGN_JAX_NATIVE_MIN_ROWS rows (default 256).
+// 256 KiB / 16 rows made 16-row products for the generator's 4112-wide
+// patches and cost channel_large's step 1.4x (docs/performance.md).
 int64_t BlockRows(int64_t patch_len) {
   static const int64_t floats = EnvInt("CIGN_JAX_NATIVE_BLOCK_KIB", 1024) * 256;
   static const int64_t min_rows = EnvInt("CIGN_JAX_NATIVE_MIN_ROWS", 256);
