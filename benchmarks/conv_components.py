@@ -13,7 +13,7 @@ group's batch, C+1 input channels), times each of the three passes
   native   the same products, patches built in cache-sized blocks by the
            C++ kernels of `cign_jax.native_conv` (when they build here)
 
-and prints the faster one per pass, so that `cign_jax.ops`' CPU choice per
+and prints the fastest per pass, so that `cign_jax.ops`' CPU choice per
 pass can be checked against numbers. Median of 5 runs after compilation, ms.
 """
 
@@ -110,7 +110,7 @@ def main():
       cells.append(f"{pass_name} " + " ".join(
           f"{impl} {t:6.1f}" for impl, t in times.items()) + f" -> {best}")
     print(f"{name:7s} " + " | ".join(cells), flush=True)
-  print("sum of the faster per pass (ms): " +
+  print("sum of the fastest per pass (ms): " +
         ", ".join(f"{k} {v:.0f}" for k, v in best_total.items()))
 
 
