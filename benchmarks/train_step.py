@@ -13,6 +13,12 @@ image with 9 mismatched labels), the process's peak resident memory, and the
 ratios against our PyTorch port and against the original's figures measured
 on the 2-core CPU class (`reference/baseline.md`). Ends each config with one
 line `config=<name> ms_per_step=<median>`.
+
+PyTorch's OpenMP threads spin after each of its steps and slowed our
+alternating steps by up to 45% on 2 cores; unless set, OMP_WAIT_POLICY is
+PASSIVE here (PyTorch's own step time did not change with it:
+docs/performance.md). Compare our figures with the original's from a
+`--no_torch` run.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Before torch (and its OpenMP runtime) loads; see the module docstring.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The original PyTorch code on the 2-core CPU class, ms per step
 # (reference/baseline.md, PyTorch 2.13.0, 2 threads).
