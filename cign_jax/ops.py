@@ -387,10 +387,6 @@ def _planned_forward(formulations, x, kernel, stride, padding, plan):
   return formulations[plan[0]](x, kernel, stride, padding), (x, kernel)
 
 
-def _conv2d_native(x, kernel, stride, padding):
-  return native_conv.conv_forward(x, kernel, stride, padding)
-
-
 def _conv_transpose2d_native(x, kernel, stride, padding):
   # The adjoint (input gradient) of the conv from the output's space back to
   # x's, whose kernel is this one with its channel axes swapped.
@@ -403,7 +399,7 @@ def _conv_transpose2d_native(x, kernel, stride, padding):
 
 _conv2d_cpu_fwd = functools.partial(
     _planned_forward, {"xla": conv2d_reference, "matmul": conv2d_im2col,
-                       "native": _conv2d_native})
+                       "native": native_conv.conv_forward})
 
 
 def _conv2d_cpu_bwd(stride, padding, plan, res, g):

@@ -138,9 +138,25 @@ void RunChunks(ffi::ThreadPool& pool, int64_t chunks,
   queue->finished.wait(lock, [&] { return queue->done.load() == chunks; });
 }
 
-// Samples [first, end) of chunk c of n over a batch.
-int64_t ChunkStart(int64_t batch, int64_t c, int64_t n) {
-  return batch * c / n;
+// Runs fn(chunk, first_sample, end_sample) for `chunks` contiguous ranges
+// of a batch's samples (RunChunks).
+template <typename Fn>
+void RunSampleChunks(ffi::ThreadPool& pool, int64_t batch, int64_t chunks,
+                     Fn fn) {
+  RunChunks(pool, chunks, [&](int64_t c) {
+    fn(c, batch * c / chunks, batch * (c + 1) / chunks);
+  });
+}
+
+// Calls fn(first_row, rows) for consecutive blocks of at most `block` rows
+// covering the patch rows of samples [b0, b1).
+template <typename Fn>
+void ForEachBlock(const Geometry& g, int64_t b0, int64_t b1, int64_t block,
+                  Fn fn) {
+  const int64_t per = g.rows_per_sample();
+  for (int64_t r = b0 * per; r < b1 * per; r += block) {
+    fn(r, std::min(block, b1 * per - r));
+  }
 }
 
 // Patch rows r0 .. r0+n-1 (flat over (b, i, j)) into p (n, patch_len).
@@ -192,66 +208,70 @@ void Col2imAdd(const float* cols, const Geometry& g, int64_t r0, int64_t n,
   }
 }
 
-ffi::Error CheckGeometry(const Geometry& g, int64_t kernel_rows,
-                         int64_t kernel_cols) {
-  if (g.kh <= 0 || g.kw <= 0 || g.stride <= 0 || g.pad < 0)
+// The checked geometry of one pass from its buffers' shapes: `image` is the
+// convolution's input side (B, H, W, C), `conv_out` its output side
+// (B, Ho, Wo, Co), `kernel` the kernel matrix (kh*kw*C, Co).
+ffi::Error DecodeGeometry(const char* pass, ffi::Span<const int64_t> image,
+                          ffi::Span<const int64_t> conv_out,
+                          ffi::Span<const int64_t> kernel, int64_t kh,
+                          int64_t kw, int64_t stride, int64_t pad,
+                          Geometry* g) {
+  const std::string name(pass);
+  if (image.size() != 4 || conv_out.size() != 4 || kernel.size() != 2)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign conv: kernel size and stride must be positive, "
-                      "padding non-negative");
-  if (g.ho != ConvOut(g.h, g.kh, g.stride, g.pad) ||
-      g.wo != ConvOut(g.w, g.kw, g.stride, g.pad) || g.ho <= 0 || g.wo <= 0)
-    return ffi::Error(
-        ffi::ErrorCode::kInvalidArgument,
-        "cign conv: output size " + std::to_string(g.ho) + "x" +
-            std::to_string(g.wo) + " does not match input " +
-            std::to_string(g.h) + "x" + std::to_string(g.w));
-  if (kernel_rows != g.patch_len() || kernel_cols != g.co)
+                      name + ": images must be rank 4, the kernel matrix "
+                             "rank 2");
+  *g = Geometry{image[0], image[1],    image[2], image[3],
+                conv_out[1], conv_out[2], conv_out[3],
+                kh,       kw,          stride,   pad};
+  if (conv_out[0] != g->b)
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign conv: kernel matrix is " +
-                          std::to_string(kernel_rows) + "x" +
-                          std::to_string(kernel_cols) + ", expected " +
-                          std::to_string(g.patch_len()) + "x" +
-                          std::to_string(g.co));
+                      name + ": batch mismatch");
+  if (kh <= 0 || kw <= 0 || stride <= 0 || pad < 0)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      name + ": kernel size and stride must be positive, "
+                             "padding non-negative");
+  if (g->ho != ConvOut(g->h, kh, stride, pad) ||
+      g->wo != ConvOut(g->w, kw, stride, pad) || g->ho <= 0 || g->wo <= 0)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      name + ": output size " + std::to_string(g->ho) + "x" +
+                          std::to_string(g->wo) + " does not match input " +
+                          std::to_string(g->h) + "x" + std::to_string(g->w));
+  if (kernel[0] != g->patch_len() || kernel[1] != g->co)
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      name + ": kernel matrix is " +
+                          std::to_string(kernel[0]) + "x" +
+                          std::to_string(kernel[1]) + ", expected " +
+                          std::to_string(g->patch_len()) + "x" +
+                          std::to_string(g->co));
   return ffi::Error::Success();
-}
-
-template <typename B>
-bool Rank(const B& buf, size_t rank) {
-  return buf.dimensions().size() == rank;
 }
 
 ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> k,
                            ffi::ResultBuffer<ffi::F32> y, int64_t kh,
                            int64_t kw, int64_t stride, int64_t pad) {
-  if (!Rank(x, 4) || !Rank(k, 2) || !Rank(*y, 4))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_forward: x and y must be rank 4, the kernel "
-                      "rank 2");
-  auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], yd[3],
-             kh,    kw,    stride, pad};
-  if (yd[0] != g.b)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_forward: batch mismatch");
-  if (auto err = CheckGeometry(g, kd[0], kd[1]); err.failure()) return err;
+  Geometry g;
+  if (auto err = DecodeGeometry("cign_conv_forward", x.dimensions(),
+                                y->dimensions(), k.dimensions(), kh, kw,
+                                stride, pad, &g);
+      err.failure())
+    return err;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* out = y->typed_data();
-  const int64_t len = g.patch_len(), per = g.rows_per_sample();
+  const int64_t len = g.patch_len();
   const int64_t block = BlockRows(len);
-  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
-  RunChunks(pool, chunks, [&](int64_t c) {
-    const int64_t b0 = ChunkStart(g.b, c, chunks);
-    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
+  const int64_t chunks =
+      NumChunks(pool, g.b, g.rows_per_sample() * len * g.co);
+  RunSampleChunks(pool, g.b, chunks, [&](int64_t, int64_t b0, int64_t b1) {
     std::vector<float> patches(block * len);
-    for (int64_t r = b0 * per; r < b1 * per; r += block) {
-      const int64_t n = std::min(block, b1 * per - r);
+    ForEachBlock(g, b0, b1, block, [&](int64_t r, int64_t n) {
       Im2col(xp, g, r, n, patches.data());
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, g.co,
                         len, 1.0f, patches.data(), len, kp, g.co, 0.0f,
                         out + r * g.co, g.co);
-    }
+    });
   });
   return ffi::Error::Success();
 }
@@ -260,36 +280,29 @@ ffi::Error ConvInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gy,
                              ffi::Buffer<ffi::F32> k,
                              ffi::ResultBuffer<ffi::F32> dx, int64_t kh,
                              int64_t kw, int64_t stride, int64_t pad) {
-  if (!Rank(gy, 4) || !Rank(k, 2) || !Rank(*dx, 4))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_input_grad: g and dx must be rank 4, the "
-                      "kernel rank 2");
-  auto gd = gy.dimensions(), kd = k.dimensions(), xd = dx->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3],
-             kh,    kw,    stride, pad};
-  if (gd[0] != g.b)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_input_grad: batch mismatch");
-  if (auto err = CheckGeometry(g, kd[0], kd[1]); err.failure()) return err;
+  Geometry g;
+  if (auto err = DecodeGeometry("cign_conv_input_grad", dx->dimensions(),
+                                gy.dimensions(), k.dimensions(), kh, kw,
+                                stride, pad, &g);
+      err.failure())
+    return err;
   const float* gp = gy.typed_data();
   const float* kp = k.typed_data();
   float* out = dx->typed_data();
-  const int64_t len = g.patch_len(), per = g.rows_per_sample();
+  const int64_t len = g.patch_len();
   const int64_t block = BlockRows(len);
   const int64_t sample = g.h * g.w * g.c;
-  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
-  RunChunks(pool, chunks, [&](int64_t c) {
-    const int64_t b0 = ChunkStart(g.b, c, chunks);
-    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
+  const int64_t chunks =
+      NumChunks(pool, g.b, g.rows_per_sample() * len * g.co);
+  RunSampleChunks(pool, g.b, chunks, [&](int64_t, int64_t b0, int64_t b1) {
     std::memset(out + b0 * sample, 0, sizeof(float) * (b1 - b0) * sample);
     std::vector<float> cols(block * len);
-    for (int64_t r = b0 * per; r < b1 * per; r += block) {
-      const int64_t n = std::min(block, b1 * per - r);
+    ForEachBlock(g, b0, b1, block, [&](int64_t r, int64_t n) {
       scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, len, g.co,
                         1.0f, gp + r * g.co, g.co, kp, g.co, 0.0f, cols.data(),
                         len);
       Col2imAdd(cols.data(), g, r, n, out);
-    }
+    });
   });
   return ffi::Error::Success();
 }
@@ -298,31 +311,25 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                               ffi::Buffer<ffi::F32> gy,
                               ffi::ResultBuffer<ffi::F32> dk, int64_t kh,
                               int64_t kw, int64_t stride, int64_t pad) {
-  if (!Rank(x, 4) || !Rank(gy, 4) || !Rank(*dk, 2))
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_kernel_grad: x and g must be rank 4, dk "
-                      "rank 2");
-  auto xd = x.dimensions(), gd = gy.dimensions(), kd = dk->dimensions();
-  Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], gd[3],
-             kh,    kw,    stride, pad};
-  if (gd[0] != g.b)
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cign_conv_kernel_grad: batch mismatch");
-  if (auto err = CheckGeometry(g, kd[0], kd[1]); err.failure()) return err;
+  Geometry g;
+  if (auto err = DecodeGeometry("cign_conv_kernel_grad", x.dimensions(),
+                                gy.dimensions(), dk->dimensions(), kh, kw,
+                                stride, pad, &g);
+      err.failure())
+    return err;
   const float* xp = x.typed_data();
   const float* gp = gy.typed_data();
   float* out = dk->typed_data();
-  const int64_t len = g.patch_len(), per = g.rows_per_sample();
+  const int64_t len = g.patch_len();
   // The product's inner dimension is the block's rows: larger blocks.
   const int64_t block = 4 * BlockRows(len);
   const int64_t size = len * g.co;
-  const int64_t chunks = NumChunks(pool, g.b, per * len * g.co);
+  const int64_t chunks =
+      NumChunks(pool, g.b, g.rows_per_sample() * len * g.co);
   // Chunk 0 accumulates into the result, the others into partials that are
   // added in chunk order afterwards.
   std::vector<std::vector<float>> partial(chunks);
-  RunChunks(pool, chunks, [&](int64_t c) {
-    const int64_t b0 = ChunkStart(g.b, c, chunks);
-    const int64_t b1 = ChunkStart(g.b, c + 1, chunks);
+  RunSampleChunks(pool, g.b, chunks, [&](int64_t c, int64_t b0, int64_t b1) {
     float* acc = out;
     if (c > 0) {
       partial[c].resize(size);
@@ -334,14 +341,13 @@ ffi::Error ConvKernelGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     }
     std::vector<float> patches(block * len);
     float beta = 0.0f;
-    for (int64_t r = b0 * per; r < b1 * per; r += block) {
-      const int64_t n = std::min(block, b1 * per - r);
+    ForEachBlock(g, b0, b1, block, [&](int64_t r, int64_t n) {
       Im2col(xp, g, r, n, patches.data());
       scipy_cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, len, g.co, n,
                         1.0f, patches.data(), len, gp + r * g.co, g.co, beta,
                         acc, g.co);
       beta = 1.0f;
-    }
+    });
   });
   for (int64_t c = 1; c < chunks; ++c) {
     const float* p = partial[c].data();
