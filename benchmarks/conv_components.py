@@ -11,7 +11,7 @@ group's batch, C+1 input channels), times each of the three passes
            transposed-conv dx, both dk), or one matrix product + sub-pixel
            col2im (conv dx, transposed-conv forward)
   native   the same products, patches built in cache-sized blocks by the
-           C++ kernels of `cign_jax.native_conv` (when they build here)
+           C++ kernels of `cign_jax.kernels.native_conv` (when they build here)
 
 and prints the fastest per pass, so that `cign_jax.ops`' CPU choice per
 pass can be checked against numbers. Median of 5 runs after compilation, ms.
@@ -28,8 +28,9 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from cign_jax import native_conv  # pylint: disable=g-import-not-at-top
 from cign_jax import ops  # pylint: disable=g-import-not-at-top
+from cign_jax.kernels import cpu_conv  # pylint: disable=g-import-not-at-top
+from cign_jax.kernels import native_conv  # pylint: disable=g-import-not-at-top
 from conv_layers import bench  # pylint: disable=g-import-not-at-top  # this folder's timer
 
 
@@ -55,7 +56,7 @@ def passes(transposed: bool, s: int, p: int, x, kernel):
   `cign_jax.ops` with that pass's formulation set in their plan (a gradient
   alone is timed as the VJP in one argument: the forward value is unused,
   so XLA drops it)."""
-  op = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
+  op = cpu_conv.conv_transpose2d_cpu if transposed else cpu_conv.conv2d_cpu
   ref = ops.conv_transpose2d_reference if transposed else ops.conv2d_reference
   g = jnp.cos(ref(x, kernel, s, p))
 
@@ -70,7 +71,7 @@ def passes(transposed: bool, s: int, p: int, x, kernel):
                       argnums=which)(x, k)
     return fn
 
-  forms = [f for f in ops.FORMULATIONS
+  forms = [f for f in cpu_conv.FORMULATIONS
            if f != "native" or native_conv.available()]
   table = {"fwd": {f: forward(f) for f in forms},
            "dx": {f: gradient(0, f) for f in forms},

@@ -180,9 +180,9 @@ def main():
         f"{platform.processor() or platform.machine()}, "
         f"{time.strftime('%Y-%m-%d')}")
   if jax.default_backend() == "cpu":
-    from cign_jax import native_conv  # pylint: disable=g-import-not-at-top
+    from cign_jax.kernels import native_conv  # pylint: disable=g-import-not-at-top
     print("# CPU convolutions: " + (
-        "C++ kernels (cign_jax.native_conv)" if native_conv.available() else
+        "C++ kernels (cign_jax.kernels.native_conv)" if native_conv.available() else
         f"XLA formulations ({native_conv.unavailable_reason()})"))
   for path in paths:
     config = config_lib.load_config_file(path)

@@ -30,11 +30,12 @@ one per op, chosen per backend:
   vmap/grouped formulation was far slower or ran out of memory.
 - Shared-kernel (transposed) convolution on CPU: each pass (forward, input
   gradient, kernel gradient) is XLA's convolution, a matrix product with
-  im2col / sub-pixel col2im, or the C++ kernels of `cign_jax.native_conv`
-  (the same products with the patches built in cache-sized blocks), chosen
-  by `cpu_plan`: the C++ kernels for float32 wherever they build, else per
-  layer shape from measurements (XLA's CPU lowering of some passes was up to
-  10x slower). On GPU/TPU: XLA's own convolutions.
+  im2col / sub-pixel col2im, or the C++ kernels of
+  `cign_jax.kernels.native_conv` (the same products with the patches built in
+  cache-sized blocks), chosen by `cign_jax.kernels.cpu_conv.cpu_plan`: the C++
+  kernels for float32 wherever they build, else per layer shape from
+  measurements (XLA's CPU lowering of some passes was up to 10x slower). On
+  GPU/TPU: XLA's own convolutions.
 
 `tests/test_ops.py` checks every implementation against the lax reference and
 against an independent naive loop, values and gradients.
@@ -48,49 +49,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cign_jax import native_conv
+from cign_jax.kernels import cpu_conv
+from cign_jax.kernels import shared
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-  """Output size of a correlation (PyTorch's conv2d arithmetic)."""
-  return (size + 2 * padding - kernel) // stride + 1
-
-
-def conv_transpose_output_size(size: int, kernel: int, stride: int,
-                               padding: int) -> int:
-  """Output size of a transposed correlation: (H - 1) s - 2p + k."""
-  return (size - 1) * stride - 2 * padding + kernel
+# The shared-kernel references and the output sizes live beside the tap
+# geometry that the CPU formulations also use (`cign_jax.kernels.shared`);
+# they are part of this module's API.
+conv2d_reference = shared.conv2d_reference
+conv_transpose2d_reference = shared.conv_transpose2d_reference
+conv_output_size = shared.conv_output_size
+conv_transpose_output_size = shared.conv_transpose_output_size
 
 
 def _check_rank(name: str, array, rank: int, what: str):
   if array.ndim != rank:
     raise ValueError(f"{name}: expected {what} of rank {rank}, got shape "
                      f"{tuple(array.shape)}")
-
-
-def conv2d_reference(x, kernel, stride: int, padding: int):
-  """Cross-correlation, x (B,H,W,Ci), kernel (kh,kw,Ci,Co) -> (B,H',W',Co)."""
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride),
-      padding=((padding, padding), (padding, padding)),
-      dimension_numbers=_DIMS)
-
-
-def conv_transpose2d_reference(x, kernel, stride: int, padding: int):
-  """PyTorch conv_transpose2d, x (B,H,W,Ci), kernel (kh,kw,Ci,Co).
-
-  out[b, i*s - p + di, j*s - p + dj, o] += x[b, i, j, c] * kernel[di, dj, c, o]
-  """
-  kh, kw = kernel.shape[0], kernel.shape[1]
-  if padding > min(kh, kw) - 1:
-    raise ValueError(f"conv_transpose2d: padding {padding} must be < kernel "
-                     f"size {min(kh, kw)}")
-  return lax.conv_general_dilated(
-      x, kernel[::-1, ::-1], window_strides=(1, 1),
-      padding=((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2),
-      lhs_dilation=(stride, stride), dimension_numbers=_DIMS)
 
 
 def _check_per_sample(name, x, filters):
@@ -150,86 +126,13 @@ def channel_condition(x, embedding, kernel, bias):
   return jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
 
 
-# ---------------------------------------------------------------------------
-# The implementations the models use.
-
-
-def _pad_hw(x, padding: int):
-  if padding == 0:
-    return x
-  return jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-
-
-def _tap_slices(x, kh: int, kw: int, stride: int, padding: int):
-  """Yields ((di, dj), x_pad[:, di + s*i, dj + s*j, :]) for every tap."""
-  xp = _pad_hw(x, padding)
-  hp, wp = xp.shape[1], xp.shape[2]
-  ho = (hp - kh) // stride + 1
-  wo = (wp - kw) // stride + 1
-  for di in range(kh):
-    for dj in range(kw):
-      yield (di, dj), lax.slice(
-          xp, (0, di, dj, 0),
-          (xp.shape[0], di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1,
-           xp.shape[3]),
-          (1, stride, stride, 1))
-
-
-def _place_taps(tap_values, kh: int, kw: int, stride: int):
-  """sum over taps of tap_values(di, dj)[:, i, j] placed at (i*s + di, j*s + dj)
-  in a ((H-1)s + kh, (W-1)s + kw) map: the col2im of a transposed conv.
-
-  Sub-pixel form: tap (di, dj) = (s*qh + rh, s*qw + rw) lands on the output
-  phase (rh, rw) shifted by (qh, qw), so each phase is a sum of small
-  shifted (unstrided, zero-padded) maps, and the phases are interleaved by
-  one reshape. That moves s^2 times less memory than placing every tap into
-  a full-size interior-padded map.
-  """
-  qh_max, qw_max = (kh - 1) // stride, (kw - 1) // stride
-  phases = {}
-  h = w = None
-  for di in range(kh):
-    for dj in range(kw):
-      y = tap_values(di, dj)
-      h, w = y.shape[1], y.shape[2]
-      (qh, rh), (qw, rw) = divmod(di, stride), divmod(dj, stride)
-      shifted = jnp.pad(y, ((0, 0), (qh, qh_max - qh), (qw, qw_max - qw),
-                            (0, 0)))
-      key = (rh, rw)
-      phases[key] = shifted if key not in phases else phases[key] + shifted
-  b, c = y.shape[0], y.shape[3]
-  hb, wb = h + qh_max, w + qw_max
-  zero = jnp.zeros((b, hb, wb, c), y.dtype)
-  grid = jnp.stack([jnp.stack([phases.get((rh, rw), zero)
-                               for rw in range(stride)], axis=3)
-                    for rh in range(stride)], axis=2)  # (B, hb, s, wb, s, C)
-  full = grid.reshape(b, hb * stride, wb * stride, c)
-  return full[:, :(h - 1) * stride + kh, :(w - 1) * stride + kw]
-
-
-def _crop(y, padding: int):
-  if padding == 0:
-    return y
-  return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
-
-
-def _fit(y, h: int, w: int):
-  """Zero-pads y at the bottom/right to (h, w) (the rows a strided conv
-  never reads, when (H + 2p - k) % s != 0)."""
-  dh, dw = h - y.shape[1], w - y.shape[2]
-  if dh == 0 and dw == 0:
-    return y
-  return jnp.pad(y, ((0, 0), (0, dh), (0, dw), (0, 0)))
-
-
-# ---------------------------------------------------------------------------
 # Per-sample depthwise ops (CIGN filter conditioning).
 
 
 def _depthwise_correlation(x, filters, stride, padding):
   kh, kw = filters.shape[1], filters.shape[2]
   out = None
-  for (di, dj), tap in _tap_slices(x, kh, kw, stride, padding):
+  for (di, dj), tap in shared.tap_slices(x, kh, kw, stride, padding):
     term = tap * filters[:, di, dj, :][:, None, None, :]
     out = term if out is None else out + term
   return out
@@ -237,9 +140,10 @@ def _depthwise_correlation(x, filters, stride, padding):
 
 def _depthwise_transposed(x, filters, stride, padding):
   kh, kw = filters.shape[1], filters.shape[2]
-  full = _place_taps(lambda di, dj: x * filters[:, di, dj, :][:, None, None, :],
-                     kh, kw, stride)
-  return _crop(full, padding)
+  full = shared.place_taps(
+      lambda di, dj: x * filters[:, di, dj, :][:, None, None, :],
+      kh, kw, stride)
+  return shared.crop(full, padding)
 
 
 def _stack_taps(sums, kh, kw):
@@ -261,10 +165,11 @@ def _dc_bwd(stride, padding, res, g):
   # the filter gradient is, per tap, sum_{i,j} x_tap * g.
   x, filters = res
   kh, kw = filters.shape[1], filters.shape[2]
-  dx = _fit(_depthwise_transposed(g, filters, stride, padding), x.shape[1],
+  dx = shared.fit(_depthwise_transposed(g, filters, stride, padding),
+                  x.shape[1],
             x.shape[2])
   sums = {key: jnp.sum(tap * g, axis=(1, 2))
-          for key, tap in _tap_slices(x, kh, kw, stride, padding)}
+          for key, tap in shared.tap_slices(x, kh, kw, stride, padding)}
   return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
 
 
@@ -288,7 +193,7 @@ def _dt_bwd(stride, padding, res, g):
   dx = _depthwise_correlation(g, filters, stride, padding)
   h, w = x.shape[1], x.shape[2]
   sums = {key: jnp.sum(x * tap[:, :h, :w], axis=(1, 2))
-          for key, tap in _tap_slices(g, kh, kw, stride, padding)}
+          for key, tap in shared.tap_slices(g, kh, kw, stride, padding)}
   return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
 
 
@@ -317,188 +222,6 @@ def per_sample_depthwise_transposed_correlation(x, filters, stride: int,
   return _depthwise_transposed_vjp(x, filters, stride, padding)
 
 
-# ---------------------------------------------------------------------------
-# Shared-kernel convolutions.
-
-
-def conv2d_im2col(x, kernel, stride: int, padding: int):
-  """conv2d as im2col (strided slices) and one matrix product."""
-  kh, kw, ci, co = kernel.shape
-  return _im2col(x, kh, kw, stride, padding) @ kernel.reshape(kh * kw * ci, co)
-
-
-def conv_transpose2d_col2im(x, kernel, stride: int, padding: int):
-  """conv_transpose2d as one matrix product and col2im (placements)."""
-  kh, kw, ci, co = kernel.shape
-  cols = x @ kernel.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co)
-  cols = cols.reshape(x.shape[:3] + (kh, kw, co))
-  full = _place_taps(lambda di, dj: cols[:, :, :, di, dj, :], kh, kw, stride)
-  return _crop(full, padding)
-
-
-def _im2col(x, kh: int, kw: int, stride: int, padding: int):
-  """(B, H', W', kh*kw*C) patches, tap-major (matches a (kh, kw, C, O) kernel)."""
-  return jnp.concatenate(
-      [tap for _, tap in _tap_slices(x, kh, kw, stride, padding)], axis=-1)
-
-
-# On CPU each of a convolution's three passes (forward, input gradient dx,
-# kernel gradient dk) runs in one of two formulations, chosen per layer shape
-# by `cpu_plan` from measurements (`benchmarks/conv_components.py`):
-#   "xla":    lax.conv_general_dilated, or its autodiff gradient;
-#   "matmul": im2col by strided slices + one matrix product, or one matrix
-#             product + sub-pixel col2im.
-#   "native": the same products with the patches built block by block in
-#             cache (C++ kernels, `cign_jax.native_conv`); only where
-#             `native_conv.available()`.
-# A plan is the tuple (forward, dx, dk). Every plan is exact (the same sums
-# in another order); tests/test_ops.py checks every formulation in every
-# pass position.
-FORMULATIONS = ("xla", "matmul", "native")
-ALL_PLANS = tuple((f, dx, dk) for f in FORMULATIONS for dx in FORMULATIONS
-                  for dk in FORMULATIONS)
-
-
-def _check_plan(plan):
-  if len(plan) != 3 or any(p not in FORMULATIONS for p in plan):
-    raise ValueError(f"a CPU conv plan is (forward, dx, dk), each one of "
-                     f"{FORMULATIONS}; got {plan!r}")
-
-
-def _xla_grads(reference, x, kernel, g, stride, padding):
-  """(dx, dk) by autodiff of the lax formulation (XLA's gradient convs);
-  XLA drops whichever of the two is unused."""
-  _, vjp = jax.vjp(lambda a, b: reference(a, b, stride, padding), x, kernel)
-  return vjp(g)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d_cpu(x, kernel, stride: int, padding: int,
-               plan=("xla", "matmul", "matmul")):
-  """conv2d for CPU, each pass in the formulation `plan` names (see above).
-  XLA's CPU lowering of the input gradient was 5-10x slower than col2im for
-  CIGN's shapes; its forward and kernel gradient win for some layers."""
-  return _conv2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
-
-
-def _planned_forward(formulations, x, kernel, stride, padding, plan):
-  """The forward pass in the plan's formulation; residuals (x, kernel)."""
-  _check_plan(plan)
-  return formulations[plan[0]](x, kernel, stride, padding), (x, kernel)
-
-
-def _conv_transpose2d_native(x, kernel, stride, padding):
-  # The adjoint (input gradient) of the conv from the output's space back to
-  # x's, whose kernel is this one with its channel axes swapped.
-  kh, kw = kernel.shape[0], kernel.shape[1]
-  hw = (conv_transpose_output_size(x.shape[1], kh, stride, padding),
-        conv_transpose_output_size(x.shape[2], kw, stride, padding))
-  return native_conv.conv_input_grad(x, kernel.transpose(0, 1, 3, 2), stride,
-                                     padding, hw)
-
-
-_conv2d_cpu_fwd = functools.partial(
-    _planned_forward, {"xla": conv2d_reference, "matmul": conv2d_im2col,
-                       "native": native_conv.conv_forward})
-
-
-def _conv2d_cpu_bwd(stride, padding, plan, res, g):
-  x, kernel = res
-  kh, kw, ci, co = kernel.shape
-  if "xla" in plan[1:]:
-    xla_dx, xla_dk = _xla_grads(conv2d_reference, x, kernel, g, stride,
-                                padding)
-  if plan[1] == "matmul":
-    dx = conv_transpose2d_col2im(g, kernel.transpose(0, 1, 3, 2), stride,
-                                 padding)
-    dx = _fit(dx, x.shape[1], x.shape[2])
-  elif plan[1] == "native":
-    dx = native_conv.conv_input_grad(g, kernel, stride, padding,
-                                     x.shape[1:3])
-  else:
-    dx = xla_dx
-  if plan[2] == "matmul":
-    patches = _im2col(x, kh, kw, stride, padding)
-    dk = jnp.einsum("bhwk,bhwo->ko", patches, g).reshape(kh, kw, ci, co)
-  elif plan[2] == "native":
-    dk = native_conv.conv_kernel_grad(x, g, kh, kw, stride, padding)
-  else:
-    dk = xla_dk
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_transpose2d_cpu(x, kernel, stride: int, padding: int,
-                         plan=("matmul", "xla", "matmul")):
-  """conv_transpose2d for CPU, each pass in the formulation `plan` names:
-  forward "matmul" is col2im; dx "xla" is XLA's plain convolution of the
-  output gradient, "matmul" its im2col form; dk "matmul" an im2col product."""
-  return _conv_transpose2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
-
-
-_conv_transpose2d_cpu_fwd = functools.partial(
-    _planned_forward, {"xla": conv_transpose2d_reference,
-                       "matmul": conv_transpose2d_col2im,
-                       "native": _conv_transpose2d_native})
-
-
-def _conv_transpose2d_cpu_bwd(stride, padding, plan, res, g):
-  x, kernel = res
-  kh, kw, ci, co = kernel.shape
-  kernel_t = kernel.transpose(0, 1, 3, 2)
-  if plan[1] == "matmul":
-    dx = conv2d_im2col(g, kernel_t, stride, padding)
-  elif plan[1] == "native":
-    dx = native_conv.conv_forward(g, kernel_t, stride, padding)
-  else:
-    dx = conv2d_reference(g, kernel_t, stride, padding)
-  if plan[2] == "native":
-    # The kernel gradient of that conv (input g, output gradient x).
-    dk = native_conv.conv_kernel_grad(g, x, kh, kw, stride, padding)
-    dk = dk.transpose(0, 1, 3, 2)
-  elif plan[2] == "matmul":
-    # dK[di, dj, c, o] = sum_{b,i,j} x[b,i,j,c] g_pad[b, i*s+di, j*s+dj, o]
-    patches = _im2col(g, kh, kw, stride, padding)[:, :x.shape[1], :x.shape[2]]
-    dk = jnp.einsum("bhwc,bhwk->ck", x, patches).reshape(ci, kh, kw, co)
-    dk = dk.transpose(1, 2, 0, 3)
-  else:
-    dk = _xla_grads(conv_transpose2d_reference, x, kernel, g, stride,
-                    padding)[1]
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
-                            _conv_transpose2d_cpu_bwd)
-
-
-def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
-             padding: int, dtype=jnp.float32):
-  """The CPU formulation of each pass for one layer, from measurements
-  (`python benchmarks/conv_components.py`, docs/performance.md).
-
-  With the C++ kernels built (`native_conv.available()`) and float32 data,
-  every pass is "native": 1.4x to 5.3x faster than the better of the two
-  XLA formulations for CIGN's large layers at batch 1152 (up to 31x faster
-  than XLA's own convolution gradients), and within a millisecond of it for
-  the small ones. The kernels are float32 only, so
-  float64 and bfloat16 convolutions keep their precision in XLA's
-  formulations. Without the kernels: XLA's forward conv beats im2col + product
-  for the strided convs (the im2col copy costs 4-5x the product); col2im
-  beats XLA's input gradient of a conv (up to 7x) and XLA's transposed-conv
-  forward and kernel gradient (up to 10x); XLA's kernel gradient beats the
-  im2col product when a strided conv's output is at most 4x4
-  (discriminator blocks 3-4)."""
-  if jnp.dtype(dtype) == jnp.float32 and native_conv.available():
-    return ("native", "native", "native")
-  if transposed:
-    return ("matmul", "xla", "matmul")
-  out_h = conv_output_size(x_shape[1], kernel_shape[0], stride, padding)
-  kernel_grad = "xla" if stride > 1 and out_h <= 4 else "matmul"
-  return ("xla", "matmul", kernel_grad)
-
 
 def _use_matmul_convs() -> bool:
   return jax.default_backend() == "cpu"
@@ -511,9 +234,10 @@ def conv2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv2d: x has {x.shape[-1]} channels, the kernel "
                      f"{tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv2d_cpu(x, kernel, stride, padding,
-                      cpu_plan(False, x.shape, kernel.shape, stride,
-                               padding, jnp.result_type(x, kernel)))
+    return cpu_conv.conv2d_cpu(
+        x, kernel, stride, padding,
+        cpu_conv.cpu_plan(False, x.shape, kernel.shape, stride, padding,
+                          jnp.result_type(x, kernel)))
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -524,7 +248,9 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
     raise ValueError(f"conv_transpose2d: x has {x.shape[-1]} channels, the "
                      f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}")
   if _use_matmul_convs():
-    return conv_transpose2d_cpu(x, kernel, stride, padding,
-                                cpu_plan(True, x.shape, kernel.shape, stride,
-                                         padding, jnp.result_type(x, kernel)))
+    return cpu_conv.conv_transpose2d_cpu(
+        x, kernel, stride, padding,
+        cpu_conv.cpu_plan(True, x.shape, kernel.shape, stride, padding,
+                          jnp.result_type(x, kernel)))
   return conv_transpose2d_reference(x, kernel, stride, padding)
+

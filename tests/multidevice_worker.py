@@ -60,7 +60,7 @@ from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import losses
 from cign_jax import models
-from cign_jax import native_conv
+from cign_jax.kernels import native_conv
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils

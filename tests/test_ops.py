@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from cign_jax import native_conv
+from cign_jax.kernels import cpu_conv
+from cign_jax.kernels import native_conv
 from cign_jax import ops
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -125,14 +126,14 @@ def test_shared_kernel_convs(case):
   x = _rand((b, h, w, ci), 4)
   kern = _rand((k, k, ci, co), 5)
   want = naive_conv2d(x, kern, s, p)
-  for fn in (ops.conv2d, ops.conv2d_im2col, ops.conv2d_cpu,
+  for fn in (ops.conv2d, cpu_conv.conv2d_im2col, cpu_conv.conv2d_cpu,
              ops.conv2d_reference):
     np.testing.assert_allclose(np.asarray(fn(x, kern, s, p)), want,
                                rtol=1e-5, atol=1e-5)
   kern_t = _rand((k, k, ci, co), 6)
   want_t = naive_conv_transpose2d(x, kern_t, s, p)
-  for fn in (ops.conv_transpose2d, ops.conv_transpose2d_col2im,
-             ops.conv_transpose2d_cpu, ops.conv_transpose2d_reference):
+  for fn in (ops.conv_transpose2d, cpu_conv.conv_transpose2d_col2im,
+             cpu_conv.conv_transpose2d_cpu, ops.conv_transpose2d_reference):
     np.testing.assert_allclose(np.asarray(fn(x, kern_t, s, p)), want_t,
                                rtol=1e-5, atol=1e-5)
 
@@ -144,10 +145,10 @@ def _grad_pairs():
       (ops.per_sample_depthwise_transposed_correlation,
        ops.per_sample_depthwise_transposed_correlation_reference,
        "per_sample"),
-      (ops.conv2d_im2col, ops.conv2d_reference, "shared"),
-      (ops.conv_transpose2d_col2im, ops.conv_transpose2d_reference, "shared"),
-      (ops.conv2d_cpu, ops.conv2d_reference, "shared"),
-      (ops.conv_transpose2d_cpu, ops.conv_transpose2d_reference, "shared"),
+      (cpu_conv.conv2d_im2col, ops.conv2d_reference, "shared"),
+      (cpu_conv.conv_transpose2d_col2im, ops.conv_transpose2d_reference, "shared"),
+      (cpu_conv.conv2d_cpu, ops.conv2d_reference, "shared"),
+      (cpu_conv.conv_transpose2d_cpu, ops.conv_transpose2d_reference, "shared"),
   ]
 
 
@@ -239,7 +240,7 @@ def test_bad_shapes_are_named():
 # Every formulation in every pass position, twice: the three uniform plans
 # and the three cyclic mixtures (the passes are independent code paths, so
 # this covers what all 27 combinations would).
-_F = ops.FORMULATIONS
+_F = cpu_conv.FORMULATIONS
 PLANS_UNDER_TEST = ([(f, f, f) for f in _F] +
                     [(_F[i], _F[(i + 1) % 3], _F[(i + 2) % 3])
                      for i in range(3)])
@@ -261,7 +262,7 @@ def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
   if transposed and p > k - 1:
     pytest.skip("padding must be smaller than the kernel for a transpose")
   _needs_native(plan)
-  fast = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
+  fast = cpu_conv.conv_transpose2d_cpu if transposed else cpu_conv.conv2d_cpu
   reference = (ops.conv_transpose2d_reference if transposed
                else ops.conv2d_reference)
   x = jnp.asarray(_rand((b, h, w, c), 17))
@@ -278,7 +279,7 @@ def test_every_cpu_plan_matches_the_reference(case, plan, transposed):
 def test_bad_cpu_plan_is_named():
   x = jnp.zeros((1, 4, 4, 1))
   with pytest.raises(ValueError, match="plan"):
-    ops.conv2d_cpu(x, jnp.zeros((2, 2, 1, 1)), 1, 0, ("xla", "fast", "xla"))
+    cpu_conv.conv2d_cpu(x, jnp.zeros((2, 2, 1, 1)), 1, 0, ("xla", "fast", "xla"))
 
 
 def test_native_kernels_build_where_a_compiler_is():
@@ -288,15 +289,15 @@ def test_native_kernels_build_where_a_compiler_is():
   if not shutil.which("c++") and not shutil.which("g++"):
     pytest.skip("no C++ compiler on this machine")
   assert native_conv.available(), native_conv.unavailable_reason()
-  assert ops.cpu_plan(False, (1, 14, 14, 33), (4, 4, 33, 64), 2, 1) == (
+  assert cpu_conv.cpu_plan(False, (1, 14, 14, 33), (4, 4, 33, 64), 2, 1) == (
       "native", "native", "native")
   with native_conv.disabled():
-    assert "native" not in ops.cpu_plan(False, (1, 14, 14, 33),
+    assert "native" not in cpu_conv.cpu_plan(False, (1, 14, 14, 33),
                                         (4, 4, 33, 64), 2, 1)
   assert native_conv.available()
   # The kernels are float32 only: other precisions stay in XLA.
   for dtype in (jnp.bfloat16, np.float64):
-    assert "native" not in ops.cpu_plan(True, (1, 7, 7, 65), (4, 4, 65, 32),
+    assert "native" not in cpu_conv.cpu_plan(True, (1, 7, 7, 65), (4, 4, 65, 32),
                                         2, 1, dtype)
 
 
@@ -313,7 +314,7 @@ def test_native_kernels_on_cign_layers(layer):
   reference (values and both gradients)."""
   _needs_native(("native",))
   b, h, c, k, s, p, o, transposed = layer
-  fast = ops.conv_transpose2d_cpu if transposed else ops.conv2d_cpu
+  fast = cpu_conv.conv_transpose2d_cpu if transposed else cpu_conv.conv2d_cpu
   reference = (ops.conv_transpose2d_reference if transposed
                else ops.conv2d_reference)
   x = jnp.asarray(_rand((b, h, h, c), 20))

@@ -1,6 +1,6 @@
 """Blocked im2col convolution kernels for CPU (C++, XLA FFI + OpenBLAS).
 
-`cign_jax/native/conv_kernels.cc` computes each pass of a shared-kernel
+`cign_jax/kernels/native/conv_kernels.cc` computes each pass of a shared-kernel
 convolution as im2col patches times the kernel matrix, building the patches
 in blocks of at least 256 rows (about 1 MiB) and multiplying each block with
 OpenBLAS's sgemm (the `scipy-openblas32` wheel), on XLA's thread pool. XLA's own CPU code either
