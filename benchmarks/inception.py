@@ -4,8 +4,8 @@ Both run in this process on the same 28x28 uint8 images, taking them all the
 way to the 2048 features (8-bit pixels -> /255 -> bilinear resize to 299 ->
 2x - 1 -> Inception):
 
-- Flax: `cign_jax.inception.FeatureExtractor` with the FID preprocessing
-  fused into the compiled function (what `cign_jax.fid` uses).
+- Flax: `cign_jax.evaluation.inception.FeatureExtractor` with the FID preprocessing
+  fused into the compiled function (what `cign_jax.evaluation.fid` uses).
 - PyTorch: the weight archive itself (`torch.jit.load` of default_1.pt, the
   TorchScript module the Flax weights are converted from), fed by
   `F.interpolate(bilinear, align_corners=False)`, in inference mode, with
@@ -82,7 +82,7 @@ def main(argv=None):
     sys.path.insert(0, repo)
 
   import jax  # pylint: disable=import-outside-toplevel
-  from cign_jax import fid, inception  # pylint: disable=import-outside-toplevel
+  from cign_jax.evaluation import fid, inception  # pylint: disable=import-outside-toplevel
 
   batch_size = args.batch_size or inception.default_batch_size()
   n = batch_size * args.batches

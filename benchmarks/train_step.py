@@ -6,7 +6,7 @@
   python benchmarks/train_step.py --all --forward_only   # sampling images/s
 
 For each config: compile time, then `--steps` steps of ours and of our
-PyTorch port of the same step (`cign_jax/torch_reference.py`), alternating,
+PyTorch port of the same step (`tests/torch_reference.py`), alternating,
 at the config's real batch size on random inputs; median and spread (min,
 max) in ms, images/s (real images, and images through the loss: 11 per real
 image with 9 mismatched labels), the process's peak resident memory, and the
@@ -33,6 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# The PyTorch port of the step (a test oracle) lives with the tests.
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 # Before torch (and its OpenMP runtime) loads; see the module docstring.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -78,7 +80,7 @@ def bench_train(name, config, steps, use_torch):
   if use_torch:
     try:
       import torch  # pylint: disable=g-import-not-at-top
-      from cign_jax import torch_reference as tr  # pylint: disable=g-import-not-at-top
+      import torch_reference as tr  # pylint: disable=g-import-not-at-top
       torch.set_num_threads(os.cpu_count() or 1)
       torch.manual_seed(0)
       model = tr.CIGNTorch(config.model.conditioning, config.model.latent_dim,

@@ -9,7 +9,7 @@ Layout of a run directory (`--workdir`):
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a process killed while saving leaves the earlier checkpoints
 intact; unfinished temporaries are cleaned on the next start. The same format
-is written by training and by `cign_jax.convert` (PyTorch import, fresh
+is written by training and by `cign_jax.interop.convert` (PyTorch import, fresh
 optimiser state, step 0), and read by `sample` and `evaluate`.
 """
 
@@ -50,7 +50,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise CheckpointError(f"no {CONFIG_FILE} in {workdir}: not a cign_jax run "
                           "directory (train with cign_jax.main or import with "
-                          "cign_jax.convert)")
+                          "cign_jax.interop.convert)")
   with open(path) as f:
     raw = json.load(f)
   config = config_lib.base_config()

@@ -8,6 +8,9 @@ load, after the command-line overrides have been applied.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 CONDITIONINGS = ("channel", "filter", "none")
@@ -164,8 +167,6 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
   """Loads `get_config()` from a config file path (as --config=PATH does)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_cign_config", path)

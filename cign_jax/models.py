@@ -18,7 +18,7 @@ block owns a Linear from it, passed through tanh):
 
 Parameter names follow the author's PyTorch modules (`conv_3`,
 `batch_norm_2`, `linear_4`, `channel_mixer_1`, `label_embedder`), so that
-`cign_jax.convert` maps checkpoints one to one.
+`cign_jax.interop.convert` maps checkpoints one to one.
 """
 
 from __future__ import annotations

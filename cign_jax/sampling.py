@@ -8,12 +8,15 @@ statistics and dropout is off, so a sample is a deterministic function of
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from cign_jax import checkpoints
 from cign_jax import losses
 from cign_jax import models
 
@@ -106,7 +109,6 @@ def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
 
 
 def save_png(image_u8: np.ndarray, path: str, scale: int = 2):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   img = Image.fromarray(image_u8)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
@@ -122,3 +124,68 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 def label_rows_for(num_classes: int, labels: Any, num_per_label: int):
   labels = models.check_labels(labels, num_classes)
   return np.repeat(labels, num_per_label)
+
+
+def sample_to_file(workdir: str, out: str,
+                   labels: Optional[Sequence[int]] = None,
+                   num_per_label: int = 10, seed: int = 0,
+                   applications: int = 1, inputs: Optional[str] = None,
+                   step: Optional[int] = None):
+  """Samples from the run in `workdir` (or projects `inputs`) into `out`.
+
+  What `python -m cign_jax.sample` does: writes `images` (float32 in [-1, 1],
+  (N, 28, 28, 1)) and `labels` to the .npz `out`, and a PNG grid beside it.
+
+  Args:
+    workdir: a run directory (training or `convert`).
+    out: the .npz file to write.
+    labels: the labels to sample (default: every class).
+    num_per_label: samples per label; every label gets the same noise.
+    seed: seed of the prior noise.
+    applications: how many times f is applied.
+    inputs: an .npz of `images` (and `labels`) to project instead of noise.
+    step: the checkpoint step (default: the latest).
+
+  Returns:
+    (images, labels) as written.
+  """
+  if not out.endswith(".npz"):
+    raise ValueError(f"--out must name an .npz file, got {out!r}")
+  config, model, variables, _ = checkpoints.load_model(workdir, step)
+  num_classes = model.num_classes if model.conditioning != "none" else 1
+  if inputs is not None:
+    if not os.path.isfile(inputs):
+      raise FileNotFoundError(f"--inputs file not found: {inputs}")
+    with np.load(inputs) as f:
+      if "images" not in f:
+        raise ValueError(f"{inputs} has no 'images' array (found: "
+                         f"{', '.join(f.files)})")
+      x = models.check_images(f["images"], model.image_channels)
+      if "labels" in f:
+        y = models.check_labels(f["labels"], model.num_classes, x.shape[0])
+      elif model.conditioning == "none":
+        y = np.zeros((x.shape[0],), np.int32)
+      else:
+        raise ValueError(f"{inputs} has no 'labels' array, which a "
+                         f"{model.conditioning}-conditioned model needs")
+    images = project(model, variables, x, y, applications)
+    rows = np.stack([x, images])[:, :min(len(x), 16)]
+    labels_out = y
+  else:
+    wanted = range(num_classes) if labels is None else [int(l) for l in labels]
+    wanted = models.check_labels(list(wanted), model.num_classes)
+    if num_per_label < 1:
+      raise ValueError(f"--num_per_label must be >= 1, got {num_per_label}")
+    # The same noise for every label, as in the paper's figures.
+    z = prior_noise(jax.random.key(seed), num_per_label,
+                             model.image_channels, config.model.clip_prior)
+    x = np.tile(z, (len(wanted), 1, 1, 1))
+    labels_out = np.repeat(wanted, num_per_label).astype(np.int32)
+    images = apply_repeatedly(model, variables, x, labels_out,
+                                       applications)
+    rows = images.reshape((len(wanted), num_per_label) + images.shape[1:])
+  images = images.astype(np.float32)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  np.savez(out, images=images, labels=labels_out.astype(np.int32))
+  save_png(grid_image(rows), out[:-len(".npz")] + ".png")
+  return images, labels_out

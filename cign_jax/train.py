@@ -16,24 +16,21 @@ jitted with these shardings. BatchNorm means are taken over the global batch
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any, Dict, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
-from cign_jax import data as data_lib
 from cign_jax import models
 from cign_jax import sampling
+from cign_jax import sharding
 from cign_jax import train_step as train_step_lib
+from cign_jax.data import reader
 
 # Fields that may change when a run is resumed (how long / how often).
 RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
@@ -45,71 +42,10 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
 
 
-def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-  """The device mesh of `config.mesh_shape` (-1: all devices)."""
-  devices = jax.devices()
-  shape = list(config.mesh_shape)
-  if shape.count(-1) > 1:
-    raise ValueError("config.mesh_shape: at most one -1")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} does not "
-                     f"cover the {len(devices)} devices")
-  names = tuple(config.mesh_axis_names)
-  try:
-    return jax.make_mesh(tuple(shape), names,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-  except (AttributeError, TypeError):  # older JAX without axis_types
-    return jax.sharding.Mesh(np.array(devices).reshape(shape), names)
-
-
-def data_sharding(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(mesh.axis_names))
-
-
-def replicated(mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def check_batch_divides(config, mesh):
-  n = mesh.size
-  if config.batch_size % n:
-    raise ValueError(f"config.batch_size {config.batch_size} does not divide "
-                     f"by the {n} devices of the mesh; choose a multiple of "
-                     f"{n}")
-
-
-def put_global_batch(array: np.ndarray, sharding: NamedSharding):
-  """Places a global batch (the same numpy array on every host) sharded."""
-  return jax.make_array_from_callback(array.shape, sharding,
-                                      lambda index: array[index])
-
-
-def put_replicated(tree, mesh):
-  """Places `tree` (the same values in every process) replicated over the
-  mesh. With several processes the values go through host memory: JAX does
-  not device_put an array committed to one local device onto the devices of
-  other processes, but does place host (numpy) values on them."""
-  sharding = replicated(mesh)
-  if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
-
-  def put(leaf):
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
-        leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
-                                      impl=jax.random.key_impl(leaf))
-    return jax.device_put(np.asarray(jax.device_get(leaf)), sharding)
-
-  return jax.tree_util.tree_map(put, tree)
-
-
 def compile_train_step(config, mesh):
   """The jitted step with the mesh's shardings; the state is donated."""
   step = train_step_lib.make_train_step(config)
-  repl, batch = replicated(mesh), data_sharding(mesh)
+  repl, batch = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, batch, batch, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
@@ -158,6 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `dataset`: optional (images uint8 (N, 28, 28, 1), labels) to train on
   instead of the config's tfds dataset (notebooks, tests).
   """
+  # Here, not at the top: clu's metric writers import TensorFlow (seconds,
+  # and memory), which nothing else that imports this module needs.
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   config = config_lib.validate(config)
@@ -166,15 +104,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     checkpoints.save_config(workdir, config)
 
-  mesh = create_mesh(config)
-  check_batch_divides(config, mesh)
+  mesh = sharding.create_mesh(config)
+  sharding.check_batch_divides(config, mesh)
 
   if dataset is None:
-    images, labels = data_lib.load_split(config.data.dataset, "train",
+    images, labels = reader.load_split(config.data.dataset, "train",
                                          config.data.data_dir)
   else:
     images, labels = dataset
-  batches = data_lib.TrainBatches(images, labels, config.batch_size,
+  batches = reader.TrainBatches(images, labels, config.batch_size,
                                   config.seed)
   total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
@@ -186,10 +124,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = checkpoints.restore(mngr, state)
     logging.info("Resumed from the checkpoint of step %d in %s",
                  int(state.step), workdir)
-  state = put_replicated(state, mesh)
-  base_key = put_replicated(jax.random.key(config.seed), mesh)
+  state = sharding.put_replicated(state, mesh)
+  base_key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   step_fn = compile_train_step(config, mesh)
-  batch_sharding = data_sharding(mesh)
+  batch_sharding = sharding.data_sharding(mesh)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
@@ -218,8 +156,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   for step in range(start, total_steps):
     x, c = batches.batch(step)
-    state, metrics = step_fn(state, put_global_batch(x, batch_sharding),
-                             put_global_batch(c, batch_sharding), base_key)
+    state, metrics = step_fn(state, sharding.put_global_batch(x, batch_sharding),
+                             sharding.put_global_batch(c, batch_sharding), base_key)
     # Check the previous step while this one runs (no pipeline stall).
     check_pending()
     pending.append((step + 1, metrics))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import jax
+
 
 def cache_root() -> str:
   """The library's cache: $CIGN_JAX_CACHE if set, else ~/.cache/cign_jax
@@ -26,7 +28,6 @@ def enable_compilation_cache(path: str = "") -> str:
   """Turns on JAX's persistent compilation cache, so that a restarted or
   resumed run does not compile its train step again (minutes on a small
   CPU). $JAX_COMPILATION_CACHE_DIR, when set, wins."""
-  import jax  # pylint: disable=g-import-not-at-top
   path = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or
           cache_dir("jax_compilation_cache"))
   jax.config.update("jax_compilation_cache_dir", path)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cign_jax import checkpoints, classifier, sampling  # pylint: disable=g-import-not-at-top
+from cign_jax import checkpoints, sampling  # pylint: disable=g-import-not-at-top
+from cign_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string("workdir", None, "Run directory.")
 flags.DEFINE_integer("num_per_label", 100, "Samples per label.")

@@ -60,6 +60,7 @@ from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import losses
 from cign_jax import models
+from cign_jax import sharding as sharding_lib
 from cign_jax.kernels import native_conv
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
@@ -98,7 +99,7 @@ def tiny_config(conditioning="channel", **overrides):
 
 
 def mesh_of(devices):
-  """A 1-axis 'data' mesh over `devices` (as train.create_mesh builds)."""
+  """A 1-axis 'data' mesh over `devices` (as sharding.create_mesh builds)."""
   names = ("data",)
   try:
     return jax.sharding.Mesh(np.array(devices), names,
@@ -219,11 +220,11 @@ class Runner:
     self._steps = {}
 
   def place(self, config, mesh, state_host, batch):
-    sharding = train.data_sharding(mesh)
-    return (train.put_replicated(state_host, mesh),
-            train.put_global_batch(batch[0], sharding),
-            train.put_global_batch(batch[1], sharding),
-            train.put_replicated(jax.random.key(config.seed), mesh))
+    sharding = sharding_lib.data_sharding(mesh)
+    return (sharding_lib.put_replicated(state_host, mesh),
+            sharding_lib.put_global_batch(batch[0], sharding),
+            sharding_lib.put_global_batch(batch[1], sharding),
+            sharding_lib.put_replicated(jax.random.key(config.seed), mesh))
 
   def _lower(self, config, mesh, state_host, batch):
     args = self.place(config, mesh, state_host, batch)
@@ -326,11 +327,11 @@ def main(out_dir):
 
     out = {}
     for mesh in (runner.mesh1, runner.mesh4):
-      fn = jax.jit(masks, in_shardings=(train.data_sharding(mesh),
-                                        train.replicated(mesh)),
-                   out_shardings=train.data_sharding(mesh))
-      args = (train.put_global_batch(x, train.data_sharding(mesh)),
-              train.put_replicated(jax.random.key(7), mesh))
+      fn = jax.jit(masks, in_shardings=(sharding_lib.data_sharding(mesh),
+                                        sharding_lib.replicated(mesh)),
+                   out_shardings=sharding_lib.data_sharding(mesh))
+      args = (sharding_lib.put_global_batch(x, sharding_lib.data_sharding(mesh)),
+              sharding_lib.put_replicated(jax.random.key(7), mesh))
       out[mesh.size] = np.asarray(fn(*args))
       if mesh.size > 1:
         hlo = fn.lower(*args).compile().as_text()
@@ -385,7 +386,7 @@ def main(out_dir):
       checkpoints.save(mngr, s_src)
       saved = flat(host(s_src))
       cont_src, m_src = runner.run(config, src, host(s_src), batches[1:])
-      template = train.put_replicated(state0, dst)  # values from step 0
+      template = sharding_lib.put_replicated(state0, dst)  # values from step 0
       restored = checkpoints.restore(mngr, template)
       mngr.close()
       for leaf in jax.tree_util.tree_leaves(checkpoints.state_tree(restored)):
@@ -409,10 +410,10 @@ def main(out_dir):
   @check
   def batch_not_divisible():
     config = tiny_config(batch_size=6)
-    mesh = train.create_mesh(config)
+    mesh = sharding_lib.create_mesh(config)
     assert mesh.size == NUM_DEVICES, mesh
     messages = []
-    for call in (lambda: train.check_batch_divides(config, mesh),
+    for call in (lambda: sharding_lib.check_batch_divides(config, mesh),
                  lambda: train.train_and_evaluate(
                      tiny_config(batch_size=6, num_train_steps=1),
                      os.path.join(out_dir, "run_bad_batch"),
@@ -597,8 +598,7 @@ def multihost_main(out_dir, reference=None):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except Exception:  # pylint: disable=broad-except
     pass  # (newer JAX: the default)
-  from cign_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-  started = main_lib.initialize_distributed(None)  # JAX_COORDINATOR_ADDRESS
+  started = sharding_lib.initialize_distributed(None)  # JAX_COORDINATOR_ADDRESS
   pid = jax.process_index()
   OUT_DIR = out_dir
   global RESULTS_FILE
@@ -612,12 +612,12 @@ def multihost_main(out_dir, reference=None):
     assert jax.process_count() == 2, jax.process_count()
     assert jax.local_device_count() == NUM_DEVICES
     assert jax.device_count() == 2 * NUM_DEVICES
-    mesh = train.create_mesh(config)
+    mesh = sharding_lib.create_mesh(config)
     assert mesh.size == jax.device_count(), mesh
     assert {d.process_index for d in mesh.devices.flat} == {0, 1}
-    train.check_batch_divides(config, mesh)
+    sharding_lib.check_batch_divides(config, mesh)
     try:
-      train.check_batch_divides(tiny_config(batch_size=6), mesh)
+      sharding_lib.check_batch_divides(tiny_config(batch_size=6), mesh)
     except ValueError as e:
       assert "4 devices" in str(e), e
     else:
@@ -628,9 +628,9 @@ def multihost_main(out_dir, reference=None):
   def multihost_global_batch():
     """Each process places its own devices' rows of the same global batch,
     and a jitted global reduction (as BatchNorm's) sees all of them."""
-    mesh = train.create_mesh(config)
-    images = train.put_global_batch(x, train.data_sharding(mesh))
-    labels = train.put_global_batch(c, train.data_sharding(mesh))
+    mesh = sharding_lib.create_mesh(config)
+    images = sharding_lib.put_global_batch(x, sharding_lib.data_sharding(mesh))
+    labels = sharding_lib.put_global_batch(c, sharding_lib.data_sharding(mesh))
     assert images.shape == x.shape and not images.is_fully_addressable
     rows = []
     for shard in images.addressable_shards:
@@ -638,11 +638,11 @@ def multihost_main(out_dir, reference=None):
       rows.extend(range(*shard.index[0].indices(x.shape[0])))
     per_device = x.shape[0] // jax.device_count()
     assert len(rows) == per_device * NUM_DEVICES, rows
-    weights = train.put_replicated(np.arange(1.0, 11.0, dtype=np.float32),
+    weights = sharding_lib.put_replicated(np.arange(1.0, 11.0, dtype=np.float32),
                                    mesh)
     fn = jax.jit(lambda v, l, w: (v.mean(axis=0), (w[l] * v.sum((1, 2, 3))
                                                     ).sum()),
-                 out_shardings=train.replicated(mesh))
+                 out_shardings=sharding_lib.replicated(mesh))
     mean, weighted = fn(images, labels, weights)
     np.testing.assert_allclose(np.asarray(mean), x.mean(axis=0), rtol=1e-5,
                                atol=1e-6)
@@ -650,7 +650,7 @@ def multihost_main(out_dir, reference=None):
     np.testing.assert_allclose(float(weighted), want, rtol=1e-5)
     # Arrays committed to a local device, PRNG keys included (the train
     # state, the base key), replicate over both processes' devices.
-    placed = train.put_replicated(
+    placed = sharding_lib.put_replicated(
         {"key": jax.random.key(3), "w": jax.device_put(jnp.arange(3.0))},
         mesh)
     for leaf in jax.tree_util.tree_leaves(placed):

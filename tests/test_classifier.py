@@ -1,4 +1,4 @@
-"""Tests of cign_jax.classifier.
+"""Tests of cign_jax.evaluation.classifier.
 
 The classifiers are trained once (about a minute each on 2 CPU cores) and
 cached in the default cache dir, where later runs find them.
@@ -10,8 +10,8 @@ import shutil
 import numpy as np
 import pytest
 
-from cign_jax import classifier as cls
-from cign_jax import data
+from cign_jax.evaluation import classifier as cls
+from cign_jax.data import reader
 
 
 def test_label_accuracy_hand_example():
@@ -72,8 +72,8 @@ def mnist_classifier():
 
 
 def _measured_accuracy(classifier, dataset):
-  images, labels = data.load_split(dataset, "test")
-  predicted = classifier.predict(data.to_model_range(images))
+  images, labels = reader.load_split(dataset, "test")
+  predicted = classifier.predict(reader.to_model_range(images))
   assert predicted.shape == labels.shape and predicted.dtype == np.int32
   return float(np.mean(predicted == labels))
 
@@ -84,8 +84,8 @@ def test_mnist_classifier_accuracy(mnist_classifier):
   assert mnist_classifier.test_accuracy == pytest.approx(accuracy, abs=1e-3)
   again = cls.load_or_train("mnist")  # From the cache now.
   assert again.params_sha256 == mnist_classifier.params_sha256
-  images, _ = data.load_split("mnist", "test")
-  sample = data.to_model_range(images[:7])
+  images, _ = reader.load_split("mnist", "test")
+  sample = reader.to_model_range(images[:7])
   np.testing.assert_array_equal(again.predict(sample),
                                 mnist_classifier.predict(sample))
   np.testing.assert_array_equal(again.predict(sample[..., 0]),

@@ -1,11 +1,11 @@
 """Importing the original PyTorch checkpoints, and the port's faithfulness.
 
-`cign_jax.torch_reference` is an independent PyTorch implementation of the
+`tests/torch_reference.py` is an independent PyTorch implementation of the
 author's models and training step. These tests check that
 
 - its state-dict keys and shapes are the original's (and the converter's);
 - a checkpoint of it (plain state dict or Lightning-style .ckpt) converted by
-  `cign_jax.convert` gives our model the same outputs;
+  `cign_jax.interop.convert` gives our model the same outputs;
 - mismatched checkpoints are refused with an error naming the key;
 - with the same weights, data, noise and labels (dropout off), our five loss
   terms, gradients, BatchNorm running statistics and AdamW update equal the
@@ -27,11 +27,11 @@ torch = pytest.importorskip("torch")
 
 from cign_jax import checkpoints  # pylint: disable=g-bad-import-order
 from cign_jax import config as config_lib
-from cign_jax import convert
+from cign_jax.interop import convert
 from cign_jax import losses
 from cign_jax import models
 from cign_jax import train_step
-from cign_jax import torch_reference
+import torch_reference
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = os.path.join(ROOT, "configs")

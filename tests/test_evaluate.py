@@ -7,18 +7,18 @@ import os
 import numpy as np
 import pytest
 
-from cign_jax import data
-from cign_jax import evaluate
+from cign_jax.data import reader
+from cign_jax.evaluation import evaluate
 
 N = 70  # per class: above the 64 features of FID64
 
 
 def _real_samples(tmp_path, swap: bool):
-  images, labels = data.load_split("mnist", "test")
+  images, labels = reader.load_split("mnist", "test")
   out_images, out_labels = [], []
   for label in (0, 1):
     idx = np.flatnonzero(labels == label)[-N:]  # not the first N: those are
-    out_images.append(data.to_model_range(images[idx]))  # the reference
+    out_images.append(reader.to_model_range(images[idx]))  # the reference
     out_labels.append(np.full(N, 1 - label if swap else label))
   path = str(tmp_path / ("swapped.npz" if swap else "real.npz"))
   np.savez(path, images=np.concatenate(out_images),

@@ -1,4 +1,4 @@
-"""cign_jax.fid: distance, statistics, preprocessing, per-class protocol.
+"""cign_jax.evaluation.fid: distance, statistics, preprocessing, per-class protocol.
 
 These tests need neither PyTorch nor the Inception weights: the per-class
 protocol runs with a stand-in feature extractor (a fixed random projection of
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from cign_jax import fid
+from cign_jax.evaluation import fid
 
 
 # ---------------------------------------------------------------------------

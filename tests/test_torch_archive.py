@@ -1,4 +1,4 @@
-"""cign_jax.torch_archive against files written by PyTorch itself."""
+"""cign_jax.interop.torch_archive against files written by PyTorch itself."""
 
 import collections
 import os
@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from cign_jax import torch_archive
+from cign_jax.interop import torch_archive
 
 torch = pytest.importorskip("torch")
 
@@ -223,7 +223,7 @@ def test_pickled_module(tmp_path):
 
 def test_does_not_import_torch(tmp_path):
   path = _save({"w": torch.ones(3)}, tmp_path / "w.pt")
-  code = ("import sys; from cign_jax import torch_archive as ta; "
+  code = ("import sys; from cign_jax.interop import torch_archive as ta; "
           f"x = ta.load({path!r}); assert x['w'].sum() == 3; "
           "assert 'torch' not in sys.modules, 'torch was imported'")
   subprocess.run([sys.executable, "-c", code], check=True)

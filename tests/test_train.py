@@ -13,7 +13,7 @@ import pytest
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
-from cign_jax import data as data_lib
+from cign_jax.data import reader
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
@@ -69,7 +69,7 @@ def _leaves(state_or_workdir):
 
 @pytest.fixture(scope="module")
 def mnist():
-  return data_lib.load_split("mnist", "train")
+  return reader.load_split("mnist", "train")
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_resume_after_hard_kill(uninterrupted, tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     uninterrupted, tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
-  original = data_lib.TrainBatches.batch
+  original = reader.TrainBatches.batch
 
   def poisoned(self, step):
     x, c = original(self, step)
@@ -160,7 +160,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
       x = np.full_like(x, np.nan)
     return x, c
 
-  monkeypatch.setattr(data_lib.TrainBatches, "batch", poisoned)
+  monkeypatch.setattr(reader.TrainBatches, "batch", poisoned)
   with pytest.raises(train.NonFiniteLossError, match="step 4"):
     train.train_and_evaluate(tiny_config(), workdir)
   step, leaves = _leaves(workdir)
@@ -209,16 +209,16 @@ def test_sample_command(uninterrupted, tmp_path):
   inputs = str(tmp_path / "in.npz")
   np.savez(inputs, images=images[:3, :, :, 0], labels=labels[:3])
   out2 = str(tmp_path / "p.npz")
-  from cign_jax import sample  # pylint: disable=g-import-not-at-top
-  once, _ = sample.sample_to_file(workdir, out2, inputs=inputs)
-  twice, _ = sample.sample_to_file(workdir, out2, inputs=inputs,
+  from cign_jax import sampling  # pylint: disable=g-import-not-at-top
+  once, _ = sampling.sample_to_file(workdir, out2, inputs=inputs)
+  twice, _ = sampling.sample_to_file(workdir, out2, inputs=inputs,
                                    applications=2)
   np.savez(inputs, images=once, labels=labels[:3])
-  again, _ = sample.sample_to_file(workdir, out2, inputs=inputs)
+  again, _ = sampling.sample_to_file(workdir, out2, inputs=inputs)
   np.testing.assert_allclose(twice, again, atol=1e-5)
   np.savez(inputs, images=images[:2], labels=np.array([1, 10]))
   with pytest.raises(ValueError, match="label out of range"):
-    sample.sample_to_file(workdir, out2, inputs=inputs)
+    sampling.sample_to_file(workdir, out2, inputs=inputs)
 
 
 def test_learning_rate_schedules():

@@ -54,7 +54,7 @@ def _im2col(x, kh: int, kw: int, stride: int, padding: int):
 #   "matmul": im2col by strided slices + one matrix product, or one matrix
 #             product + sub-pixel col2im.
 #   "native": the same products with the patches built block by block in
-#             cache (C++ kernels, `cign_jax.native_conv`); only where
+#             cache (C++ kernels, `cign_jax.kernels.native_conv`); only where
 #             `native_conv.available()`.
 # A plan is the tuple (forward, dx, dk). Every plan is exact (the same sums
 # in another order); tests/test_ops.py checks every formulation in every

@@ -43,14 +43,18 @@ A file that is not a PyTorch zip archive, or is truncated or corrupt, raises a
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import collections
 import datetime
+import io
 import os
 import pickle
 import zipfile
 from typing import Any, Iterator, Mapping
 
+import ml_dtypes  # bfloat16 / float8 dtypes (a JAX dependency)
 import numpy as np
+import numpy.dtypes
 
 __all__ = [
     "TorchObject",
@@ -64,10 +68,6 @@ __all__ = [
 
 def _extended_dtype(name: str):
   """bfloat16 / float8 dtypes come from ml_dtypes (a JAX dependency)."""
-  try:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
-  except ImportError:  # pragma: no cover - ml_dtypes ships with jax
-    return None
   return np.dtype(getattr(ml_dtypes, name))
 
 
@@ -356,6 +356,8 @@ def _numpy_global(module: str, name: str):
   """The few numpy globals a pickled ndarray / scalar / dtype needs."""
   if module in ("numpy.core.multiarray", "numpy._core.multiarray"):
     if name in ("_reconstruct", "scalar"):
+      # Here, not at the top: numpy 2 renamed numpy.core, and importing the
+      # old name there warns.
       try:
         from numpy._core import multiarray  # pylint: disable=import-outside-toplevel
       except ImportError:  # numpy < 2
@@ -364,10 +366,8 @@ def _numpy_global(module: str, name: str):
   if module == "numpy" and name in ("ndarray", "dtype"):
     return getattr(np, name)
   if module == "numpy.dtypes" and name.endswith("DType"):
-    import numpy.dtypes  # pylint: disable=import-outside-toplevel
     return getattr(numpy.dtypes, name, None)
   if module == "_codecs" and name == "encode":
-    import codecs  # pylint: disable=import-outside-toplevel
     return codecs.encode
   return None
 
@@ -494,7 +494,6 @@ class _Archive:
                        f"(truncated or corrupt archive: {e})") from e
 
   def unpickle(self, name: str, storage_dir: str):
-    import io  # pylint: disable=import-outside-toplevel
     data = self.read(f"{self.prefix}/{name}")
     try:
       return _Unpickler(io.BytesIO(data), self,

