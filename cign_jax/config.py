@@ -1,4 +1,4 @@
-"""Configuration schema shared by every config file in `configs/`.
+"""Configuration schema shared by every config file in `cign_jax/configs/`.
 
 Each config file builds on `base_config()` and changes what its run needs.
 `validate(config)` checks names and values and raises a `ValueError` that names
@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+# The one list of each: models, data and the commands check against these.
 CONDITIONINGS = ("channel", "filter", "none")
 TIGHTNESS_KINDS = ("l1", "smooth_clamp")
 LR_SCHEDULES = ("constant", "cosine")
@@ -166,10 +167,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` from a config file path (as --config=PATH does)."""
+  """Loads and validates a config file's `get_config()`, as --config=PATH does.
+
+  Args:
+    path: the file, optionally with a variant as `--config` takes it:
+      `configs/quick.py:tiny` calls `get_config("tiny")`.
+
+  Returns:
+    The validated config.
+  """
+  variant = None
+  if not os.path.isfile(path) and ":" in path:
+    path, variant = path.rsplit(":", 1)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file not found: {path}")
   spec = importlib.util.spec_from_file_location("_cign_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return validate(module.get_config())
+  config = module.get_config() if variant is None else module.get_config(
+      variant)
+  return validate(config)

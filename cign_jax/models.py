@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cign_jax import config as config_lib
 from cign_jax import dropout as dropout_lib
 from cign_jax import ops
 
@@ -289,9 +290,9 @@ class IdempotentNetwork(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    if self.conditioning not in ("channel", "filter", "none"):
+    if self.conditioning not in config_lib.CONDITIONINGS:
       raise ValueError(f"unknown conditioning {self.conditioning!r}; expected "
-                       "'channel', 'filter' or 'none'")
+                       f"one of {config_lib.CONDITIONINGS}")
     ld = self.latent_dim
     common = dict(conditioning=self.conditioning,
                   embedding_dim=self.embedding_dim,

@@ -65,6 +65,7 @@ from cign_jax.kernels import native_conv
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
+from cign_jax.configs import quick
 
 # The loss terms, in the order of `losses.LOSS_TERMS`.
 TERMS = losses.LOSS_TERMS
@@ -89,11 +90,8 @@ PARAM_ATOL = 1e-5       # absolute: 1% of an AdamW step (~lr = 1e-3)
 
 
 def tiny_config(conditioning="channel", **overrides):
-  config = config_lib.base_config()
+  config = quick.get_config("tiny")
   config.model.conditioning = conditioning
-  config.model.latent_dim = 4
-  config.model.intermediate_dim = 8
-  config.batch_size = 8
   config.update_from_flattened_dict(overrides)
   return config_lib.validate(config)
 

@@ -31,6 +31,7 @@ from cign_jax.interop import convert
 from cign_jax import losses
 from cign_jax import models
 from cign_jax import train_step
+from cign_jax.configs import quick
 import torch_reference
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -39,7 +40,8 @@ CONFIGS = os.path.join(ROOT, "configs")
 # reads it is skipped where it is absent).
 KEYS_FILE = os.environ.get("CIGN_TORCH_KEYS_FILE",
                            "/work/shared/reference/torch_state_dict_keys.txt")
-SMALL = dict(latent_dim=4, intermediate_dim=8)
+SMALL = dict(latent_dim=quick.get_config("tiny").model.latent_dim,
+             intermediate_dim=quick.get_config("tiny").model.intermediate_dim)
 
 
 @pytest.fixture(autouse=True)

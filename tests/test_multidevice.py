@@ -115,7 +115,7 @@ def test_four_device_checkpoint_restores_in_this_process(worker):
   out, results = worker
   assert results["checkpoints_across_device_counts"]["ok"]
   config = _tiny_config()
-  mesh = train.create_mesh(config)
+  mesh = sharding.create_mesh(config)
   fresh = train_step_lib.create_train_state(config)
   saved = np.load(os.path.join(out, "ckpt_4to1_saved.npz"))
   for template in (train.put_replicated(jax.device_get(fresh), mesh), fresh):
@@ -147,7 +147,7 @@ def test_load_model_of_four_device_run(worker):
 
 
 def test_check_batch_divides_message():
-  mesh = train.create_mesh(config_lib.base_config())
+  mesh = sharding.create_mesh(config_lib.base_config())
   config = config_lib.base_config()
   config.batch_size = mesh.size * 3
   train.check_batch_divides(config, mesh)  # divides: no error

@@ -17,37 +17,25 @@ from cign_jax.data import reader
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
+from cign_jax.configs import quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS = 6
+NUM_STEPS = quick.get_config("tiny").num_train_steps
 
 # Every jit in this file and its subprocesses shares one compilation cache.
 CACHE = utils.enable_compilation_cache()
 
 
 def tiny_config(**overrides):
-  config = config_lib.base_config()
-  config.model.latent_dim = 2
-  config.model.intermediate_dim = 4
-  config.batch_size = 4
-  config.num_train_steps = NUM_STEPS
-  config.log_every_steps = 2
-  config.sample_every_steps = 1000
-  config.checkpoint_every_steps = 2
+  config = quick.get_config("tiny")
   config.update_from_flattened_dict(overrides)
   return config
 
 
-CLI_OVERRIDES = ["--config.model.latent_dim=2", "--config.model.intermediate_dim=4",
-                 "--config.batch_size=4", f"--config.num_train_steps={NUM_STEPS}",
-                 "--config.log_every_steps=2", "--config.sample_every_steps=1000",
-                 "--config.checkpoint_every_steps=2"]
-
-
 def _main_cmd(workdir, *extra):
   return [sys.executable, "-m", "cign_jax.main",
-          f"--config={ROOT}/configs/channel_small.py", f"--workdir={workdir}",
-          *CLI_OVERRIDES, *extra]
+          f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}",
+          *extra]
 
 
 def _env():

@@ -166,7 +166,7 @@ def train(dataset: str, data_dir: str = "", seed: int = 0,
   data_lib.check_dataset(dataset)
   train_x, train_y = reader.load_split(dataset, "train", data_dir)
   test_x, test_y = reader.load_split(dataset, "test", data_dir)
-  batches = data_lib.TrainBatches(train_x, train_y, BATCH_SIZE, seed)
+  batches = reader.TrainBatches(train_x, train_y, BATCH_SIZE, seed)
   total_steps = epochs * batches.steps_per_epoch
 
   model = CNN(num_classes=data_lib.NUM_CLASSES)

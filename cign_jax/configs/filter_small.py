@@ -7,9 +7,7 @@ def get_config():
   config = config_lib.base_config()
   config.model.conditioning = "filter"
   config.model.latent_dim = 64
-  config.model.intermediate_dim = 128
   config.optimizer.learning_rate = 1e-4
   config.batch_size = 64
   config.loss.idem_mismatch_weight = 8.0
-  config.num_epochs = 50
   return config

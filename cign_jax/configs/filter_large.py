@@ -11,5 +11,4 @@ def get_config():
   config.optimizer.learning_rate = 1e-4
   config.batch_size = 64
   config.loss.idem_mismatch_weight = 8.0
-  config.num_epochs = 50
   return config
