@@ -177,7 +177,18 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
 def load_model(workdir: str, step: Optional[int] = None
                ) -> Tuple[ml_collections.ConfigDict, models.IdempotentNetwork,
                           Dict[str, Any], int]:
-  """(config, model, eval variables, step) of a run directory."""
+  """Loads a run directory's model for sampling or evaluation.
+
+  Args:
+    workdir: a run directory written by training or by `convert`.
+    step: the checkpoint step; None for the latest.
+
+  Returns:
+    (config, model, variables, step): the run's config, the
+    `IdempotentNetwork` it describes, its variables for evaluation
+    ({'params', 'batch_stats'}; the moving-average parameters when the run
+    keeps them) and the step they are from.
+  """
   config = load_config(workdir)
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise CheckpointError(f"no checkpoints in {workdir}")

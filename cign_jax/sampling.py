@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,21 @@ def prior_noise(key, num: int, image_channels: int = 1, clip: bool = False):
 def generate(model: models.IdempotentNetwork, variables, labels: Sequence[int],
              key, applications: int = 1, clip: bool = False,
              batch_size: int = 1000):
-  """Samples f^applications(z, c) with z ~ N(0, 1) (clipped if `clip`)."""
+  """Samples f^applications(z, c) with z ~ N(0, 1).
+
+  Args:
+    model: the network.
+    variables: its variables ({'params', 'batch_stats'}).
+    labels: one label per sample (ignored by an unconditional model, but
+      still giving the number of samples).
+    key: a JAX PRNG key for the noise.
+    applications: how many times f is applied.
+    clip: clip the noise to [-1, 1] (the paper's prior).
+    batch_size: samples per compiled call.
+
+  Returns:
+    float32 images in [-1, 1], (N, 28, 28, C), as numpy.
+  """
   labels = models.check_labels(labels, model.num_classes)
   z = prior_noise(key, labels.shape[0], model.image_channels, clip)
   return apply_repeatedly(model, variables, z, labels, applications,
@@ -70,9 +84,20 @@ def generate(model: models.IdempotentNetwork, variables, labels: Sequence[int],
 def project(model: models.IdempotentNetwork, variables, images,
             labels: Optional[Sequence[int]] = None, applications: int = 1,
             batch_size: int = 1000):
-  """IGN's projection of given inputs (noisy, degraded, out of distribution)
-  onto the model's fixed points: f^applications(x, c). Images in [-1, 1],
-  (N, 28, 28) or (N, 28, 28, 1)."""
+  """IGN's projection of given inputs onto the model's fixed points.
+
+  Args:
+    model: the network.
+    variables: its variables ({'params', 'batch_stats'}).
+    images: inputs in [-1, 1] (noisy, degraded, out of distribution),
+      (N, 28, 28) or (N, 28, 28, 1).
+    labels: one label per image; needed unless the model is unconditional.
+    applications: how many times f is applied.
+    batch_size: images per compiled call.
+
+  Returns:
+    f^applications(x, c): float32 images in [-1, 1], (N, 28, 28, C).
+  """
   images = models.check_images(images, model.image_channels)
   if labels is None:
     if model.conditioning != "none":
@@ -113,17 +138,6 @@ def save_png(image_u8: np.ndarray, path: str, scale: int = 2):
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
   img.save(path)
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-  """[-1, 1] floats -> uint8 pixels (how a sample is saved as an image)."""
-  return np.round(np.clip((np.asarray(images) + 1.0) / 2.0, 0, 1) * 255
-                  ).astype(np.uint8)
-
-
-def label_rows_for(num_classes: int, labels: Any, num_per_label: int):
-  labels = models.check_labels(labels, num_classes)
-  return np.repeat(labels, num_per_label)
 
 
 def sample_to_file(workdir: str, out: str,

@@ -89,10 +89,22 @@ def write_sample_grid(config, model, variables, path: Optional[str] = None,
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Optional[Any] = None
                        ) -> train_step_lib.TrainState:
-  """Trains (or resumes) the run in `workdir`; returns the final state.
+  """Trains (or resumes) the run in `workdir`.
 
-  `dataset`: optional (images uint8 (N, 28, 28, 1), labels) to train on
-  instead of the config's tfds dataset (notebooks, tests).
+  Args:
+    config: a validated config (`cign_jax.config`); on resume only the fields
+      of `RESUMABLE_CHANGES` may differ from the run's `config.json`.
+    workdir: the run directory: checkpoints, TensorBoard events, sample
+      grids; resumed from its latest checkpoint when there is one.
+    dataset: optional (images uint8 (N, 28, 28, 1), labels) to train on
+      instead of the config's tfds dataset (notebooks, tests).
+
+  Returns:
+    The final TrainState (replicated over the mesh).
+
+  Raises:
+    NonFiniteLossError: a NaN or Inf loss; the last good checkpoint is kept.
+    ValueError: a config that does not fit the run or the devices.
   """
   # Here, not at the top: clu's metric writers import TensorFlow (seconds,
   # and memory), which nothing else that imports this module needs.

@@ -34,7 +34,7 @@ import hashlib
 import os
 import pathlib
 import warnings
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,6 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from cign_jax.data import reader
 from cign_jax.evaluation import inception
 
 FEATURE_SIZES = inception.FEATURE_SIZES
@@ -253,13 +252,6 @@ def fid(images1, images2, feature_sizes: Sequence[int] = (2048,), *,
 # Per-class FID with cached reference statistics.
 
 
-def real_split(dataset: str = "mnist", split: str = "test",
-               data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
-  """(uint8 images, labels) of a dataset split via `cign_jax.data.reader`, to pass
-  as `real_images, real_labels` (with the same `dataset`, `split`)."""
-  return reader.load_split(dataset, split, data_dir)
-
-
 def reference_stats_dir() -> pathlib.Path:
   return inception.fid_cache_dir() / "reference_stats"
 
@@ -341,6 +333,22 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
   Statistics of the real images are cached in `cache_dir` (default
   `reference_stats_dir()`), keyed by dataset, split, label, size, count and a
   hash of the pixels used, so a changed dataset is recomputed.
+
+  Args:
+    gen_images, gen_labels: the generated images and their labels.
+    real_images, real_labels: the real images (e.g. a test split) and labels.
+    feature_sizes: Inception feature sizes (see above).
+    max_per_class: at most this many images per class on each side.
+    dataset, split: name the real images in the statistics cache.
+    labels: the labels to score (default: those of `real_labels`).
+    batch_size: Inception batch (default: the extractor's).
+    progress: show a progress bar.
+    use_cache: read and write cached real statistics.
+    cache_dir: where they are cached.
+
+  Returns:
+    A `PerClassFID`: per-class FID per feature size, their mean/min/max, the
+    sample counts used, and notes (e.g. a skipped 2048).
   """
   gen_labels = np.asarray(gen_labels).reshape(-1)
   real_labels = np.asarray(real_labels).reshape(-1)

@@ -34,7 +34,7 @@ modules, see `cign_jax.models`):
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -187,6 +187,14 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
 
   Raises ValueError naming the first missing, wrongly shaped or unexpected
   key (`*.num_batches_tracked` buffers are ignored, present or not).
+
+  Args:
+    state_dict: the original's parameters and buffers by PyTorch name.
+    config: the config of the model the checkpoint holds.
+    dtype: the numpy dtype of the result.
+
+  Returns:
+    {'params': ..., 'batch_stats': ...} for `models.IdempotentNetwork`.
   """
   entries = _entries(config)
   wanted = {e.torch_key for e in entries}
@@ -221,8 +229,15 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
 
 def variables_to_torch_state_dict(variables: Mapping[str, Any], config
                                   ) -> Dict[str, np.ndarray]:
-  """The inverse mapping: our variables -> the original's state dict
-  (without num_batches_tracked)."""
+  """The inverse mapping: our variables -> the original's state dict.
+
+  Args:
+    variables: {'params': ..., 'batch_stats': ...} of our model.
+    config: the config of that model.
+
+  Returns:
+    The original's state dict (without num_batches_tracked), numpy arrays.
+  """
   result = {}
   for e in _entries(config):
     node = variables[e.collection]
@@ -252,8 +267,22 @@ def load_torch_state_dict(path: str) -> Dict[str, np.ndarray]:
 
 
 def convert(torch_checkpoint: str, config, workdir: str):
-  """Converts `torch_checkpoint` for `config` into the run directory
-  `workdir`; returns the TrainState that was saved (step 0)."""
+  """Imports an original checkpoint as a new run directory.
+
+  Args:
+    torch_checkpoint: a Lightning .ckpt or a saved state dict of the
+      original PyTorch code (read without PyTorch).
+    config: the config of the model it holds (validated here).
+    workdir: a new or empty run directory; afterwards `sample`, `evaluate`
+      and resumed training read it like a training run's.
+
+  Returns:
+    The TrainState that was saved (step 0).
+
+  Raises:
+    ValueError: `workdir` holds checkpoints, or the checkpoint does not match
+      `config` (the message names the first offending key).
+  """
 
   config = config_lib.validate(config)
   ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)

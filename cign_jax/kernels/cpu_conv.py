@@ -60,8 +60,6 @@ def _im2col(x, kh: int, kw: int, stride: int, padding: int):
 # in another order); tests/test_ops.py checks every formulation in every
 # pass position.
 FORMULATIONS = ("xla", "matmul", "native")
-ALL_PLANS = tuple((f, dx, dk) for f in FORMULATIONS for dx in FORMULATIONS
-                  for dk in FORMULATIONS)
 
 
 def _check_plan(plan):
