@@ -10,6 +10,7 @@ import time
 from absl import app
 from absl import flags
 
+from cign_jax import commands
 from cign_jax import data
 from cign_jax.evaluation import classifier as classifier_lib
 
@@ -43,7 +44,7 @@ def _define_flags():
 
 def run():
   _define_flags()
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":

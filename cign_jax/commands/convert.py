@@ -12,6 +12,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from cign_jax import commands
 from cign_jax.interop import convert
 
 FLAGS = flags.FLAGS
@@ -37,7 +38,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":

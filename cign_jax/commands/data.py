@@ -14,6 +14,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from cign_jax import commands
 from cign_jax import data
 from cign_jax.data import prepare
 from cign_jax.data import reader
@@ -56,7 +57,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import os
 from absl import app
 from absl import flags
 
+from cign_jax import commands
 from cign_jax.evaluation import evaluate
 
 FLAGS = flags.FLAGS
@@ -61,7 +62,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":

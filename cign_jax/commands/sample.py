@@ -15,6 +15,7 @@ with `images` (float in [-1, 1], (N, 28, 28) or (N, 28, 28, 1)) and
 from absl import app
 from absl import flags
 
+from cign_jax import commands
 from cign_jax import sampling
 
 FLAGS = flags.FLAGS
@@ -46,7 +47,7 @@ def main(argv):
 def run():
   _define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cign_jax import commands
 from cign_jax import config as config_lib
 from cign_jax import sharding
 from cign_jax import utils
@@ -68,7 +69,7 @@ def main(argv):
 
 def run():
   _define_flags()
-  app.run(main)
+  commands.run(main, __name__)
 
 
 if __name__ == "__main__":
