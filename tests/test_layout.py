@@ -195,3 +195,18 @@ def test_data_and_configs_depend_only_on_config_and_utils():
                    and not _in(t, "cign_jax.data")
                    and t not in ("cign_jax.config", "cign_jax.utils"))
   assert not bad, bad
+
+
+def test_the_package_never_imports_torch():
+  """PyTorch is a test oracle (tests/torch_reference.py), not a dependency:
+  the PyTorch archives are read without it."""
+  bad = []
+  for module, path in _modules().items():
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom)
+               else [])
+      bad += [(module, n) for n in names if n.split(".")[0] == "torch"]
+  assert not bad, bad
