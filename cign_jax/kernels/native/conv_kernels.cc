@@ -19,7 +19,7 @@
 //   cign_conv_kernel_grad:  dK = sum over rows of P(x)^T @ g    (kh*kw*C, Co)
 //
 // A transposed convolution is the adjoint of a convolution, so its three
-// passes are these three with the roles exchanged (cign_jax/kernels/native_conv.py).
+// passes are these three with the roles exchanged (../native_conv.py).
 // Work is split into chunks of samples that run on XLA's own intra-op thread
 // pool (so a kernel never competes with XLA's threads for the cores): no two
 // chunks write the same output element, and the kernel gradient sums
