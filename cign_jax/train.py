@@ -158,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   `dataset`: optional (images uint8 (N, 28, 28, 1), labels) to train on
   instead of the config's tfds dataset (notebooks, tests).
   """
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  from cign_jax import metric_writers  # pylint: disable=g-import-not-at-top
 
   config = config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
