@@ -164,12 +164,34 @@ def test_same_events_as_clus_tensorflow_writer(tmp_path):
   assert _session_start_hparams(a) == _session_start_hparams(b)
 
 
-# Trains a tiny model in a process where `import tensorflow` fails, on
-# synthetic data, and prints the loss terms it logged and any TensorFlow
-# module that got imported after all.
+# Trains a tiny model on synthetic data in a process where `import tensorflow`
+# fails, and prints any TensorFlow module that got imported after all.
 _NO_TENSORFLOW_RUN = r"""
+import importlib.machinery
 import sys
-sys.modules["tensorflow"] = None  # `import tensorflow` raises ImportError
+
+# As on a machine without TensorFlow: the path finder finds no `tensorflow`
+# (nor keras, which needs it), so `import tensorflow` raises
+# ModuleNotFoundError and importlib.util.find_spec("tensorflow") is None.
+# (sys.modules["tensorflow"] = None would not do: etils and tensorflow-datasets
+# take a "tensorflow" key in sys.modules as TensorFlow being loaded.)
+HIDDEN = ("tensorflow", "tensorflow_io_gcs_filesystem", "keras", "tf_keras")
+
+
+class HideTensorFlow:
+  @staticmethod
+  def find_spec(name, path=None, target=None):
+    if name.split(".")[0] in HIDDEN:
+      return None
+    return importlib.machinery.PathFinder.find_spec(name, path, target)
+
+  @staticmethod
+  def invalidate_caches():
+    importlib.machinery.PathFinder.invalidate_caches()
+
+
+sys.meta_path[:] = [HideTensorFlow if f is importlib.machinery.PathFinder
+                    else f for f in sys.meta_path]
 import json
 import numpy as np
 from absl import logging
@@ -191,8 +213,7 @@ rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
 labels = np.arange(16, dtype=np.int64) % 10
 train.train_and_evaluate(config, sys.argv[1], dataset=(images, labels))
-imported = sorted(m for m, v in sys.modules.items()
-                  if v is not None and m.split(".")[0] == "tensorflow")
+imported = sorted(m for m in sys.modules if m.split(".")[0] in HIDDEN)
 print("RESULT", json.dumps({"tensorflow_modules": imported}))
 """
 
