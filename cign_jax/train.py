@@ -26,6 +26,7 @@ import ml_collections
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
+from cign_jax import metric_writers
 from cign_jax import models
 from cign_jax import sampling
 from cign_jax import sharding
@@ -106,9 +107,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     NonFiniteLossError: a NaN or Inf loss; the last good checkpoint is kept.
     ValueError: a config that does not fit the run or the devices.
   """
-  # Here, not at the top: clu's metric writers import TensorFlow (seconds,
-  # and memory), which nothing else that imports this module needs.
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
   config = config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
