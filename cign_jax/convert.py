@@ -112,6 +112,11 @@ def _entries(config) -> List[_Entry]:
   import jax  # pylint: disable=g-import-not-at-top
   from cign_jax import models  # pylint: disable=g-import-not-at-top
 
+  architecture = config.model.get("architecture", "cign")
+  if architecture != "cign":
+    raise ValueError(f"config.model.architecture: only the CIGN network "
+                     f"('cign') has a checkpoint mapping, got "
+                     f"{architecture!r}")
   model = models.model_from_config(config)
   shapes = jax.eval_shape(lambda k: models.init_variables(model, k),
                           jax.random.key(0))
