@@ -15,6 +15,13 @@ import ml_collections
 
 # The one list of each: models, data and the commands check against these.
 CONDITIONINGS = ("channel", "filter", "none")
+# 'cign': the CIGN paper's five-block network (any conditioning);
+# 'ign_dcgan': the unconditional DCGAN-like network of the IGN code
+# (`models.DCGANIdempotentNetwork`).
+ARCHITECTURES = ("cign", "ign_dcgan")
+# 'adamw': PyTorch's AdamW (decoupled weight decay); 'adam': PyTorch's Adam
+# (weight decay, if any, added to the gradient as an L2 term).
+OPTIMIZERS = ("adamw", "adam")
 TIGHTNESS_KINDS = ("l1", "smooth_clamp")
 LR_SCHEDULES = ("constant", "cosine")
 DATASETS = ("mnist", "fashion_mnist")
@@ -35,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_noise_std = 0.15
 
   config.model = ml_collections.ConfigDict()
+  # 'cign' | 'ign_dcgan' (the IGN code's network; unconditional: needs
+  # conditioning 'none'; latent_dim = channels of its first conv,
+  # intermediate_dim = channels of its 1x1 code).
+  config.model.architecture = "cign"
   config.model.conditioning = "channel"  # 'channel' | 'filter' | 'none' (IGN)
   config.model.latent_dim = 32
   config.model.intermediate_dim = 128
@@ -61,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.loss.num_mismatch_labels = 9
 
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"  # 'adamw' | 'adam' (see OPTIMIZERS)
   config.optimizer.learning_rate = 1e-3
   config.optimizer.b1 = 0.5
   config.optimizer.b2 = 0.999
@@ -115,6 +127,16 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.conditioning in CONDITIONINGS, "model.conditioning",
          f"unknown conditioning {m.conditioning!r}; expected one of "
          f"{CONDITIONINGS}")
+  _check(m.architecture in ARCHITECTURES, "model.architecture",
+         f"unknown architecture {m.architecture!r}; expected one of "
+         f"{ARCHITECTURES}")
+  if m.architecture == "ign_dcgan":
+    _check(m.conditioning == "none", "model.conditioning",
+           f"the 'ign_dcgan' network is unconditional: it needs "
+           f"conditioning 'none', got {m.conditioning!r}")
+    _check(int(m.intermediate_dim) % 16 == 0, "model.intermediate_dim",
+           f"the 'ign_dcgan' decoder halves its channels four times: must "
+           f"be a multiple of 16, got {m.intermediate_dim}")
   for key in ("latent_dim", "intermediate_dim", "embedding_dim", "num_classes",
               "image_channels"):
     _check(int(m[key]) >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
@@ -134,6 +156,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(0 <= l.num_mismatch_labels <= m.num_classes - 1,
          "loss.num_mismatch_labels",
          f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}")
+  _check(o.name in OPTIMIZERS, "optimizer.name",
+         f"unknown optimizer {o.name!r}; expected one of {OPTIMIZERS}")
   _check(o.learning_rate > 0, "optimizer.learning_rate",
          f"must be > 0, got {o.learning_rate}")
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1",

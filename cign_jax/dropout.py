@@ -112,3 +112,23 @@ def dropout(x, rate: float, key):
   keep = lax.optimization_barrier(keep_mask(key, 1.0 - rate, x.shape))
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
                    jnp.zeros((), x.dtype))
+
+
+def channel_dropout(x, rate: float, key):
+  """PyTorch's nn.Dropout2d in training, NHWC: every (sample, channel) pair
+  is zeroed whole with probability `rate` (one decision per feature map,
+  shared by its H x W positions), the kept maps scaled by 1 / (1 - rate).
+
+  The decisions are `keep_mask(key, 1 - rate, (B, 1, 1, C))`, the same
+  Threefry stream as `dropout`, so they depend only on the key.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  if x.ndim != 4:
+    raise ValueError(f"channel dropout needs (B, H, W, C) activations, got "
+                     f"shape {tuple(x.shape)}")
+  if rate == 0.0:
+    return x
+  keep = keep_mask(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
+                   jnp.zeros((), x.dtype))

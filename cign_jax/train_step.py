@@ -2,7 +2,8 @@
 
 One step: noise the real images (std 0.15, clamped), compute the five-term
 loss of `cign_jax.losses` and its gradient, apply AdamW (betas 0.5/0.999,
-weight decay 0.01, as PyTorch's AdamW) and carry the BatchNorm running
+weight decay 0.01, as PyTorch's AdamW; or PyTorch's Adam with
+config.optimizer.name = 'adam') and carry the BatchNorm running
 statistics, and (config.ema_decay > 0) an exponential moving average of the
 parameters that sampling and evaluation use. All randomness of step n derives
 from (seed, n), so the same seed gives the same run, and a resumed run
@@ -53,9 +54,25 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps=None):
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    total_steps=None) -> optax.GradientTransformation:
+  """The optimiser `config.optimizer.name` names, as PyTorch defines it.
+
+  'adamw': AdamW, the weight decay decoupled from the moments (the CIGN
+  code). 'adam': Adam, the weight decay (if any) added to the gradient
+  before the moments, as torch.optim.Adam's `weight_decay` (the IGN code
+  uses it with none).
+  """
   o = config.optimizer
-  return optax.adamw(learning_rate=learning_rate(config, total_steps),
-                     b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  lr = learning_rate(config, total_steps)
+  name = o.get("name", "adamw")
+  if name == "adamw":
+    return optax.adamw(learning_rate=lr, b1=o.b1, b2=o.b2, eps=o.eps,
+                       weight_decay=o.weight_decay)
+  if name == "adam":
+    return optax.chain(optax.add_decayed_weights(o.weight_decay),
+                       optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+                       optax.scale_by_learning_rate(lr))
+  raise ValueError(f"config.optimizer.name: unknown optimizer {name!r}; "
+                   "expected 'adamw' or 'adam'")
 
 
 def create_train_state(config: ml_collections.ConfigDict, key=None,

@@ -117,7 +117,11 @@ class _Entry:
 
 def _entries(config) -> List[_Entry]:
   """Our variables for `config`, each with its original key and layout."""
-
+  architecture = config.model.get("architecture", "cign")
+  if architecture != "cign":
+    raise ValueError(f"config.model.architecture: only the CIGN network "
+                     f"('cign') has a checkpoint mapping, got "
+                     f"{architecture!r}")
   model = models.model_from_config(config)
   shapes = jax.eval_shape(lambda k: models.init_variables(model, k),
                           jax.random.key(0))

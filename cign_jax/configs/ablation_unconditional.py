@@ -1,5 +1,6 @@
-"""Unconditional IGN baseline on MNIST: the same encoder/decoder as
-channel_small without any conditioning; rec, idem and tight on noise only."""
+"""Ablation: the CIGN network of channel_small (ld 32, id 128) with the
+conditioning removed; rec, idem and tight on noise only. Not the IGN code's
+network: that one is configs/ign_dcgan.py."""
 
 from cign_jax import config as config_lib
 
