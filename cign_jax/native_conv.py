@@ -26,6 +26,13 @@ compiler, no OpenBLAS wheel, an unsafe cache, `CIGN_JAX_NATIVE_CONV=0`),
 `cign_jax.ops` logs a warning with the reason and uses its XLA formulations
 instead: the same results up to rounding, about 1.5x slower train steps.
 
+The kernels' tuning knobs (`TUNING_ENV`: block size, minimum rows per block,
+chunks per thread, memory for the kernel gradient's partial sums) are
+integers checked against their bounds before loading; the kernels clamp
+them too. A chunk that cannot get its scratch memory makes the call raise
+RESOURCE_EXHAUSTED in Python (CIGN_JAX_NATIVE_TEST_FAIL_CHUNK=<n> forces
+that for chunk n, for tests).
+
 The public functions take and return JAX arrays and are used only on CPU
 (under `jax.vmap` they run once per mapped element):
 
