@@ -12,8 +12,9 @@
 // Geometry (PyTorch's conv2d, NHWC): x (B, H, W, C), kernel as a matrix
 // (kh*kw*C, Co) in (di, dj, c) row order, output (B, Ho, Wo, Co) with
 // Ho = floor((H + 2p - kh) / s) + 1, or 0 when the kernel does not fit
-// (lax's sizes: an empty output, zero gradients). Patch row r = (b, i, j) holds, for each tap
-// (di, dj), x[b, i*s - p + di, j*s - p + dj, :] or zeros outside the image.
+// (lax's sizes: an empty output, zero gradients). Patch row r = (b, i, j)
+// holds, for each tap (di, dj), x[b, i*s - p + di, j*s - p + dj, :] or
+// zeros outside the image.
 //
 //   cign_conv_forward:      y  = P(x) @ K                       (B,Ho,Wo,Co)
 //   cign_conv_input_grad:   dx = col2im(g @ K^T)                (B,H,W,C)
@@ -138,11 +139,17 @@ struct ChunkQueue {
   ffi::ErrorCode error_code = ffi::ErrorCode::kInternal;  // guarded by mu
   std::string error_message;                               // guarded by mu
 
-  void Fail(ffi::ErrorCode code, std::string message) {
+  // Records the first failure (the message is best effort: building it
+  // may itself run out of memory).
+  void Fail(ffi::ErrorCode code, int64_t chunk, const char* what) {
     std::lock_guard<std::mutex> lock(mu);
     if (failed.load()) return;
     error_code = code;
-    error_message = std::move(message);
+    try {
+      error_message = pass + ": chunk " + std::to_string(chunk) + " of " +
+                      std::to_string(total) + ": " + what;
+    } catch (...) {
+    }
     failed.store(true);
   }
 
@@ -151,16 +158,12 @@ struct ChunkQueue {
     try {
       fn(chunk);
     } catch (const std::bad_alloc&) {
-      Fail(ffi::ErrorCode::kResourceExhausted,
-           pass + ": out of memory for the scratch of chunk " +
-               std::to_string(chunk) + " of " + std::to_string(total));
+      Fail(ffi::ErrorCode::kResourceExhausted, chunk,
+           "out of memory for its scratch");
     } catch (const std::exception& e) {
-      Fail(ffi::ErrorCode::kInternal, pass + ": chunk " +
-                                          std::to_string(chunk) + ": " +
-                                          e.what());
+      Fail(ffi::ErrorCode::kInternal, chunk, e.what());
     } catch (...) {
-      Fail(ffi::ErrorCode::kInternal,
-           pass + ": chunk " + std::to_string(chunk) + " failed");
+      Fail(ffi::ErrorCode::kInternal, chunk, "failed");
     }
   }
 
