@@ -339,6 +339,9 @@ def _load() -> None:
   for name, max_value in TUNING_ENV.items():
     _env_int(name, 1, max_value)
   timeout = _env_int(BUILD_TIMEOUT_ENV, 300, 86400)
+  if not os.path.isdir("/proc/self/fd"):
+    raise NativeBuildError("loading the kernels safely needs /proc/self/fd "
+                           "(Linux)")
   compiler = _compiler()
   try:
     import scipy_openblas32  # pylint: disable=g-import-not-at-top,unused-import
