@@ -9,13 +9,29 @@ cost of the product) or, for its native convolutions, ran some of CIGN's
 passes up to 10x slower (docs/performance.md).
 
 The library is compiled on first use with the system's C++ compiler
-(`$CXX`, else `c++`/`g++`) into the cache (`cign_jax.utils.cache_dir`), keyed
-by the source, the jaxlib and OpenBLAS versions and paths, the compiler and
-the CPU, and registered with XLA as three FFI targets. `available()` says
-whether that worked; where it did not (no compiler, no OpenBLAS wheel,
-`CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops` logs a warning with the reason
-and uses its XLA formulations instead: the same results up to rounding,
-about 1.5x slower train steps.
+(`$CXX`, split like a shell command so that a wrapper such as "ccache g++"
+works; else `c++`/`g++`/`clang++`) from a private copy of the source bytes
+it hashed, within $CIGN_JAX_NATIVE_BUILD_TIMEOUT seconds (default 300).
+It is cached in `<cache>/native/<key>/` (`cign_jax.utils.cache_root()`,
+directories created 0700), keyed by the source, the jaxlib and OpenBLAS
+versions and paths, the whole compile command and the CPU (every feature
+line of /proc/cpuinfo and the flags the compiler resolves -march=native to).
+It is loaded only if it is a regular file (not a link) owned by this user
+or root and not writable by group or others, in directories likewise
+owned and not group/other-writable: the checks are made on the opened file,
+which is what gets loaded (through /proc/self/fd). A cached library that
+does not load is rebuilt once. It is registered with XLA as three FFI
+targets. `available()` says whether that worked; where it did not (no
+compiler, no OpenBLAS wheel, an unsafe cache, `CIGN_JAX_NATIVE_CONV=0`),
+`cign_jax.ops` logs a warning with the reason and uses its XLA formulations
+instead: the same results up to rounding, about 1.5x slower train steps.
+
+The kernels' tuning knobs (`TUNING_ENV`: block size, minimum rows per block,
+chunks per thread, memory for the kernel gradient's partial sums) are
+integers checked against their bounds before loading; the kernels clamp
+them too. A chunk that cannot get its scratch memory makes the call raise
+RESOURCE_EXHAUSTED in Python (CIGN_JAX_NATIVE_TEST_FAIL_CHUNK=<n> forces
+that for chunk n, for tests).
 
 The public functions take and return JAX arrays and are used only on CPU
 (under `jax.vmap` they run once per mapped element):
@@ -25,22 +41,29 @@ The public functions take and return JAX arrays and are used only on CPU
   conv_kernel_grad(x, g, kh, kw, stride, padding)    its adjoint in kernel
 
 with x (B, H, W, C), kernel (kh, kw, C, Co), g (B, Ho, Wo, Co), PyTorch's
-conv2d arithmetic Ho = (H + 2p - kh) // s + 1.
+conv2d arithmetic Ho = (H + 2p - kh) // s + 1 (0 where the kernel does
+not fit, as lax).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
+import json
 import logging
 import os
 import platform
+import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
-from typing import Optional, Tuple
+import time
+from typing import List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,10 +73,30 @@ from cign_jax import utils
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
                       "conv_kernels.cc")
+LIBRARY_NAME = "libcign_conv_kernels.so"
 _TARGETS = {"cign_conv_forward": "CignConvForward",
             "cign_conv_input_grad": "CignConvInputGrad",
             "cign_conv_kernel_grad": "CignConvKernelGrad"}
 ENV_SWITCH = "CIGN_JAX_NATIVE_CONV"
+BUILD_TIMEOUT_ENV = "CIGN_JAX_NATIVE_BUILD_TIMEOUT"
+# The kernels' tuning knobs (read by conv_kernels.cc) and their largest
+# accepted values, the same bounds as the C++ side's clamps.
+TUNING_ENV = {"CIGN_JAX_NATIVE_BLOCK_KIB": 1 << 20,
+              "CIGN_JAX_NATIVE_MIN_ROWS": 1 << 16,
+              "CIGN_JAX_NATIVE_CHUNKS_PER_THREAD": 64,
+              "CIGN_JAX_NATIVE_PARTIAL_MIB": 1 << 20}
+# Largest kernel size, stride and padding the kernels accept (kMaxAttr).
+MAX_ATTR = 1 << 20
+# /proc/cpuinfo fields that say which instructions a -march=native build may
+# use (x86, aarch64, other Linux ports); per-core noise (MHz, ids) is left out.
+_CPU_FIELDS = frozenset((
+    "vendor_id", "cpu family", "model", "model name", "stepping", "flags",
+    "features", "cpu implementer", "cpu architecture", "cpu variant",
+    "cpu part", "cpu revision", "isa", "isa-ext", "uarch", "mmu", "cpu",
+    "platform", "machine", "cpu model", "ase"))
+_CPUINFO = "/proc/cpuinfo"
+# Marks the places of the source and output files in a compile command.
+_SOURCE_ARG, _OUTPUT_ARG = "<source>", "<output>"
 
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "disabled": 0}
@@ -63,30 +106,95 @@ class NativeBuildError(RuntimeError):
   """The C++ kernels could not be compiled or loaded."""
 
 
-def _compiler() -> Optional[str]:
-  for name in (os.environ.get("CXX", ""), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
+class UnsafeCacheError(NativeBuildError):
+  """A cached library or its directory could have been written by another
+  user: it is not loaded."""
 
 
-def _cpu_signature() -> str:
-  """What -march=native depends on: the CPU model and its flags."""
-  text = platform.machine()
+class _LoadError(NativeBuildError):
+  """A library that passed the checks did not load (truncated, corrupt)."""
+
+
+class BuildSpec(NamedTuple):
+  """What a build compiles and how; `key` names its cache directory.
+
+  Attributes:
+    key: hex digest of everything below and the versions and CPU it is for.
+    source: the source bytes that were hashed (and are compiled).
+    command: the compile command, with `<source>` and `<output>` in place of
+      the files.
+  """
+  key: str
+  source: bytes
+  command: Tuple[str, ...]
+
+
+def _env_int(name: str, default: int, max_value: int) -> int:
+  """An integer setting from the environment, checked against
+  [1, max_value]; `default` when unset."""
+  text = os.environ.get(name, "").strip()
+  if not text:
+    return default
   try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if not 1 <= value <= max_value:
+    raise NativeBuildError(f"{name}={text!r} is not an integer in "
+                           f"[1, {max_value}]; unset it or pick one there")
+  return value
+
+
+def _compiler() -> List[str]:
+  """The compiler command: $CXX split like a shell command (so "ccache g++"
+  works), else the first of c++, g++, clang++ on the PATH."""
+  cxx = os.environ.get("CXX", "").strip()
+  if cxx:
+    try:
+      argv = shlex.split(cxx)
+    except ValueError as e:
+      raise NativeBuildError(f"$CXX={cxx!r} is not a valid command: {e}") \
+          from e
+    exe = shutil.which(argv[0]) if argv else None
+    if exe is None:
+      raise NativeBuildError(f"$CXX={cxx!r}: {argv[0] if argv else ''!r} "
+                             f"is not an executable on the PATH; fix or "
+                             f"unset CXX")
+    return [exe] + argv[1:]
+  for name in ("c++", "g++", "clang++"):
+    if shutil.which(name):
+      return [shutil.which(name)]
+  raise NativeBuildError("no C++ compiler found (install one or set $CXX)")
+
+
+def _cpu_signature(compiler: List[str], timeout: float) -> str:
+  """What a -march=native build depends on: every instruction-set line of
+  /proc/cpuinfo (x86 flags, aarch64 Features and CPU part/variant, ...;
+  all distinct lines, so a machine mixing cores lists each kind) and the
+  target flags the compiler resolves -march=native to on this machine."""
+  lines = {platform.machine()}
+  try:
+    with open(_CPUINFO, encoding="utf-8", errors="replace") as f:
       for line in f:
-        if line.startswith(("model name", "flags")):
-          text += line
-        if line.strip() == "":
-          break
+        field = line.split(":", 1)[0].strip().lower()
+        if field in _CPU_FIELDS:
+          lines.add(" ".join(line.split()))
   except OSError:
     pass
-  return text
+  probe = compiler + ["-###", "-E", "-march=native", "-x", "c++", os.devnull]
+  try:
+    proc = subprocess.run(probe, capture_output=True, text=True, cwd="/",
+                          env=dict(os.environ, LC_ALL="C"), timeout=timeout,
+                          check=False)
+    resolved = f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+  except subprocess.TimeoutExpired as e:
+    raise NativeBuildError(f"{shlex.join(probe)} took more than {timeout}s "
+                           f"(${BUILD_TIMEOUT_ENV})") from e
+  return "\n".join(sorted(lines)) + "\n" + resolved
 
 
-def _build(compiler: str) -> str:
-  """Compiles the kernels (once per source/jaxlib/CPU); returns the .so."""
+def _build_spec(compiler: List[str], timeout: float) -> BuildSpec:
+  """The source, compile command and cache key for this machine."""
   import jaxlib  # pylint: disable=g-import-not-at-top
   import scipy_openblas32  # pylint: disable=g-import-not-at-top
   with open(SOURCE, "rb") as f:
@@ -94,41 +202,168 @@ def _build(compiler: str) -> str:
   blas_dir = scipy_openblas32.get_lib_dir()
   # The library finds OpenBLAS by its absolute path (rpath): a new
   # environment gets its own build.
-  key = hashlib.sha256(source + jaxlib.__version__.encode() +
-                       scipy_openblas32.__version__.encode() +
-                       blas_dir.encode() + _cpu_signature().encode() +
-                       compiler.encode()).hexdigest()[:16]
-  out_dir = utils.cache_dir("native", key)
-  lib = os.path.join(out_dir, "libcign_conv_kernels.so")
-  if os.path.exists(lib):
-    return lib
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-  os.close(fd)
-  cmd = [compiler, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC",
-         "-pthread", f"-I{jax.ffi.include_dir()}",
-         f"-I{scipy_openblas32.get_include_dir()}", SOURCE, "-o", tmp,
-         f"-L{blas_dir}", f"-l{scipy_openblas32.get_library()}",
-         f"-Wl,-rpath,{blas_dir}"]
-  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise NativeBuildError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n"
-                           f"{proc.stderr[-4000:]}")
-  os.replace(tmp, lib)  # atomic: a concurrent build leaves one good file
+  command = tuple(compiler) + (
+      "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
+      f"-I{jax.ffi.include_dir()}",
+      f"-I{scipy_openblas32.get_include_dir()}", _SOURCE_ARG, "-o",
+      _OUTPUT_ARG, f"-L{blas_dir}", f"-l{scipy_openblas32.get_library()}",
+      f"-Wl,-rpath,{blas_dir}")
+  identity = json.dumps({
+      "source": hashlib.sha256(source).hexdigest(),
+      "jaxlib": jaxlib.__version__,
+      "openblas": scipy_openblas32.__version__,
+      "command": command,
+      "cpu": _cpu_signature(compiler, timeout)})
+  return BuildSpec(hashlib.sha256(identity.encode()).hexdigest()[:16],
+                   source, command)
+
+
+def _check_owner_and_mode(st: os.stat_result, path: str, what: str) -> None:
+  """Refuses what another user (other than root) owns or could write."""
+  uid = os.geteuid()
+  if st.st_uid not in (uid, 0):
+    raise UnsafeCacheError(
+        f"refusing to load from the kernel cache: the {what} {path} belongs "
+        f"to uid {st.st_uid}, not to this user (uid {uid}) or root; remove "
+        f"it, or point CIGN_JAX_CACHE at a directory of your own")
+  if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    raise UnsafeCacheError(
+        f"refusing to load from the kernel cache: the {what} {path} is "
+        f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+        f"remove it, or point CIGN_JAX_CACHE at a directory of your own")
+
+
+def _private_dir(*parts: str) -> str:
+  """<cache_root>/<parts>, each part created 0700 and checked."""
+  path = utils.cache_root()
+  os.makedirs(path, exist_ok=True)
+  for part in parts:
+    path = os.path.join(path, part)
+    try:
+      os.mkdir(path, 0o700)
+    except FileExistsError:
+      pass
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
+      raise NativeBuildError(f"{path} is not a directory")
+    _check_owner_and_mode(st, path, "directory")
+  return path
+
+
+def _remove_stale_temporaries(directory: str, timeout: float) -> None:
+  """Removes tmp* entries that an interrupted build left (older than a build
+  may take, so a concurrent build's files stay)."""
+  cutoff = time.time() - timeout - 60
+  for name in os.listdir(directory):
+    if not name.startswith("tmp"):
+      continue
+    path = os.path.join(directory, name)
+    try:
+      if os.lstat(path).st_mtime > cutoff:
+        continue
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        os.unlink(path)
+    except OSError:
+      pass
+
+
+def _build(spec: BuildSpec, lib_path: str, timeout: float) -> None:
+  """Compiles spec.source into lib_path (mode 0755, by atomic rename)."""
+  work = tempfile.mkdtemp(prefix="tmp", dir=os.path.dirname(lib_path))
+  try:
+    src = os.path.join(work, os.path.basename(SOURCE))
+    out = os.path.join(work, LIBRARY_NAME)
+    with open(src, "wb") as f:
+      f.write(spec.source)  # the bytes that were hashed, whatever SOURCE is now
+    cmd = [src if a == _SOURCE_ARG else out if a == _OUTPUT_ARG else a
+           for a in spec.command]
+    # A session of its own, so that a timeout ends a wrapper's children too.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=work,
+                            start_new_session=True)
+    try:
+      _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+      proc.communicate()
+      raise NativeBuildError(
+          f"compiling {SOURCE} took more than {timeout}s (set "
+          f"{BUILD_TIMEOUT_ENV} to allow longer): {shlex.join(cmd)}") from e
+    if proc.returncode != 0:
+      raise NativeBuildError(f"compiling {SOURCE} failed "
+                             f"({shlex.join(cmd)}):\n{err[-4000:]}")
+    # Readable by all, writable only by the owner, before it is visible.
+    os.chmod(out, 0o755)
+    os.replace(out, lib_path)  # atomic: a concurrent build leaves one file
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def _open_library(path: str) -> ctypes.CDLL:
+  """Loads `path` if it is a regular file of this user's (or root's) that
+  group and others cannot write; the checks are made on the opened file,
+  and that file is what gets loaded."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise UnsafeCacheError(
+          f"refusing to load from the kernel cache: {path} is a symbolic "
+          f"link; remove it to rebuild the library") from e
+    raise NativeBuildError(f"cannot open {path}: {e}") from e
+  try:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+      raise UnsafeCacheError(f"refusing to load from the kernel cache: "
+                             f"{path} is not a regular file")
+    _check_owner_and_mode(st, path, "library")
+    try:
+      lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError as e:
+      raise _LoadError(f"{path} does not load: {e}") from e
+  except BaseException:
+    os.close(fd)
+    raise
+  # The descriptor stays open: the dynamic loader knows the library by this
+  # /proc path, and would hand it back for another file opened later under
+  # the same descriptor number.
   return lib
 
 
 def _load() -> None:
   if os.environ.get(ENV_SWITCH, "1") == "0":
     raise NativeBuildError(f"disabled by {ENV_SWITCH}=0")
+  for name, max_value in TUNING_ENV.items():
+    _env_int(name, 1, max_value)
+  timeout = _env_int(BUILD_TIMEOUT_ENV, 300, 86400)
+  if not os.path.isdir("/proc/self/fd"):
+    raise NativeBuildError("loading the kernels safely needs /proc/self/fd "
+                           "(Linux)")
   compiler = _compiler()
-  if compiler is None:
-    raise NativeBuildError("no C++ compiler found (set $CXX)")
   try:
     import scipy_openblas32  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     raise NativeBuildError("the scipy-openblas32 wheel is not installed") from e
-  lib = ctypes.CDLL(_build(compiler))
+  spec = _build_spec(compiler, timeout)
+  key_dir = _private_dir("native", spec.key)
+  lib_path = os.path.join(key_dir, LIBRARY_NAME)
+  _remove_stale_temporaries(key_dir, timeout)
+  built = not os.path.lexists(lib_path)
+  if built:
+    _build(spec, lib_path, timeout)
+  try:
+    lib = _open_library(lib_path)
+  except _LoadError as e:
+    if built:
+      raise
+    logging.warning("cign_jax: the cached C++ conv kernels do not load "
+                    "(%s); rebuilding them once", e)
+    os.unlink(lib_path)
+    _build(spec, lib_path, timeout)
+    lib = _open_library(lib_path)
   lib.cign_native_init()
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib,
@@ -146,7 +381,9 @@ def available() -> bool:
       try:
         _load()
         _state["loaded"] = True
-      except (NativeBuildError, OSError, AttributeError) as e:
+      except Exception as e:  # pylint: disable=broad-except
+        # Whatever went wrong (registration raises ValueError/RuntimeError
+        # too), XLA's formulations take over, and later traces do not retry.
         _state["error"] = f"{type(e).__name__}: {e}"
         if os.environ.get(ENV_SWITCH, "1") != "0":
           logging.warning("cign_jax: the C++ conv kernels are unavailable, "
@@ -180,18 +417,27 @@ def _require():
 
 
 def _attrs(kh, kw, stride, padding):
+  """The kernels' attributes, checked (the C++ side refuses the same)."""
+  for name, value, low in (("kernel height", kh, 1), ("kernel width", kw, 1),
+                           ("stride", stride, 1), ("padding", padding, 0)):
+    if not isinstance(value, (int, np.integer)) or not (
+        low <= value <= MAX_ATTR):
+      raise ValueError(f"native conv: {name} must be an integer in "
+                       f"[{low}, {MAX_ATTR}], got {value!r}")
   return dict(kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
               padding=np.int64(padding))
 
 
 def _out_size(size, k, stride, padding):
-  return (size + 2 * padding - k) // stride + 1
+  """lax's output size: 0 where the kernel does not fit."""
+  return max(0, (size + 2 * padding - k) // stride + 1)
 
 
 def conv_forward(x, kernel, stride: int, padding: int):
   """conv2d: x (B,H,W,C), kernel (kh,kw,C,Co) -> (B,Ho,Wo,Co), float32."""
   _require()
   kh, kw, c, co = kernel.shape
+  attrs = _attrs(kh, kw, stride, padding)
   b, h, w, _ = x.shape
   shape = (b, _out_size(h, kh, stride, padding),
            _out_size(w, kw, stride, padding), co)
@@ -200,7 +446,7 @@ def conv_forward(x, kernel, stride: int, padding: int):
       vmap_method="sequential")(
           x.astype(jnp.float32),
           kernel.astype(jnp.float32).reshape(kh * kw * c, co),
-          **_attrs(kh, kw, stride, padding))
+          **attrs)
 
 
 def conv_input_grad(g, kernel, stride: int, padding: int,
@@ -209,23 +455,25 @@ def conv_input_grad(g, kernel, stride: int, padding: int,
   input of spatial size hw (rows a strided conv never reads get zeros)."""
   _require()
   kh, kw, c, co = kernel.shape
+  attrs = _attrs(kh, kw, stride, padding)
   shape = (g.shape[0], hw[0], hw[1], c)
   return jax.ffi.ffi_call(
       "cign_conv_input_grad", jax.ShapeDtypeStruct(shape, jnp.float32),
       vmap_method="sequential")(
           g.astype(jnp.float32),
           kernel.astype(jnp.float32).reshape(kh * kw * c, co),
-          **_attrs(kh, kw, stride, padding))
+          **attrs)
 
 
 def conv_kernel_grad(x, g, kh: int, kw: int, stride: int, padding: int):
   """The adjoint of conv_forward in the kernel: (kh, kw, C, Co)."""
   _require()
+  attrs = _attrs(kh, kw, stride, padding)
   c, co = x.shape[-1], g.shape[-1]
   dk = jax.ffi.ffi_call(
       "cign_conv_kernel_grad",
       jax.ShapeDtypeStruct((kh * kw * c, co), jnp.float32),
       vmap_method="sequential")(
           x.astype(jnp.float32), g.astype(jnp.float32),
-          **_attrs(kh, kw, stride, padding))
+          **attrs)
   return dk.reshape(kh, kw, c, co)

@@ -58,15 +58,19 @@ def tap_slices(x, kh: int, kw: int, stride: int, padding: int):
   """Yields ((di, dj), x_pad[:, di + s*i, dj + s*j, :]) for every tap."""
   xp = pad_hw(x, padding)
   hp, wp = xp.shape[1], xp.shape[2]
-  ho = (hp - kh) // stride + 1
-  wo = (wp - kw) // stride + 1
+  # 0 where the kernel does not fit (lax's empty output).
+  ho = max(0, (hp - kh) // stride + 1)
+  wo = max(0, (wp - kw) // stride + 1)
+
+  def rows(start, n):  # (start, limit) of n strided rows; (0, 0) for none
+    return (start, start + stride * (n - 1) + 1) if n else (0, 0)
+
   for di in range(kh):
     for dj in range(kw):
-      yield (di, dj), lax.slice(
-          xp, (0, di, dj, 0),
-          (xp.shape[0], di + stride * (ho - 1) + 1, dj + stride * (wo - 1) + 1,
-           xp.shape[3]),
-          (1, stride, stride, 1))
+      (h0, h1), (w0, w1) = rows(di, ho), rows(dj, wo)
+      yield (di, dj), lax.slice(xp, (0, h0, w0, 0),
+                                (xp.shape[0], h1, w1, xp.shape[3]),
+                                (1, stride, stride, 1))
 
 
 def place_taps(tap_values, kh: int, kw: int, stride: int):
@@ -109,7 +113,9 @@ def crop(y, padding: int):
 
 def fit(y, h: int, w: int):
   """Zero-pads y at the bottom/right to (h, w) (the rows a strided conv
-  never reads, when (H + 2p - k) % s != 0)."""
+  never reads, when (H + 2p - k) % s != 0). An empty convolution's col2im
+  (a kernel larger than the padded input) can be larger: cropped."""
+  y = y[:, :h, :w]
   dh, dw = h - y.shape[1], w - y.shape[2]
   if dh == 0 and dw == 0:
     return y
