@@ -150,6 +150,33 @@ def channel_condition(x, embedding, kernel, bias):
   return jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
 
 
+def condition_maps(class_embeddings, kernel, bias, h: int, w: int):
+  """The channel-conditioning maps of every class: (num_classes, H, W, 1).
+
+  class_embeddings: (num_classes, E), the label embedding table; kernel
+  (E, H*W) and bias (H*W,) as in `channel_condition`, whose map for label c
+  is row c of this.
+  """
+  if kernel.shape[-1] != h * w:
+    raise ValueError(f"condition_maps: the linear map gives "
+                     f"{kernel.shape[-1]} values, the input needs H*W = {h * w}")
+  n = class_embeddings.shape[0]
+  return jnp.tanh(class_embeddings @ kernel + bias).reshape(n, h, w, 1)
+
+
+def pick_by_label(per_class, labels):
+  """per_class[labels] for per_class (num_classes, ...) and labels (B,).
+
+  A product with the one-hot labels at full float32 precision (exact: one
+  term per output), so that the gradient is a (num_classes, B) product
+  rather than a scatter-add into num_classes rows.
+  """
+  one_hot = jax.nn.one_hot(labels, per_class.shape[0], dtype=per_class.dtype)
+  flat = per_class.reshape(per_class.shape[0], -1)
+  picked = jnp.matmul(one_hot, flat, precision=lax.Precision.HIGHEST)
+  return picked.reshape((labels.shape[0],) + per_class.shape[1:])
+
+
 # ---------------------------------------------------------------------------
 # The implementations the models use.
 
