@@ -274,6 +274,30 @@ def _stack_taps(sums, kh, kw):
                     for di in range(kh)], axis=1)
 
 
+def _one_reduction_for_tap_sums() -> bool:
+  """The per-sample filter gradient as one reduction over the stacked taps
+  (GPU/TPU: one kernel instead of kh*kw small ones) or kh*kw reductions
+  (CPU, where it was measured)."""
+  return jax.default_backend() != "cpu"
+
+
+def _filter_grad(taps, g, kh, kw, crop=None):
+  """sum over (i, j) of tap * g per tap: the (B, kh, kw, C) filter gradient.
+
+  taps: [((di, dj), tap)] in row-major tap order; `crop` (h, w): multiply
+  g's taps cropped to that size with g itself (`g` is then x)."""
+  def product(tap):
+    if crop is not None:
+      tap = tap[:, :crop[0], :crop[1]]
+    return tap * g
+  if _one_reduction_for_tap_sums():
+    stacked = jnp.stack([product(tap) for _, tap in taps], axis=1)
+    sums = jnp.sum(stacked, axis=(2, 3))  # (B, kh*kw, C)
+    return sums.reshape(sums.shape[0], kh, kw, sums.shape[-1])
+  return _stack_taps({key: jnp.sum(product(tap), axis=(1, 2))
+                      for key, tap in taps}, kh, kw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_correlation_vjp(x, filters, stride, padding):
   return _depthwise_correlation(x, filters, stride, padding)
@@ -290,9 +314,8 @@ def _dc_bwd(stride, padding, res, g):
   kh, kw = filters.shape[1], filters.shape[2]
   dx = _fit(_depthwise_transposed(g, filters, stride, padding), x.shape[1],
             x.shape[2])
-  sums = {key: jnp.sum(tap * g, axis=(1, 2))
-          for key, tap in _tap_slices(x, kh, kw, stride, padding)}
-  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+  df = _filter_grad(list(_tap_slices(x, kh, kw, stride, padding)), g, kh, kw)
+  return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
 _depthwise_correlation_vjp.defvjp(_dc_fwd, _dc_bwd)
@@ -314,9 +337,9 @@ def _dt_bwd(stride, padding, res, g):
   kh, kw = filters.shape[1], filters.shape[2]
   dx = _depthwise_correlation(g, filters, stride, padding)
   h, w = x.shape[1], x.shape[2]
-  sums = {key: jnp.sum(x * tap[:, :h, :w], axis=(1, 2))
-          for key, tap in _tap_slices(g, kh, kw, stride, padding)}
-  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+  df = _filter_grad(list(_tap_slices(g, kh, kw, stride, padding)), x, kh, kw,
+                    crop=(h, w))
+  return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
 _depthwise_transposed_vjp.defvjp(_dt_fwd, _dt_bwd)

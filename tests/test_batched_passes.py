@@ -31,9 +31,11 @@ class _Float64Namespace(types.ModuleType):
     return getattr(jnp, name)
 
 
-@pytest.fixture(params=["float64", "float32"])
+@pytest.fixture
 def precision(request, monkeypatch):
-  if request.param == "float32":
+  """The test's dtype ('float64' or 'float32', from its `dtype` parameter);
+  float64 runs our modules' float32 casts in float64."""
+  if request.node.callspec.params["dtype"] == "float32":
     yield jnp.float32
     return
   namespace = _Float64Namespace("jax_numpy_float64")
@@ -87,10 +89,15 @@ def _loss_and_grads(conditioning, num_mismatch, passes, dtype, b=3,
   return total, terms, new_stats, grads
 
 
-@pytest.mark.parametrize("conditioning,num_mismatch", [
-    ("channel", 0), ("channel", 1), ("channel", 9),
-    ("filter", 0), ("filter", 1), ("filter", 9), ("none", 0)])
-def test_batched_passes_equal_sequential(conditioning, num_mismatch,
+# Every conditioning and mismatch count in float64 (where the two
+# formulations agree to rounding), and one of each conditioning in float32
+# (the tolerance training runs at). Each case compiles two train-step-sized
+# programs, so the float32 cases are a selection.
+@pytest.mark.parametrize("conditioning,num_mismatch,dtype", [
+    (cond, k, "float64") for cond in ("channel", "filter") for k in (0, 1, 9)
+] + [("channel", 9, "float32"), ("filter", 1, "float32"),
+     ("none", 0, "float32")])
+def test_batched_passes_equal_sequential(conditioning, num_mismatch, dtype,
                                          precision):
   want = _loss_and_grads(conditioning, num_mismatch, "sequential", precision)
   got = _loss_and_grads(conditioning, num_mismatch, "batched", precision)
@@ -110,6 +117,20 @@ def test_batched_passes_equal_sequential(conditioning, num_mismatch,
            zip([0, 1], [got[2]["discriminator"]["batch_norm_1"]["mean"],
                         got[2]["discriminator"]["batch_norm_1"]["var"]])]
   assert min(moved) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float64"])
+def test_gpu_formulation_equals_the_reference(dtype, precision):
+  """What GPUs run by default (batched calls, per-class channel conv)
+  against the sequential calls with the concatenated label channel."""
+  want = _loss_and_grads("channel", 1, "sequential", precision)
+  got = _loss_and_grads("channel", 1, "batched", precision,
+                        channel_conv="per_class")
+  for name in losses.LOSS_TERMS:
+    w, g = float(want[1][name]), float(got[1][name])
+    assert abs(g - w) <= 1e-10 * max(abs(w), 1e-6), (name, g, w)
+  _assert_trees_close(got[2], want[2], 1e-10, "running statistics")
+  _assert_trees_close(got[3], want[3], 1e-9, "gradient")
 
 
 def test_batched_differs_without_per_group_statistics(monkeypatch):
@@ -266,3 +287,25 @@ def test_matmul_precision_reaches_the_convolutions():
   assert "HIGHEST" not in hlo("default")
   with pytest.raises(ValueError, match="unknown matmul_precision"):
     hlo("tf32")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_filter_gradient_as_one_reduction(transposed, monkeypatch):
+  """The GPU form of the per-sample filter gradient (one reduction over the
+  stacked taps) against the lax reference's autodiff gradient."""
+  monkeypatch.setattr(ops, "_one_reduction_for_tap_sums", lambda: True)
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.normal(size=(3, 7, 7, 4)), jnp.float32)
+  f = jnp.asarray(rs.normal(size=(3, 3, 3, 4)), jnp.float32)  # disc_3's
+  if transposed:
+    fast = ops.per_sample_depthwise_transposed_correlation
+    reference = ops.per_sample_depthwise_transposed_correlation_reference
+  else:
+    fast = ops.per_sample_depthwise_correlation
+    reference = ops.per_sample_depthwise_correlation_reference
+  out_shape = jax.eval_shape(lambda a, b: reference(a, b, 2, 1), x, f).shape
+  g = jnp.asarray(rs.normal(size=out_shape), jnp.float32)
+  grads = [jax.grad(lambda a, b: jnp.sum(fn(a, b, 2, 1) * g),
+                    argnums=(0, 1))(x, f) for fn in (fast, reference)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
