@@ -305,6 +305,10 @@ def main():
   parser.add_argument("--channel_conv", default="",
                       help="override config.model.channel_conv (auto, "
                       "concat, per_class)")
+  parser.add_argument("--latent_dim", type=int, default=0,
+                      help="override config.model.latent_dim (rehearsals)")
+  parser.add_argument("--intermediate_dim", type=int, default=0,
+                      help="override config.model.intermediate_dim")
   parser.add_argument("--torch_device", default="cpu",
                       help="device of our PyTorch port (cpu, cuda)")
   parser.add_argument("--warmup", type=int, default=2,
@@ -340,6 +344,10 @@ def main():
     config = config_lib.load_config_file(path)
     if args.batch_size:
       config.batch_size = args.batch_size
+    if args.latent_dim:
+      config.model.latent_dim = args.latent_dim
+    if args.intermediate_dim:
+      config.model.intermediate_dim = args.intermediate_dim
     if args.compute_dtype:
       config.compute_dtype = args.compute_dtype
     if args.matmul_precision:
