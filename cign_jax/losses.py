@@ -212,40 +212,50 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
     mm_images, mm_labels = mismatch_batch(images, labels, cfg.num_classes,
                                           cfg.num_mismatch_labels, keys[2])
 
-  if resolve_passes(cfg.passes) == "batched":
-    def run(p, stats, calls):
-      return _grouped_call(apply_fn, p, stats, calls)
-  else:
-    def run(p, stats, calls):
-      outs = []
-      for x, c, rng in calls:
-        out, stats = f(p, stats, x, c, rng)
-        outs.append(out)
-      return outs, stats
-
-  # Real, noise, mismatch: trained parameters, statistics chained.
   calls = [(images, labels, keys[3]), (z, z_labels, keys[4])]
   if use_mismatch:
     calls.append((mm_images, mm_labels, keys[5]))
-  outs, stats = run(params, batch_stats, calls)
-  f_x, f_z = outs[0], outs[1]
-  f_m = outs[2] if use_mismatch else None
+
+  if resolve_passes(cfg.passes) == "batched":
+    # Real, noise, mismatch: one call with the trained parameters.
+    outs, stats = _grouped_call(apply_fn, params, batch_stats, calls)
+    f_x, f_z = outs[0], outs[1]
+    f_m = outs[2] if use_mismatch else None
+    y_z = jax.lax.stop_gradient(f_z)
+    y_m = jax.lax.stop_gradient(f_m) if use_mismatch else None
+    # The frozen copy on both (its statistics updates dropped), then the
+    # tightness calls with the trained parameters, statistics chained noise
+    # then mismatch. In training mode a call's output does not depend on
+    # the running statistics it is given, so only the statistics' order
+    # matters, and it is the sequential one.
+    copies, _ = _grouped_call(apply_fn, frozen, stats, [
+        (f_z, z_labels, keys[6])] + (
+            [(f_m, mm_labels, keys[8])] if use_mismatch else []))
+    tights, stats = _grouped_call(apply_fn, params, stats, [
+        (y_z, z_labels, keys[7])] + (
+            [(y_m, mm_labels, keys[9])] if use_mismatch else []))
+  else:
+    # The reference: seven calls in the original's order.
+    stats = batch_stats
+    f_x, stats = f(params, stats, images, labels, keys[3])
+    f_z, stats = f(params, stats, z, z_labels, keys[4])
+    f_m = None
+    if use_mismatch:
+      f_m, stats = f(params, stats, mm_images, mm_labels, keys[5])
+    copies, tights = [], []
+    y_z = jax.lax.stop_gradient(f_z)
+    copies.append(f(frozen, stats, f_z, z_labels, keys[6])[0])
+    out, stats = f(params, stats, y_z, z_labels, keys[7])
+    tights.append(out)
+    y_m = None
+    if use_mismatch:
+      y_m = jax.lax.stop_gradient(f_m)
+      copies.append(f(frozen, stats, f_m, mm_labels, keys[8])[0])
+      out, stats = f(params, stats, y_m, mm_labels, keys[9])
+      tights.append(out)
 
   rec = l1_distance(f_x, images)
   rec_scale = jax.lax.stop_gradient(rec)
-  y_z = jax.lax.stop_gradient(f_z)
-  y_m = jax.lax.stop_gradient(f_m) if use_mismatch else None
-
-  # The frozen copy (its statistics updates are dropped) and the tightness
-  # calls (trained parameters, statistics chained: noise, then mismatch).
-  # In training mode a call's output does not depend on the running
-  # statistics it is given, so the order between copy and tightness calls
-  # only matters for the statistics, which only the tightness calls update.
-  copies, _ = run(frozen, stats, [(f_z, z_labels, keys[6])] + (
-      [(f_m, mm_labels, keys[8])] if use_mismatch else []))
-  tights, stats = run(params, stats, [(y_z, z_labels, keys[7])] + (
-      [(y_m, mm_labels, keys[9])] if use_mismatch else []))
-
   idem_noise = l1_distance(copies[0], f_z)
   tight_noise = _tightness(tights[0], y_z, rec_scale, cfg)
   if use_mismatch:
