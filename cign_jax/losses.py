@@ -16,6 +16,19 @@ copy(mismatch), tight(mismatch). The running statistics are chained through
 the trained network's calls in that order; the frozen copy's updates are
 dropped (the original reloads the copy from the model every step).
 
+Two formulations of those seven calls (`LossConfig.passes`):
+- 'sequential': seven forward calls, one after another (the reference);
+- 'batched': three calls on concatenated batches, real + noise + mismatch
+  (trained parameters), copy(noise) + copy(mismatch) (frozen copy), and
+  tight(noise) + tight(mismatch) (trained parameters), each with `groups`
+  so that BatchNorm normalises every group over its own batch and updates
+  the running statistics group by group in the order above, and every group
+  draws the dropout masks of its sequential call. The same loss, gradients
+  and running statistics (sums in another order); fewer, larger kernels.
+  `tests/test_batched_passes.py` checks the two against each other.
+- 'auto': 'sequential' on CPU (it measured faster there), 'batched' on
+  GPU/TPU.
+
 Tightness is the plain negative L1 (the CIGN code; default) or IGN's smooth
 clamp tanh(L / (a L_rec)) a L_rec, per sample, with L_rec the (gradient-
 stopped) mean reconstruction loss of the step.
@@ -28,6 +41,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 LOSS_TERMS = ("loss_rec", "loss_idem_noise", "loss_tight_noise",
               "loss_idem_mismatch", "loss_tight_mismatch")
@@ -96,6 +110,7 @@ class LossConfig(NamedTuple):
   num_classes: int = 10
   conditional: bool = True
   clip_prior: bool = False
+  passes: str = "auto"
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
@@ -108,7 +123,20 @@ class LossConfig(NamedTuple):
                num_mismatch_labels=l.num_mismatch_labels,
                num_classes=m.num_classes,
                conditional=m.conditioning != "none",
-               clip_prior=m.clip_prior)
+               clip_prior=m.clip_prior, passes=l.get("passes", "auto"))
+
+
+LOSS_PASSES = ("auto", "sequential", "batched")
+
+
+def resolve_passes(passes: str) -> str:
+  """'auto' -> 'sequential' on CPU, 'batched' on other backends."""
+  if passes not in LOSS_PASSES:
+    raise ValueError(f"unknown passes {passes!r}; expected one of "
+                     f"{LOSS_PASSES}")
+  if passes == "auto":
+    return "sequential" if jax.default_backend() == "cpu" else "batched"
+  return passes
 
 
 def _tightness(f_y, y, rec_scale, cfg: LossConfig):
@@ -120,6 +148,30 @@ def _tightness(f_y, y, rec_scale, cfg: LossConfig):
     scale = cfg.tightness_clamp_a * rec_scale
     return jnp.mean(jnp.tanh(raw / scale) * scale)
   raise ValueError(f"unknown tightness {cfg.tightness!r}")
+
+
+def _grouped_call(apply_fn: Callable, params, batch_stats, calls):
+  """Several training-mode forward calls [(x, labels, dropout key), ...] as
+  one call on their concatenation with `groups` (see the module docstring).
+  Returns the per-call outputs and the updated batch_stats."""
+  from cign_jax import models  # pylint: disable=g-import-not-at-top
+  if len(calls) == 1:
+    x, c, rng = calls[0]
+    out, updates = apply_fn({"params": params, "batch_stats": batch_stats},
+                            x, c, train=True, rngs={"dropout": rng},
+                            mutable=["batch_stats"])
+    return [out], updates["batch_stats"]
+  sizes = tuple(int(x.shape[0]) for x, _, _ in calls)
+  x = jnp.concatenate([x for x, _, _ in calls])
+  c = jnp.concatenate([c for _, c, _ in calls])
+  rngs = {models.dropout_stream(g): rng for g, (_, _, rng) in
+          enumerate(calls)}
+  out, updates = apply_fn({"params": params, "batch_stats": batch_stats}, x,
+                          c, train=True, rngs=rngs, mutable=["batch_stats"],
+                          groups=sizes)
+  bounds = np.cumsum((0,) + sizes)
+  return ([out[bounds[g]:bounds[g + 1]] for g in range(len(sizes))],
+          updates["batch_stats"])
 
 
 def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
@@ -160,27 +212,55 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
     mm_images, mm_labels = mismatch_batch(images, labels, cfg.num_classes,
                                           cfg.num_mismatch_labels, keys[2])
 
-  stats = batch_stats
-  f_x, stats = f(params, stats, images, labels, keys[3])
-  f_z, stats = f(params, stats, z, z_labels, keys[4])
+  calls = [(images, labels, keys[3]), (z, z_labels, keys[4])]
   if use_mismatch:
-    f_m, stats = f(params, stats, mm_images, mm_labels, keys[5])
+    calls.append((mm_images, mm_labels, keys[5]))
+
+  if resolve_passes(cfg.passes) == "batched":
+    # Real, noise, mismatch: one call with the trained parameters.
+    outs, stats = _grouped_call(apply_fn, params, batch_stats, calls)
+    f_x, f_z = outs[0], outs[1]
+    f_m = outs[2] if use_mismatch else None
+    y_z = jax.lax.stop_gradient(f_z)
+    y_m = jax.lax.stop_gradient(f_m) if use_mismatch else None
+    # The frozen copy on both (its statistics updates dropped), then the
+    # tightness calls with the trained parameters, statistics chained noise
+    # then mismatch. In training mode a call's output does not depend on
+    # the running statistics it is given, so only the statistics' order
+    # matters, and it is the sequential one.
+    copies, _ = _grouped_call(apply_fn, frozen, stats, [
+        (f_z, z_labels, keys[6])] + (
+            [(f_m, mm_labels, keys[8])] if use_mismatch else []))
+    tights, stats = _grouped_call(apply_fn, params, stats, [
+        (y_z, z_labels, keys[7])] + (
+            [(y_m, mm_labels, keys[9])] if use_mismatch else []))
+  else:
+    # The reference: seven calls in the original's order.
+    stats = batch_stats
+    f_x, stats = f(params, stats, images, labels, keys[3])
+    f_z, stats = f(params, stats, z, z_labels, keys[4])
+    f_m = None
+    if use_mismatch:
+      f_m, stats = f(params, stats, mm_images, mm_labels, keys[5])
+    copies, tights = [], []
+    y_z = jax.lax.stop_gradient(f_z)
+    copies.append(f(frozen, stats, f_z, z_labels, keys[6])[0])
+    out, stats = f(params, stats, y_z, z_labels, keys[7])
+    tights.append(out)
+    y_m = None
+    if use_mismatch:
+      y_m = jax.lax.stop_gradient(f_m)
+      copies.append(f(frozen, stats, f_m, mm_labels, keys[8])[0])
+      out, stats = f(params, stats, y_m, mm_labels, keys[9])
+      tights.append(out)
 
   rec = l1_distance(f_x, images)
   rec_scale = jax.lax.stop_gradient(rec)
-
-  f_copy_z, _ = f(frozen, stats, f_z, z_labels, keys[6])
-  idem_noise = l1_distance(f_copy_z, f_z)
-  y_z = jax.lax.stop_gradient(f_z)
-  f_tight_z, stats = f(params, stats, y_z, z_labels, keys[7])
-  tight_noise = _tightness(f_tight_z, y_z, rec_scale, cfg)
-
+  idem_noise = l1_distance(copies[0], f_z)
+  tight_noise = _tightness(tights[0], y_z, rec_scale, cfg)
   if use_mismatch:
-    f_copy_m, _ = f(frozen, stats, f_m, mm_labels, keys[8])
-    idem_mismatch = l1_distance(f_copy_m, f_m)
-    y_m = jax.lax.stop_gradient(f_m)
-    f_tight_m, stats = f(params, stats, y_m, mm_labels, keys[9])
-    tight_mismatch = _tightness(f_tight_m, y_m, rec_scale, cfg)
+    idem_mismatch = l1_distance(copies[1], f_m)
+    tight_mismatch = _tightness(tights[1], y_m, rec_scale, cfg)
   else:
     idem_mismatch = jnp.zeros((), jnp.float32)
     tight_mismatch = jnp.zeros((), jnp.float32)

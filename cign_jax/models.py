@@ -27,6 +27,7 @@ from; `model_from_config` builds either.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
@@ -65,37 +66,93 @@ class TorchBatchNorm(nn.Module):
   running statistics. Statistics are computed in float32 whatever the
   compute dtype. Under `jit` with a batch sharded over devices the means are
   over the global batch (synchronised BatchNorm).
+
+  `groups` (training only): the batch is the concatenation of several
+  forward calls' batches, of these sizes; each group is normalised with its
+  own statistics and the running statistics are updated once per group, in
+  order, exactly as that many separate calls would.
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool):
+  def __call__(self, x, train: bool, groups: Optional[Sequence[int]] = None):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,))
     bias = self.param("bias", nn.initializers.zeros, (c,))
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,))
     ra_var = self.variable("batch_stats", "var", jnp.ones, (c,))
     x32 = x.astype(jnp.float32)
+    if train and groups is not None and len(groups) > 1:
+      return self._grouped(x32, groups, scale, bias, ra_mean, ra_var)
     if train:
       axes = tuple(range(x.ndim - 1))
       mean = jnp.mean(x32, axis=axes)
       var = jnp.mean(jnp.square(x32 - mean), axis=axes)
       if not self.is_initializing():
         n = x.size // c
-        unbiased = var * (n / max(n - 1, 1))
-        ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
-        ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+        self._update(ra_mean, ra_var, mean, var, n)
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
     y = x32 * mul + (bias - mean * mul)
     return y.astype(self.dtype)
 
+  def _update(self, ra_mean, ra_var, mean, var, n):
+    unbiased = var * (n / max(n - 1, 1))
+    ra_mean.value = (1 - self.momentum) * ra_mean.value + self.momentum * mean
+    ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
+
+  def _grouped(self, x32, groups, scale, bias, ra_mean, ra_var):
+    """Per-group statistics of a concatenated batch: one reduction over
+    (H, W) of the whole batch, then a small sum per group over its rows."""
+    c = x32.shape[-1]
+    check_groups(groups, x32.shape[0])
+    inner = x32.shape[1:-1]
+    per_image = int(np.prod(inner))
+    spatial = tuple(range(1, x32.ndim - 1))
+    bounds = np.cumsum((0,) + tuple(groups))
+
+    def group_means(rows):  # (N, C) sums over (H, W) -> (G, C) means
+      return jnp.stack([
+          jnp.sum(rows[bounds[g]:bounds[g + 1]], axis=0) /
+          (groups[g] * per_image) for g in range(len(groups))])
+
+    def per_row(values):  # (G, C) -> (N, 1, ..., 1, C)
+      rows = jnp.repeat(values, np.asarray(groups), axis=0,
+                        total_repeat_length=x32.shape[0])
+      return rows.reshape((x32.shape[0],) + (1,) * len(inner) + (c,))
+
+    mean = group_means(jnp.sum(x32, axis=spatial))
+    var = group_means(jnp.sum(jnp.square(x32 - per_row(mean)), axis=spatial))
+    if not self.is_initializing():
+      for g, n in enumerate(groups):
+        self._update(ra_mean, ra_var, mean[g], var[g], n * per_image)
+    mul = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x32 * per_row(mul) + per_row(bias - mean * mul)
+    return y.astype(self.dtype)
+
+
+def check_groups(groups: Sequence[int], batch: int):
+  """Checks that group sizes are positive and add up to the batch."""
+  if any(int(n) < 1 for n in groups) or sum(groups) != batch:
+    raise ValueError(f"groups {tuple(groups)} must be positive sizes adding "
+                     f"up to the batch size {batch}")
+
 
 class Conv(nn.Module):
-  """Conv (transposed if `transpose`) with a shared kernel (kh, kw, Ci, Co)."""
+  """Conv (transposed if `transpose`) with a shared kernel (kh, kw, Ci, Co).
+
+  With `class_maps` (num_classes, H, W, 1) and `labels` (B,), x (B, H, W, C)
+  is channel-conditioned: the result equals the convolution of
+  concat(x, class_maps[labels]) with the kernel (kh, kw, C + 1, Co), computed
+  as conv(x, kernel[..., :C, :]) plus the convolution of the num_classes maps
+  with the last input channel's kernel, picked per sample by label. The
+  same parameters and sums in another order; the convolution then sees C
+  input channels (32, 64, ... instead of 33, 65, ...), which GPU kernels
+  want, and the map's convolution runs on num_classes maps, not B.
+  """
   features: int
   kernel_size: int
   stride: int
@@ -104,8 +161,9 @@ class Conv(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    k, ci = self.kernel_size, x.shape[-1]
+  def __call__(self, x, class_maps=None, labels=None):
+    k = self.kernel_size
+    ci = x.shape[-1] + (0 if class_maps is None else class_maps.shape[-1])
     # PyTorch computes fan_in from its weight layout: (Co, Ci, k, k) for a
     # conv, (Ci, Co, k, k) for a transposed conv.
     fan_in = (self.features if self.transpose else ci) * k * k
@@ -114,7 +172,13 @@ class Conv(nn.Module):
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     fn = ops.conv_transpose2d if self.transpose else ops.conv2d
-    return fn(x, kernel, self.stride, self.padding)
+    if class_maps is None:
+      return fn(x, kernel, self.stride, self.padding)
+    c = x.shape[-1]
+    y = fn(x, kernel[:, :, :c], self.stride, self.padding)
+    per_class = fn(class_maps.astype(self.dtype), kernel[:, :, c:],
+                   self.stride, self.padding)
+    return y + ops.pick_by_label(per_class, labels)
 
 
 class Linear(nn.Module):
@@ -171,15 +235,37 @@ class FilterConditionedConv(nn.Module):
 
 
 class ChannelConditioning(nn.Module):
-  """CIGN channel conditioning: appends tanh(Linear(e)) as an (H, W) channel."""
+  """CIGN channel conditioning: appends tanh(Linear(e)) as an (H, W) channel.
+
+  With `per_class=True`, `embedding` is the (num_classes, E) table and the
+  result is the num_classes maps (num_classes, H, W, 1) (for `Conv`'s
+  split formulation); x only gives (H, W).
+  """
   index: int
 
   @nn.compact
-  def __call__(self, x, embedding):
+  def __call__(self, x, embedding, per_class: bool = False):
     h, w = x.shape[1], x.shape[2]
     kernel, bias = Linear(embedding.shape[-1], h * w,
                           name=f"linear_{self.index}")()
+    if per_class:
+      return ops.condition_maps(embedding, kernel, bias, h, w)
     return ops.channel_condition(x, embedding, kernel, bias)
+
+
+CHANNEL_CONVS = ("auto", "concat", "per_class")
+
+
+def resolve_channel_conv(channel_conv: str) -> str:
+  """'auto': 'concat' on CPU (the C++ kernels take any channel count, and the
+  split form was slower with XLA's CPU convolutions), 'per_class' elsewhere
+  (GPU convolution kernels want channel counts that are multiples of 8)."""
+  if channel_conv not in CHANNEL_CONVS:
+    raise ValueError(f"unknown channel_conv {channel_conv!r}; expected one "
+                     f"of {CHANNEL_CONVS}")
+  if channel_conv == "auto":
+    return "concat" if jax.default_backend() == "cpu" else "per_class"
+  return channel_conv
 
 
 class _Half(nn.Module):
@@ -192,6 +278,7 @@ class _Half(nn.Module):
   num_classes: int = 10
   dropout_rate: float = 0.15
   dtype: Any = jnp.float32
+  channel_conv: str = "concat"  # resolved: 'concat' or 'per_class'
 
   def _norm_before(self, i: int) -> bool:
     raise NotImplementedError
@@ -203,32 +290,44 @@ class _Half(nn.Module):
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x, labels, train: bool):
-    embedding = None
+  def __call__(self, x, labels, train: bool,
+               groups: Optional[Sequence[int]] = None):
+    embedding = table = None
     if self.conditioning != "none":
-      embedding = nn.Embed(self.num_classes, self.embedding_dim,
-                           name="label_embedder",
-                           embedding_init=nn.initializers.normal(1.0))(labels)
+      embed = nn.Embed(self.num_classes, self.embedding_dim,
+                       name="label_embedder",
+                       embedding_init=nn.initializers.normal(1.0))
+      embedding = embed(labels)
+      if self.channel_conv == "per_class":
+        table = embed(jnp.arange(self.num_classes))
     bn_index = 0
     for i, (features, (k, s, p)) in enumerate(zip(self.channels, self.layout),
                                               start=1):
       if self._norm_before(i):
         bn_index += 1
         x = TorchBatchNorm(name=f"batch_norm_{bn_index}", dtype=self.dtype)(
-            x, train)
+            x, train, groups)
       if self.conditioning == "filter":
         y = FilterConditionedConv(features, k, s, p, index=i,
                                   transpose=self.transpose, dtype=self.dtype,
                                   name=f"filter_conditioned_conv_{i}")(
                                       x, embedding)
       else:
-        if self.conditioning == "channel":
+        conv = Conv(features, k, s, p, transpose=self.transpose,
+                    dtype=self.dtype, name=f"conv_{i}")
+        if self.conditioning != "channel":
+          y = conv(x)
+        elif self.channel_conv == "per_class":
+          maps = ChannelConditioning(index=i, name=f"channel_conditioning_{i}")(
+              x, table, per_class=True)
+          y = conv(x, maps, labels)
+        else:
           x = ChannelConditioning(index=i, name=f"channel_conditioning_{i}")(
               x, embedding)
-        y = Conv(features, k, s, p, transpose=self.transpose, dtype=self.dtype,
-                 name=f"conv_{i}")(x)
+          y = conv(x)
       if self._dropout_in(i) and self.dropout_rate > 0:
-        y = Dropout(self.dropout_rate)(y, deterministic=not train)
+        y = Dropout(self.dropout_rate)(y, deterministic=not train,
+                                       groups=groups)
       x = self._activation(i, y)
     return x
 
@@ -263,6 +362,12 @@ class Generator(_Half):
     return jnp.tanh(y) if i == 5 else nn.relu(y)
 
 
+def dropout_stream(group: int) -> str:
+  """The RNG stream name of group `group` of a grouped forward call: group 0
+  uses 'dropout' (as an ungrouped call), group g 'dropout_g'."""
+  return "dropout" if group == 0 else f"dropout_{group}"
+
+
 class Dropout(nn.Module):
   """Element-wise dropout (PyTorch's nn.Dropout): zero with probability
   `rate`, scale the rest by 1 / (1 - rate).
@@ -272,14 +377,44 @@ class Dropout(nn.Module):
   element-wise integer ops that XLA fuses (no generator call per layer;
   `jax.random.bernoulli` cost about 12 ns per element on CPU, for threefry
   and 'rbg' keys alike: over a second of CPU time per CIGN train step).
+
+  `groups`: the batch concatenates several forward calls' batches of these
+  sizes; group g draws its mask from the stream `dropout_stream(g)` with
+  element indices counted within the group, so each group gets exactly the
+  mask a separate call with that stream's key would get (one fused mask
+  computation for the whole batch).
   """
   rate: float
 
   @nn.compact
-  def __call__(self, x, deterministic: bool):
+  def __call__(self, x, deterministic: bool,
+               groups: Optional[Sequence[int]] = None):
     if deterministic or self.rate == 0.0:
       return x
-    return dropout_lib.dropout(x, self.rate, self.make_rng("dropout"))
+    if groups is None or len(groups) == 1:
+      return dropout_lib.dropout(x, self.rate, self.make_rng("dropout"))
+    check_groups(groups, x.shape[0])
+    keys = [self.make_rng(dropout_stream(g)) for g in range(len(groups))]
+    words = jnp.stack([jax.random.bits(k, (2,), jnp.uint32) for k in keys])
+    sizes = np.asarray(groups)
+    per_image = int(np.prod(x.shape[1:]))
+    if max(groups) * per_image >= 2**32:
+      raise ValueError(f"a group of {max(groups)} x {x.shape[1:]} elements is "
+                       "too large for 32-bit element counters")
+    row_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    group_of_row = np.repeat(np.arange(len(groups)), sizes)
+    first_row = np.repeat(np.cumsum(sizes) - sizes, sizes)
+    row_in_group = (np.arange(x.shape[0]) - first_row).astype(np.uint32)
+    k0 = words[group_of_row, 0].reshape(row_shape)
+    k1 = words[group_of_row, 1].reshape(row_shape)
+    inner = jax.lax.iota(jnp.uint32, per_image).reshape((1,) + x.shape[1:])
+    index = (jnp.asarray(row_in_group).reshape(row_shape) *
+             jnp.uint32(per_image) + inner)
+    bits, _ = dropout_lib.threefry2x32_20(k0, k1, index, jnp.uint32(0))
+    threshold = dropout_lib.keep_threshold(1.0 - self.rate)
+    keep = jax.lax.optimization_barrier(bits < jnp.uint32(threshold))
+    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype),
+                     jnp.zeros((), x.dtype))
 
 
 class IdempotentNetwork(nn.Module):
@@ -292,6 +427,14 @@ class IdempotentNetwork(nn.Module):
   image_channels: int = 1
   dropout_rate: float = 0.15
   dtype: Any = jnp.float32
+  # How a channel-conditioned conv applies the label map: 'concat' (one
+  # extra input channel), 'per_class' (split kernel, the map convolved per
+  # class; see `Conv`) or 'auto' (`resolve_channel_conv`). Same parameters.
+  channel_conv: str = "auto"
+  # jax.default_matmul_precision for the convolutions and products of f:
+  # 'default' (XLA's choice: TF32 on recent NVIDIA GPUs), 'high' or
+  # 'highest' (full float32).
+  matmul_precision: str = "default"
 
   def setup(self):
     if self.conditioning not in config_lib.CONDITIONINGS:
@@ -301,14 +444,33 @@ class IdempotentNetwork(nn.Module):
     common = dict(conditioning=self.conditioning,
                   embedding_dim=self.embedding_dim,
                   num_classes=self.num_classes,
-                  dropout_rate=self.dropout_rate, dtype=self.dtype)
+                  dropout_rate=self.dropout_rate, dtype=self.dtype,
+                  channel_conv=resolve_channel_conv(self.channel_conv))
+    if self.matmul_precision not in MATMUL_PRECISIONS:
+      raise ValueError(f"unknown matmul_precision {self.matmul_precision!r}; "
+                       f"expected one of {MATMUL_PRECISIONS}")
     self.discriminator = Discriminator(
         channels=(ld, 2 * ld, 4 * ld, 8 * ld, self.intermediate_dim), **common)
     self.generator = Generator(
         channels=(8 * ld, 4 * ld, 2 * ld, ld, self.image_channels), **common)
 
   def __call__(self, x, labels: Optional[jax.Array] = None,
-               train: bool = False):
+               train: bool = False, groups: Optional[Sequence[int]] = None):
+    """f(x, labels).
+
+    Args:
+      x: images (B, 28, 28, image_channels).
+      labels: int labels (B,) (ignored when unconditional).
+      train: batch statistics and dropout (training) or running statistics.
+      groups: training only: sizes of the batches of several forward calls
+        concatenated into x; BatchNorm normalises each over itself and
+        updates the running statistics per group in order, and group g
+        draws its dropout masks from the RNG stream `dropout_stream(g)`:
+        the same result as separate calls, one call's kernels.
+
+    Returns:
+      f(x, labels), float32, x's shape.
+    """
     if x.ndim != 4 or x.shape[1:] != (28, 28, self.image_channels):
       raise ValueError(f"expected images of shape (B, 28, 28, "
                        f"{self.image_channels}), got {tuple(x.shape)}")
@@ -319,8 +481,22 @@ class IdempotentNetwork(nn.Module):
         raise ValueError(f"labels must have shape ({x.shape[0]},), got "
                          f"{tuple(labels.shape)}")
       labels = labels.astype(jnp.int32)
-    h = self.discriminator(x, labels, train)
-    return self.generator(h, labels, train).astype(jnp.float32)
+    if groups is not None:
+      check_groups(groups, x.shape[0])
+    with precision_context(self.matmul_precision):
+      h = self.discriminator(x, labels, train, groups)
+      return self.generator(h, labels, train, groups).astype(jnp.float32)
+
+
+MATMUL_PRECISIONS = ("default", "high", "highest")
+
+
+def precision_context(matmul_precision: str):
+  """`jax.default_matmul_precision` for 'high'/'highest'; for 'default' a
+  no-op context (XLA's own choice)."""
+  if matmul_precision == "default":
+    return contextlib.nullcontext()
+  return jax.default_matmul_precision(matmul_precision)
 
 
 def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
@@ -339,7 +515,9 @@ def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
       intermediate_dim=m.intermediate_dim, embedding_dim=m.embedding_dim,
       num_classes=m.num_classes, image_channels=m.image_channels,
       dropout_rate=m.dropout_rate,
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+      channel_conv=m.get("channel_conv", "auto"),
+      matmul_precision=config.get("matmul_precision", "default"))
 
 
 def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):

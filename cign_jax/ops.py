@@ -126,6 +126,34 @@ def channel_condition(x, embedding, kernel, bias):
   return jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
 
 
+def condition_maps(class_embeddings, kernel, bias, h: int, w: int):
+  """The channel-conditioning maps of every class: (num_classes, H, W, 1).
+
+  class_embeddings: (num_classes, E), the label embedding table; kernel
+  (E, H*W) and bias (H*W,) as in `channel_condition`, whose map for label c
+  is row c of this.
+  """
+  if kernel.shape[-1] != h * w:
+    raise ValueError(f"condition_maps: the linear map gives "
+                     f"{kernel.shape[-1]} values, the input needs H*W = {h * w}")
+  n = class_embeddings.shape[0]
+  return jnp.tanh(class_embeddings @ kernel + bias).reshape(n, h, w, 1)
+
+
+def pick_by_label(per_class, labels):
+  """per_class[labels] for per_class (num_classes, ...) and labels (B,).
+
+  A product with the one-hot labels at full float32 precision (exact: one
+  term per output), so that the gradient is a (num_classes, B) product
+  rather than a scatter-add into num_classes rows.
+  """
+  one_hot = jax.nn.one_hot(labels, per_class.shape[0], dtype=per_class.dtype)
+  flat = per_class.reshape(per_class.shape[0], -1)
+  picked = jnp.matmul(one_hot, flat, precision=lax.Precision.HIGHEST)
+  return picked.reshape((labels.shape[0],) + per_class.shape[1:])
+
+
+# ---------------------------------------------------------------------------
 # Per-sample depthwise ops (CIGN filter conditioning).
 
 
@@ -151,6 +179,30 @@ def _stack_taps(sums, kh, kw):
                     for di in range(kh)], axis=1)
 
 
+def _one_reduction_for_tap_sums() -> bool:
+  """The per-sample filter gradient as one reduction over the stacked taps
+  (GPU/TPU: one kernel instead of kh*kw small ones) or kh*kw reductions
+  (CPU, where it was measured)."""
+  return jax.default_backend() != "cpu"
+
+
+def _filter_grad(taps, g, kh, kw, crop=None):
+  """sum over (i, j) of tap * g per tap: the (B, kh, kw, C) filter gradient.
+
+  taps: [((di, dj), tap)] in row-major tap order; `crop` (h, w): multiply
+  g's taps cropped to that size with g itself (`g` is then x)."""
+  def product(tap):
+    if crop is not None:
+      tap = tap[:, :crop[0], :crop[1]]
+    return tap * g
+  if _one_reduction_for_tap_sums():
+    stacked = jnp.stack([product(tap) for _, tap in taps], axis=1)
+    sums = jnp.sum(stacked, axis=(2, 3))  # (B, kh*kw, C)
+    return sums.reshape(sums.shape[0], kh, kw, sums.shape[-1])
+  return _stack_taps({key: jnp.sum(product(tap), axis=(1, 2))
+                      for key, tap in taps}, kh, kw)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _depthwise_correlation_vjp(x, filters, stride, padding):
   return _depthwise_correlation(x, filters, stride, padding)
@@ -168,9 +220,8 @@ def _dc_bwd(stride, padding, res, g):
   dx = shared.fit(_depthwise_transposed(g, filters, stride, padding),
                   x.shape[1],
             x.shape[2])
-  sums = {key: jnp.sum(tap * g, axis=(1, 2))
-          for key, tap in shared.tap_slices(x, kh, kw, stride, padding)}
-  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+  df = _filter_grad(list(shared.tap_slices(x, kh, kw, stride, padding)), g, kh, kw)
+  return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
 _depthwise_correlation_vjp.defvjp(_dc_fwd, _dc_bwd)
@@ -192,9 +243,9 @@ def _dt_bwd(stride, padding, res, g):
   kh, kw = filters.shape[1], filters.shape[2]
   dx = _depthwise_correlation(g, filters, stride, padding)
   h, w = x.shape[1], x.shape[2]
-  sums = {key: jnp.sum(x * tap[:, :h, :w], axis=(1, 2))
-          for key, tap in shared.tap_slices(g, kh, kw, stride, padding)}
-  return dx.astype(x.dtype), _stack_taps(sums, kh, kw).astype(filters.dtype)
+  df = _filter_grad(list(shared.tap_slices(g, kh, kw, stride, padding)), x, kh, kw,
+                    crop=(h, w))
+  return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
 _depthwise_transposed_vjp.defvjp(_dt_fwd, _dt_bwd)

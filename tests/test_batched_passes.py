@@ -1,0 +1,311 @@
+"""The loss's batched forward calls against the sequential ones (the
+reference), the grouped BatchNorm and dropout against separate calls, and the
+split ('per_class') channel-conditioned conv against the concatenation."""
+
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cign_jax import config as config_lib
+from cign_jax import losses
+from cign_jax import models
+from cign_jax import ops
+
+
+def _data(b, seed=0):
+  rs = np.random.RandomState(seed)
+  x = rs.uniform(-1, 1, (b, 28, 28, 1))
+  c = rs.randint(0, 10, (b,)).astype(np.int32)
+  return x, c
+
+
+class _Float64Namespace(types.ModuleType):
+  """`jax.numpy` with `float32` meaning float64 (our modules cast BatchNorm
+  statistics, the output and the L1 distances to float32)."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+
+@pytest.fixture
+def precision(request, monkeypatch):
+  """The test's dtype ('float64' or 'float32', from its `dtype` parameter);
+  float64 runs our modules' float32 casts in float64."""
+  if request.node.callspec.params["dtype"] == "float32":
+    yield jnp.float32
+    return
+  namespace = _Float64Namespace("jax_numpy_float64")
+  namespace.float32 = jnp.float64
+  monkeypatch.setattr(models, "jnp", namespace)
+  monkeypatch.setattr(losses, "jnp", namespace)
+
+  class Linear64(models.Linear):
+    dtype: Any = jnp.float64
+
+  monkeypatch.setattr(models, "Linear", Linear64)
+  with jax.enable_x64(True):
+    yield jnp.float64
+
+
+def _flat(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v, np.float64)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _assert_trees_close(got, want, rtol, what):
+  got, want = _flat(got), _flat(want)
+  assert got.keys() == want.keys()
+  for key in want:
+    scale = max(np.max(np.abs(want[key])), 1e-30)
+    err = np.max(np.abs(got[key] - want[key])) / scale
+    assert err <= rtol, f"{what} {key}: relative difference {err:.3g}"
+
+
+def _loss_and_grads(conditioning, num_mismatch, passes, dtype, b=3,
+                    channel_conv="concat"):
+  model = models.IdempotentNetwork(conditioning=conditioning, latent_dim=4,
+                                   intermediate_dim=8, dtype=dtype,
+                                   channel_conv=channel_conv)
+  variables = models.init_variables(model, jax.random.key(1))
+  cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), t)
+  params, stats = cast(variables["params"]), cast(variables["batch_stats"])
+  # Running statistics away from their initial values.
+  stats = jax.tree_util.tree_map(lambda a: a + 0.25, stats)
+  x, c = _data(b)
+  x = jnp.asarray(x, dtype)
+  cfg = losses.LossConfig(num_mismatch_labels=num_mismatch,
+                          conditional=conditioning != "none", passes=passes)
+
+  def loss(p):
+    return losses.idempotent_loss(model.apply, p, stats, x, jnp.asarray(c),
+                                  jax.random.key(7), cfg)
+
+  (total, (terms, new_stats)), grads = jax.jit(
+      jax.value_and_grad(loss, has_aux=True))(params)
+  return total, terms, new_stats, grads
+
+
+# Every conditioning and mismatch count in float64 (where the two
+# formulations agree to rounding), and one of each conditioning in float32
+# (the tolerance training runs at). Each case compiles two train-step-sized
+# programs, so the float32 cases are a selection.
+@pytest.mark.parametrize("conditioning,num_mismatch,dtype", [
+    (cond, k, "float64") for cond in ("channel", "filter") for k in (0, 1, 9)
+] + [("channel", 9, "float32"), ("filter", 1, "float32"),
+     ("none", 0, "float32")])
+def test_batched_passes_equal_sequential(conditioning, num_mismatch, dtype,
+                                         precision):
+  want = _loss_and_grads(conditioning, num_mismatch, "sequential", precision)
+  got = _loss_and_grads(conditioning, num_mismatch, "batched", precision)
+  rtol = 1e-10 if precision == jnp.float64 else 2e-4
+  for name in losses.LOSS_TERMS:
+    w, g = float(want[1][name]), float(got[1][name])
+    assert abs(g - w) <= rtol * max(abs(w), 1e-6), (name, g, w)
+  # All five terms are live (dropout masks equal, else they would differ
+  # by far more than the tolerance); the mismatch terms only with labels.
+  assert float(want[1]["loss_rec"]) > 0
+  if num_mismatch:
+    assert float(want[1]["loss_idem_mismatch"]) > 0
+  _assert_trees_close(got[2], want[2], rtol, "running statistics")
+  _assert_trees_close(got[3], want[3], 10 * rtol, "gradient")
+  # The running statistics moved (the update is not a no-op).
+  moved = [np.max(np.abs(np.asarray(a) - 0.25 - i)) for i, a in
+           zip([0, 1], [got[2]["discriminator"]["batch_norm_1"]["mean"],
+                        got[2]["discriminator"]["batch_norm_1"]["var"]])]
+  assert min(moved) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["float64"])
+def test_gpu_formulation_equals_the_reference(dtype, precision):
+  """What GPUs run by default (batched calls, per-class channel conv)
+  against the sequential calls with the concatenated label channel."""
+  want = _loss_and_grads("channel", 1, "sequential", precision)
+  got = _loss_and_grads("channel", 1, "batched", precision,
+                        channel_conv="per_class")
+  for name in losses.LOSS_TERMS:
+    w, g = float(want[1][name]), float(got[1][name])
+    assert abs(g - w) <= 1e-10 * max(abs(w), 1e-6), (name, g, w)
+  _assert_trees_close(got[2], want[2], 1e-10, "running statistics")
+  _assert_trees_close(got[3], want[3], 1e-9, "gradient")
+
+
+def test_batched_differs_without_per_group_statistics(monkeypatch):
+  """The grouping matters: normalising the concatenated batch as one group
+  gives a different loss (so the test above is not vacuous)."""
+  want = _loss_and_grads("channel", 1, "batched", jnp.float32)
+  original = models.TorchBatchNorm.__call__
+
+  def one_group(self, x, train, groups=None):
+    return original(self, x, train, None)
+
+  monkeypatch.setattr(models.TorchBatchNorm, "__call__", one_group)
+  got = _loss_and_grads("channel", 1, "batched", jnp.float32)
+  assert abs(float(got[0]) - float(want[0])) > 1e-3 * abs(float(want[0]))
+
+
+def test_grouped_batchnorm_equals_separate_calls():
+  bn = models.TorchBatchNorm()
+  rs = np.random.RandomState(0)
+  parts = [jnp.asarray(rs.normal(i, 1 + i, (n, 3, 3, 4)), jnp.float32)
+           for i, n in enumerate((2, 5, 1))]
+  variables = bn.init(jax.random.key(0), parts[0], train=False)
+  variables = {"params": {"scale": jnp.arange(1.0, 5.0),
+                          "bias": jnp.arange(4.0) - 1},
+               "batch_stats": variables["batch_stats"]}
+  stats = variables["batch_stats"]
+  outs = []
+  for p in parts:
+    y, upd = bn.apply({"params": variables["params"], "batch_stats": stats},
+                      p, train=True, mutable=["batch_stats"])
+    outs.append(y)
+    stats = upd["batch_stats"]
+  y, upd = bn.apply(variables, jnp.concatenate(parts), train=True,
+                    groups=(2, 5, 1), mutable=["batch_stats"])
+  np.testing.assert_allclose(y, jnp.concatenate(outs), rtol=1e-5, atol=1e-5)
+  for k in ("mean", "var"):
+    np.testing.assert_allclose(upd["batch_stats"][k], stats[k], rtol=1e-5)
+  # A group of one image: biased variance over its H*W values.
+  np.testing.assert_allclose(
+      np.asarray(y[7]),
+      (np.asarray(parts[2][0]) - np.asarray(parts[2][0]).mean((0, 1))) /
+      np.sqrt(np.asarray(parts[2][0]).var((0, 1)) + 1e-5) *
+      np.arange(1.0, 5.0) + np.arange(4.0) - 1, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_dropout_masks_equal_separate_calls():
+  drop = models.Dropout(0.5)
+  x = jnp.ones((7, 3, 2, 5), jnp.float32)
+  keys = jax.random.split(jax.random.key(3), 3)
+  sizes = (2, 4, 1)
+  y = drop.apply({}, x, deterministic=False, groups=sizes,
+                 rngs={models.dropout_stream(g): keys[g] for g in range(3)})
+  start = 0
+  for g, n in enumerate(sizes):
+    want = drop.apply({}, x[start:start + n], deterministic=False,
+                      rngs={"dropout": keys[g]})
+    np.testing.assert_array_equal(y[start:start + n], want)
+    start += n
+  assert 0.2 < float(jnp.mean(y == 0)) < 0.8
+
+
+def test_groups_must_add_up():
+  model = models.IdempotentNetwork(latent_dim=2, intermediate_dim=4)
+  variables = models.init_variables(model, jax.random.key(0))
+  x = jnp.zeros((4, 28, 28, 1))
+  with pytest.raises(ValueError, match="groups .* adding up to the batch"):
+    model.apply(variables, x, jnp.zeros(4, jnp.int32), train=True,
+                groups=(2, 3), rngs={"dropout": jax.random.key(0)},
+                mutable=["batch_stats"])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_per_class_channel_conv_equals_concatenation(train):
+  """Same parameters: f and its gradient with the label map concatenated as
+  an input channel, and with the split kernel and per-class map conv."""
+  kw = dict(conditioning="channel", latent_dim=4, intermediate_dim=8)
+  concat = models.IdempotentNetwork(channel_conv="concat", **kw)
+  split = models.IdempotentNetwork(channel_conv="per_class", **kw)
+  variables = models.init_variables(concat, jax.random.key(2))
+  # Checkpoint layout unchanged: the split model initialises the same tree.
+  split_vars = models.init_variables(split, jax.random.key(2))
+  assert (jax.tree_util.tree_structure(split_vars) ==
+          jax.tree_util.tree_structure(variables))
+  for a, b in zip(jax.tree_util.tree_leaves(split_vars),
+                  jax.tree_util.tree_leaves(variables)):
+    assert a.shape == b.shape
+  x, c = _data(6, seed=4)
+  x, c = jnp.asarray(x, jnp.float32), jnp.asarray(c)
+
+  def out(model):
+    def f(params):
+      y = model.apply({"params": params,
+                       "batch_stats": variables["batch_stats"]}, x, c,
+                      train=train, rngs={"dropout": jax.random.key(1)},
+                      mutable=["batch_stats"])[0]
+      return jnp.sum(jnp.sin(3 * y)), y
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables["params"])
+
+  (_, y_want), g_want = out(concat)
+  (_, y_got), g_got = out(split)
+  np.testing.assert_allclose(y_got, y_want, rtol=1e-5, atol=2e-6)
+  _assert_trees_close(g_got, g_want, 1e-4, "gradient")
+
+
+def test_pick_by_label_and_condition_maps():
+  per_class = jnp.asarray(np.random.RandomState(0).normal(size=(10, 2, 3, 4)),
+                          jnp.float32)
+  labels = jnp.asarray([3, 0, 9, 3])
+  np.testing.assert_array_equal(ops.pick_by_label(per_class, labels),
+                                np.asarray(per_class)[[3, 0, 9, 3]])
+  emb = jnp.asarray(np.random.RandomState(1).normal(size=(10, 5)), jnp.float32)
+  kernel = jnp.asarray(np.random.RandomState(2).normal(size=(5, 6)),
+                       jnp.float32)
+  bias = jnp.arange(6.0) / 10
+  maps = ops.condition_maps(emb, kernel, bias, 2, 3)
+  x = jnp.zeros((3, 2, 3, 2))
+  cat = ops.channel_condition(x, emb[jnp.asarray([4, 1, 4])], kernel, bias)
+  np.testing.assert_allclose(cat[..., 2:], np.asarray(maps)[[4, 1, 4]],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="H\\*W = 9"):
+    ops.condition_maps(emb, kernel, bias, 3, 3)
+
+
+def test_config_switches_are_validated():
+  config = config_lib.base_config()
+  config.matmul_precision = "tf32"
+  with pytest.raises(ValueError, match="config.matmul_precision"):
+    config_lib.validate(config)
+  config = config_lib.base_config()
+  config.loss.passes = "parallel"
+  with pytest.raises(ValueError, match="config.loss.passes"):
+    config_lib.validate(config)
+  config = config_lib.base_config()
+  config.model.channel_conv = "pad"
+  with pytest.raises(ValueError, match="config.model.channel_conv"):
+    config_lib.validate(config)
+  assert losses.resolve_passes("auto") in ("sequential", "batched")
+  with pytest.raises(ValueError, match="unknown passes"):
+    losses.resolve_passes("x")
+
+
+def test_matmul_precision_reaches_the_convolutions():
+  """'highest' is applied while f is traced: its lowering names the
+  precision of the products (and of XLA's convolutions); 'default' leaves
+  XLA's default."""
+  def hlo(precision):
+    model = models.IdempotentNetwork(latent_dim=2, intermediate_dim=4,
+                                     matmul_precision=precision)
+    variables = models.init_variables(model, jax.random.key(0))
+    f = jax.jit(lambda v, x, c: model.apply(v, x, c))
+    return f.lower(variables, jnp.zeros((2, 28, 28, 1)),
+                   jnp.zeros(2, jnp.int32)).as_text()
+  assert "HIGHEST" in hlo("highest")
+  assert "HIGHEST" not in hlo("default")
+  with pytest.raises(ValueError, match="unknown matmul_precision"):
+    hlo("tf32")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_filter_gradient_as_one_reduction(transposed, monkeypatch):
+  """The GPU form of the per-sample filter gradient (one reduction over the
+  stacked taps) against the lax reference's autodiff gradient."""
+  monkeypatch.setattr(ops, "_one_reduction_for_tap_sums", lambda: True)
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.normal(size=(3, 7, 7, 4)), jnp.float32)
+  f = jnp.asarray(rs.normal(size=(3, 3, 3, 4)), jnp.float32)  # disc_3's
+  if transposed:
+    fast = ops.per_sample_depthwise_transposed_correlation
+    reference = ops.per_sample_depthwise_transposed_correlation_reference
+  else:
+    fast = ops.per_sample_depthwise_correlation
+    reference = ops.per_sample_depthwise_correlation_reference
+  out_shape = jax.eval_shape(lambda a, b: reference(a, b, 2, 1), x, f).shape
+  g = jnp.asarray(rs.normal(size=out_shape), jnp.float32)
+  grads = [jax.grad(lambda a, b: jnp.sum(fn(a, b, 2, 1) * g),
+                    argnums=(0, 1))(x, f) for fn in (fast, reference)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
