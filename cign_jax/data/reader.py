@@ -16,27 +16,35 @@ import os
 import zipfile
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from cign_jax.data import IMAGE_SHAPE
 from cign_jax.data import SPLIT_SIZES
 from cign_jax.data import check_dataset
-from cign_jax.data import prepare
 
+
+def _prepare():
+  """`cign_jax.data.prepare`, imported on first use: it imports
+  tensorflow-datasets, which training on arrays passed in (`dataset=`, e.g.
+  on a GPU machine without it) does not need."""
+  from cign_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  return prepare
 
 
 def _arrays_path(dataset: str, split: str, data_dir: str) -> str:
   return os.path.join(data_dir, "cign_jax_arrays", dataset,
-                      prepare.builder_version(dataset), f"{split}.npz")
+                      _prepare().builder_version(dataset), f"{split}.npz")
 
 
 def _info_fingerprint(dataset: str, data_dir: str) -> str:
-  path = os.path.join(prepare.version_dir(dataset, data_dir), "dataset_info.json")
+  path = os.path.join(_prepare().version_dir(dataset, data_dir), "dataset_info.json")
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
 
 def _decode_split(dataset: str, split: str, data_dir: str):
+  # Here, not at the top: training on arrays passed in (`dataset=`) needs
+  # neither tensorflow-datasets nor its preparation code.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   source = tfds.data_source(dataset, split=split, data_dir=data_dir,
                             download=False)
   n = len(source)
@@ -85,7 +93,7 @@ def load_split(dataset: str, split: str,
   if split not in SPLIT_SIZES:
     raise ValueError(f"Unknown split {split!r}: expected one of "
                      f"{', '.join(SPLIT_SIZES)}.")
-  data_dir = prepare.ensure_prepared(dataset, data_dir)
+  data_dir = _prepare().ensure_prepared(dataset, data_dir)
   return _load_split_cached(dataset, split, os.path.abspath(data_dir))
 
 
