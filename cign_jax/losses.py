@@ -130,12 +130,14 @@ LOSS_PASSES = ("auto", "sequential", "batched")
 
 
 def resolve_passes(passes: str) -> str:
-  """'auto' -> 'sequential' on CPU, 'batched' on other backends."""
+  """'auto' -> 'sequential' on every backend: the batched form measured
+  slower on CPU and, together with the per-class channel convolution, 3.7x
+  slower on an H200 (docs/performance.md, 2026-11-28)."""
   if passes not in LOSS_PASSES:
     raise ValueError(f"unknown passes {passes!r}; expected one of "
                      f"{LOSS_PASSES}")
   if passes == "auto":
-    return "sequential" if jax.default_backend() == "cpu" else "batched"
+    return "sequential"
   return passes
 
 

@@ -257,14 +257,15 @@ CHANNEL_CONVS = ("auto", "concat", "per_class")
 
 
 def resolve_channel_conv(channel_conv: str) -> str:
-  """'auto': 'concat' on CPU (the C++ kernels take any channel count, and the
-  split form was slower with XLA's CPU convolutions), 'per_class' elsewhere
-  (GPU convolution kernels want channel counts that are multiples of 8)."""
+  """'auto': 'concat' on every backend. The split form was slower with
+  XLA's CPU convolutions, and with the batched loss calls 3.7x slower on an
+  H200 (docs/performance.md, 2026-11-28); 'per_class' stays selectable.
+  """
   if channel_conv not in CHANNEL_CONVS:
     raise ValueError(f"unknown channel_conv {channel_conv!r}; expected one "
                      f"of {CHANNEL_CONVS}")
   if channel_conv == "auto":
-    return "concat" if jax.default_backend() == "cpu" else "per_class"
+    return "concat"
   return channel_conv
 
 

@@ -181,9 +181,11 @@ def _stack_taps(sums, kh, kw):
 
 def _one_reduction_for_tap_sums() -> bool:
   """The per-sample filter gradient as one reduction over the stacked taps
-  (GPU/TPU: one kernel instead of kh*kw small ones) or kh*kw reductions
-  (CPU, where it was measured)."""
-  return jax.default_backend() != "cpu"
+  (one kernel instead of kh*kw small ones) or kh*kw reductions. kh*kw
+  reductions everywhere: the single reduction was measured on an H200 only
+  together with the batched loss calls, and that combination was slower
+  (docs/performance.md, 2026-11-28)."""
+  return False
 
 
 def _filter_grad(taps, g, kh, kw, crop=None):

@@ -121,7 +121,7 @@ def test_batched_passes_equal_sequential(conditioning, num_mismatch, dtype,
 
 @pytest.mark.parametrize("dtype", ["float64"])
 def test_gpu_formulation_equals_the_reference(dtype, precision):
-  """What GPUs run by default (batched calls, per-class channel conv)
+  """The batched calls with the per-class channel conv (the form meant for GPUs)
   against the sequential calls with the concatenated label channel."""
   want = _loss_and_grads("channel", 1, "sequential", precision)
   got = _loss_and_grads("channel", 1, "batched", precision,
@@ -291,7 +291,7 @@ def test_matmul_precision_reaches_the_convolutions():
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_filter_gradient_as_one_reduction(transposed, monkeypatch):
-  """The GPU form of the per-sample filter gradient (one reduction over the
+  """The single-reduction form of the per-sample filter gradient (one reduction over the
   stacked taps) against the lax reference's autodiff gradient."""
   monkeypatch.setattr(ops, "_one_reduction_for_tap_sums", lambda: True)
   rs = np.random.RandomState(5)
