@@ -68,9 +68,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config_lib.validate(config)
 
 
-def manager(workdir: str, keep: int = 3,
-            create: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 3, create: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager.
+
+  Args:
+    workdir: the run directory.
+    keep: how many checkpoints a writer keeps.
+    create: create the checkpoint directory when missing (writers).
+    read_only: for readers (sampling, evaluation, `load_model`): nothing is
+      created, deleted or cleaned, so a training that is saving beside the
+      reader keeps its unfinished temporary directory.
+
+  Returns:
+    An orbax CheckpointManager.
+  """
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  if read_only:
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False,
+        max_to_keep=None)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options,
@@ -196,7 +215,7 @@ def load_model(workdir: str, step: Optional[int] = None
   # Only the structure and shapes are needed: no initialisation is run.
   state = jax.eval_shape(
       lambda: train_step_lib.create_train_state(config, model=model))
-  mngr = manager(workdir, keep=config.keep_checkpoints, create=False)
+  mngr = manager(workdir, read_only=True)
   state = restore(mngr, state, step)
   mngr.close()
   return (config, model, train_step_lib.eval_variables(state),
