@@ -87,7 +87,7 @@ def manager(workdir: str, keep: int = 3, create: bool = True,
   if read_only:
     options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, cleanup_tmp_directories=False,
-        max_to_keep=None)
+        max_to_keep=None, save_interval_steps=0)
     return ocp.CheckpointManager(directory, options=options,
                                  item_handlers=ocp.StandardCheckpointHandler())
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,

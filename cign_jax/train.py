@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
@@ -85,6 +86,30 @@ def write_sample_grid(config, model, variables, path: Optional[str] = None,
   if path:
     sampling.save_png(grid, path)
   return grid
+
+
+def _check_samples_finite(config, model, state, step, mngr, workdir):
+  """Refuses to checkpoint a state whose evaluation-time samples are not
+  finite (finite but huge weights or BatchNorm statistics can overflow the
+  running-statistics forward pass that the training step never takes)."""
+  k = model.num_classes if model.conditioning != "none" else 1
+  z = sampling.prior_noise(jax.random.key(config.samples_noise_seed), k,
+                           model.image_channels, config.model.clip_prior)
+  out = sampling.apply_repeatedly(model, train_step_lib.eval_variables(state),
+                                  z, np.arange(k, dtype=np.int32))
+  if not np.all(np.isfinite(out)):
+    raise NonFiniteLossError(
+        f"the state after step {step} samples non-finite images (its weights "
+        f"or BatchNorm statistics overflow); it was not checkpointed and "
+        f"training stopped. {_last_good(mngr, workdir)}; lower the "
+        "learning rate or check the data")
+
+
+def _last_good(mngr, workdir) -> str:
+  latest = mngr.latest_step()
+  if latest is None:
+    return f"No checkpoint was saved in {workdir}"
+  return f"The last good checkpoint (step {latest}) in {workdir} is kept"
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -159,9 +184,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for step_done, metrics in pending:
       if not bool(jax.device_get(metrics["finite"])):
         raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step_done}; training "
-            f"stopped. The last good checkpoint (step {mngr.latest_step()}) in "
-            f"{workdir} is kept; lower the learning rate or check the data")
+            f"non-finite loss, gradient, parameters or BatchNorm statistics "
+            f"at step {step_done} (that step was not applied); training "
+            f"stopped. {_last_good(mngr, workdir)}; lower the learning rate "
+            "or check the data")
     pending = []
 
   for step in range(start, total_steps):
@@ -195,6 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       check_pending()
+      _check_samples_finite(config, model, state, done, mngr, workdir)
       checkpoints.save(mngr, state)
 
   check_pending()

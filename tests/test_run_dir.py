@@ -6,12 +6,14 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from cign_jax import checkpoints
 from cign_jax import sampling
 from cign_jax import train
+from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
 
@@ -31,6 +33,12 @@ def synthetic(n=64, num_classes=10, seed=0):
   images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
   labels = (np.arange(n) % num_classes).astype(np.int64)
   return images, labels
+
+
+def mnist_head(n=512):
+  from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
+  images, labels = reader.load_split("mnist", "train")
+  return images[:n], labels[:n]
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +71,24 @@ def test_sampling_leaves_a_saving_trainers_temporary_directory(
   checkpoints.load_model(run_copy)
   assert os.path.isdir(tmp_dir)
   assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == before
+
+
+def test_blow_up_keeps_a_last_good_checkpoint_that_samples_finite_images(
+    tmp_path, monkeypatch):
+  """A learning rate of 1e-3 for two steps, then 1e6: the weights and
+  BatchNorm statistics overflow; no state that does so is checkpointed, and
+  the last good checkpoint samples finite images."""
+  workdir = str(tmp_path / "blowup")
+  monkeypatch.setattr(train_step_lib, "learning_rate",
+                      lambda config, total_steps=None:
+                      lambda count: jnp.where(count < 2, 1e-3, 1e6))
+  config = tiny_config(num_train_steps=8, checkpoint_every_steps=1)
+  with pytest.raises(train.NonFiniteLossError, match="not") as err:
+    train.train_and_evaluate(config, workdir, dataset=mnist_head())
+  _, _, variables, step = checkpoints.load_model(workdir)
+  assert step >= 2
+  assert f"(step {step}) in" in str(err.value)
+  for leaf in jax.tree_util.tree_leaves(variables):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  images, _ = sampling.sample_to_file(workdir, str(tmp_path / "s.npz"))
+  assert np.all(np.isfinite(images))
