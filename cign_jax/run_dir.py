@@ -54,10 +54,10 @@ class WorkdirLock:
         raise
       holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
       os.close(fd)
+      holder = holder or "holder unknown"
       raise RunLockedError(
-          f"{workdir} is being trained by another process ({holder or 'holder "
-          "unknown'}); wait for it to end or stop it, or use another "
-          "--workdir") from None
+          f"{workdir} is being trained by another process ({holder}); wait "
+          "for it to end or stop it, or use another --workdir") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n"
               .encode(), 0)

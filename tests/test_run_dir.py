@@ -92,3 +92,183 @@ def test_blow_up_keeps_a_last_good_checkpoint_that_samples_finite_images(
     assert np.all(np.isfinite(np.asarray(leaf)))
   images, _ = sampling.sample_to_file(workdir, str(tmp_path / "s.npz"))
   assert np.all(np.isfinite(images))
+
+
+# No silent NaN.
+
+def test_inputs_with_nan_are_refused_with_count_and_position(
+    finished, tmp_path):
+  images = np.zeros((3, 28, 28), np.float32)
+  images[1, 3, 4] = np.nan
+  images[2, 0, 0] = np.inf
+  inputs = str(tmp_path / "in.npz")
+  np.savez(inputs, images=images, labels=np.array([0, 1, 2]))
+  with pytest.raises(ValueError, match=r"2 non-finite .* index \(1, 3, 4, 0\)"):
+    sampling.sample_to_file(finished, str(tmp_path / "p.npz"), inputs=inputs)
+  assert not os.path.exists(tmp_path / "p.npz")
+
+
+def test_nan_weights_stop_sampling_naming_the_checkpoint(run_copy, tmp_path):
+  config = checkpoints.load_config(run_copy)
+  mngr = checkpoints.manager(run_copy, keep=10)
+  state = checkpoints.restore(mngr, train_step_lib.create_train_state(config))
+  poisoned = jax.tree_util.tree_map(lambda a: a * np.nan, state.params)
+  checkpoints.save(mngr, state.replace(step=8, params=poisoned))
+  mngr.close()
+  with pytest.raises(FloatingPointError, match="checkpoint of step 8"):
+    sampling.sample_to_file(run_copy, str(tmp_path / "s.npz"))
+  assert not os.path.exists(tmp_path / "s.npz")
+
+
+def test_evaluation_refuses_non_finite_samples(tmp_path):
+  from cign_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  images = np.zeros((20, 28, 28, 1), np.float32)
+  images[5, 10, 10, 0] = np.nan
+  path = str(tmp_path / "samples.npz")
+  np.savez(path, images=images, labels=np.arange(20) % 10)
+  with pytest.raises(ValueError, match=r"1 non-finite .* \(5, 10, 10, 0\)"):
+    evaluate.run(samples=path)
+
+
+# The run directory is written only after every check.
+
+def test_failed_checks_leave_no_run_directory(tmp_path):
+  workdir = str(tmp_path / "never")
+  with pytest.raises(ValueError, match="batch_size 128 is larger"):
+    train.train_and_evaluate(tiny_config(batch_size=128), workdir,
+                             dataset=synthetic())
+  with pytest.raises(ValueError, match=r"span 0\.\.9.*num_classes=5.*"
+                     r"--config.model.num_classes=10"):
+    train.train_and_evaluate(tiny_config(**{"model.num_classes": 5,
+                                            "loss.num_mismatch_labels": 4}),
+                             workdir, dataset=synthetic())
+  assert not os.path.exists(workdir)
+
+
+def test_checkpoints_without_config_are_refused(run_copy):
+  os.remove(os.path.join(run_copy, "config.json"))
+  with pytest.raises(ValueError, match="checkpoints but no config.json"):
+    train.train_and_evaluate(tiny_config(), run_copy, dataset=synthetic())
+  assert not os.path.exists(os.path.join(run_copy, "config.json"))
+
+
+def test_resuming_with_fewer_steps_changes_nothing(run_copy):
+  path = os.path.join(run_copy, "config.json")
+  with open(path) as f:
+    before = f.read()
+  state = train.train_and_evaluate(tiny_config(num_train_steps=4), run_copy,
+                                   dataset=synthetic())
+  assert int(state.step) == 6
+  with open(path) as f:
+    assert f.read() == before
+
+
+# One writer per run.
+
+def test_second_trainer_is_refused_naming_the_holder(run_copy):
+  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
+  with run_dir.WorkdirLock(run_copy):
+    with pytest.raises(run_dir.RunLockedError, match=f"pid {os.getpid()}"):
+      train.train_and_evaluate(tiny_config(num_train_steps=8), run_copy,
+                               dataset=synthetic())
+  assert sorted(os.listdir(os.path.join(run_copy, "checkpoints"))) == \
+      ["2", "4", "6"]
+
+
+def test_lock_of_a_killed_process_is_released(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  code = ("import sys, time; from cign_jax import run_dir; "
+          f"run_dir.WorkdirLock({workdir!r}); print('held', flush=True); "
+          "time.sleep(600)")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.Popen([sys.executable, "-c", code], env=env,
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "held"
+    with pytest.raises(run_dir.RunLockedError, match=f"pid {proc.pid}"):
+      run_dir.WorkdirLock(workdir)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  run_dir.WorkdirLock(workdir).release()
+
+
+# Checkpoints are verified.
+
+def _flip_bytes(step_dir):
+  """Flips bytes in the middle of the largest data file of a step."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  target = max(files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + 16, len(data))):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(bytes(data))
+
+
+def test_corrupt_latest_step_names_it_and_the_good_steps(run_copy):
+  _flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
+  with pytest.raises(checkpoints.CheckpointError) as err:
+    checkpoints.load_model(run_copy)
+  message = str(err.value)
+  assert "step 6" in message and "good steps there: 2, 4" in message
+  assert "--step=4" in message
+  _, _, _, step = checkpoints.load_model(run_copy, step=4)
+  assert step == 4
+
+
+def test_missing_step_lists_the_steps(finished):
+  with pytest.raises(checkpoints.CheckpointError,
+                     match="no checkpoint of step 99.*steps there: 2, 4, 6"):
+    checkpoints.load_model(finished, step=99)
+
+
+def test_checksum_detects_altered_tensors(run_copy):
+  """Tensors replaced by other finite values (a valid but different
+  checkpoint under the recorded checksum) are refused."""
+  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
+  step6 = os.path.join(run_copy, "checkpoints", "6")
+  step4 = os.path.join(run_copy, "checkpoints", "4")
+  shutil.rmtree(os.path.join(step6, "default"))
+  shutil.copytree(os.path.join(step4, "default"),
+                  os.path.join(step6, "default"))
+  assert run_dir.read_digest(step6) != run_dir.read_digest(step4)
+  with pytest.raises(checkpoints.CheckpointError, match="checksum"):
+    checkpoints.load_model(run_copy)
+
+
+# Smaller messages.
+
+def test_truncated_config_names_the_path(run_copy):
+  path = os.path.join(run_copy, "config.json")
+  with open(path) as f:
+    text = f.read()
+  with open(path, "w") as f:
+    f.write(text[:len(text) // 2])
+  with pytest.raises(checkpoints.CheckpointError, match="config.json is "
+                     "damaged"):
+    checkpoints.load_config(run_copy)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (["a"], "--labels must be integers.*'a'"),
+    ([], "--labels is empty"),
+])
+def test_bad_labels_name_the_flag(finished, tmp_path, labels, message):
+  with pytest.raises(ValueError, match=message):
+    sampling.sample_to_file(finished, str(tmp_path / "s.npz"), labels=labels)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an npz\n"])
+def test_bad_inputs_file_names_the_flag(finished, tmp_path, content):
+  path = str(tmp_path / "in.npz")
+  with open(path, "wb") as f:
+    f.write(content)
+  with pytest.raises(ValueError, match="--inputs file"):
+    sampling.sample_to_file(finished, str(tmp_path / "s.npz"), inputs=path)
