@@ -272,3 +272,89 @@ def test_bad_inputs_file_names_the_flag(finished, tmp_path, content):
     f.write(content)
   with pytest.raises(ValueError, match="--inputs file"):
     sampling.sample_to_file(finished, str(tmp_path / "s.npz"), inputs=path)
+
+
+# Results say what they scored.
+
+def test_evaluation_cache_follows_the_checkpoint(run_copy, monkeypatch):
+  """The cached samples are regenerated for another checkpoint and when the
+  cache is unreadable; reused for the same checkpoint and settings."""
+  from cign_jax.evaluation import classifier  # pylint: disable=g-import-not-at-top
+  from cign_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
+  scored = []
+
+  def record(images, labels, dataset, feature_sizes):
+    scored.append(np.array(images))
+    # Only what run() reads of a report.
+    return {"label_accuracy": {"confusion": np.eye(10).tolist()}}
+
+  monkeypatch.setattr(evaluate, "evaluate_samples", record)
+  monkeypatch.setattr(classifier, "plot_confusion", lambda *a: None)
+  cache = os.path.join(run_copy, "eval_samples.npz")
+  assert evaluate.run(workdir=run_copy, num_per_class=2)["step"] == 6
+  mtime = os.stat(cache).st_mtime_ns
+  assert evaluate.run(workdir=run_copy, num_per_class=2)["step"] == 6
+  assert os.stat(cache).st_mtime_ns == mtime  # reused
+  np.testing.assert_array_equal(scored[0], scored[1])
+  # Another checkpoint: step 6 set aside, step 4 is the latest.
+  shutil.move(os.path.join(run_copy, "checkpoints", "6"),
+              os.path.join(run_copy, "step6"))
+  assert evaluate.run(workdir=run_copy, num_per_class=2)["step"] == 4
+  assert not np.array_equal(scored[2], scored[0])
+  # A cache cut short by a kill is regenerated, not an error.
+  with open(cache, "r+b") as f:
+    f.truncate(100)
+  assert evaluate.run(workdir=run_copy, num_per_class=2)["step"] == 4
+  np.testing.assert_array_equal(scored[3], scored[2])
+
+
+# Every failure ends with one plain line.
+
+def _last_stderr_line(cmd):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
+  result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode != 0
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  return lines[-1]
+
+
+def test_corrupt_checkpoint_ends_on_one_plain_line(run_copy, tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  _flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
+  last = _last_stderr_line([sys.executable, "-m", "cign_jax.sample",
+                            f"--workdir={run_copy}",
+                            f"--out={tmp_path / 's.npz'}"])
+  assert last.startswith("error: checkpoint of step 6"), last
+  assert "good steps there: 2, 4" in last and "--step=4" in last
+
+
+def test_unknown_config_key_ends_on_one_plain_line(tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  last = _last_stderr_line([sys.executable, "-m", "cign_jax.main",
+                            f"--config={ROOT}/configs/quick.py:tiny",
+                            f"--workdir={tmp_path / 'w'}", "--config.foo=1"])
+  assert last.startswith("error: --config.foo: config has no key 'foo'"), last
+  assert "batch_size" in last  # the known keys are listed
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_full_disk_and_permission_messages():
+  """The last line of a failed write names the cause and the fix, also when
+  the OSError is wrapped by a library's own exception."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from cign_jax import commands  # pylint: disable=g-import-not-at-top
+  try:
+    try:
+      raise OSError(errno.ENOSPC, "No space left on device", "/w/ckpt")
+    except OSError as inner:
+      raise RuntimeError("async save failed") from inner
+  except RuntimeError as e:
+    line, known = commands.plain_message(e)
+  assert known and line.startswith("error: the disk is full")
+  line, _ = commands.plain_message(
+      PermissionError(errno.EACCES, "Permission denied", "/w"))
+  assert line.startswith("error: permission denied") and "(/w)" in line
+  line, _ = commands.plain_message(ValueError("config.batch_size: bad"))
+  assert line == "error: config.batch_size: bad"
