@@ -358,3 +358,19 @@ def test_full_disk_and_permission_messages():
   assert line.startswith("error: permission denied") and "(/w)" in line
   line, _ = commands.plain_message(ValueError("config.batch_size: bad"))
   assert line == "error: config.batch_size: bad"
+
+
+def test_damaged_tfds_record_is_named_with_the_fix(tmp_path):
+  from cign_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
+  source = prepare.version_dir("mnist", prepare.default_data_dir(""))
+  data_dir = str(tmp_path / "tfds")
+  target = prepare.version_dir("mnist", data_dir)
+  shutil.copytree(source, target)
+  record = os.path.join(target, "mnist-test.array_record-00000-of-00001")
+  with open(record, "r+b") as f:
+    f.truncate(os.path.getsize(record) // 2)
+  with pytest.raises(ValueError, match="mnist test split is damaged") as err:
+    reader.load_split("mnist", "test", data_dir)
+  assert record in str(err.value)
+  assert "python -m cign_jax.data prepare mnist" in str(err.value)
