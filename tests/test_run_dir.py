@@ -374,3 +374,42 @@ def test_damaged_tfds_record_is_named_with_the_fix(tmp_path):
     reader.load_split("mnist", "test", data_dir)
   assert record in str(err.value)
   assert "python -m cign_jax.data prepare mnist" in str(err.value)
+
+
+def test_reader_in_a_loop_beside_a_training(tmp_path):
+  """`load_model` (what sample and evaluate use) in a loop while a training
+  saves a checkpoint every step: the training finishes, and its final state
+  equals an undisturbed run's."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  overrides = {"num_train_steps": 8, "checkpoint_every_steps": 1}
+  workdir = str(tmp_path / "live")
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "cign_jax.main",
+       f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}"] +
+      [f"--config.{k}={v}" for k, v in overrides.items()],
+      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+      text=True)
+  reads = 0
+  try:
+    while proc.poll() is None:
+      try:
+        checkpoints.load_model(workdir)
+        reads += 1
+      except checkpoints.CheckpointError:
+        pass  # no checkpoint yet, or a step deleted while it was read
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    stderr = proc.communicate()[1]
+  assert proc.returncode == 0, stderr[-3000:]
+  assert reads > 0
+  reference = str(tmp_path / "undisturbed")
+  train.train_and_evaluate(tiny_config(**overrides), reference)
+  _, _, live, live_step = checkpoints.load_model(workdir)
+  _, _, undisturbed, step = checkpoints.load_model(reference)
+  assert live_step == step == 8
+  for a, b in zip(jax.tree_util.tree_leaves(live),
+                  jax.tree_util.tree_leaves(undisturbed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
