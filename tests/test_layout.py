@@ -22,7 +22,8 @@ OLD_COMMAND_PATHS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
 CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
         "cign_jax.models", "cign_jax.dropout", "cign_jax.losses",
         "cign_jax.train_step", "cign_jax.train", "cign_jax.checkpoints",
-        "cign_jax.sampling", "cign_jax.sharding"}
+        "cign_jax.sampling", "cign_jax.sharding",
+        "cign_jax.run_dir"}
 SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
 
