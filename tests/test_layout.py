@@ -22,10 +22,10 @@ OLD_COMMAND_PATHS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
 CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
         "cign_jax.models", "cign_jax.dropout", "cign_jax.losses",
         "cign_jax.train_step", "cign_jax.train", "cign_jax.checkpoints",
-        "cign_jax.sampling", "cign_jax.sharding",
-        "cign_jax.run_dir"}
+        "cign_jax.sampling", "cign_jax.sharding"}
 SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
+CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
 
 
 def _module_name(path):
