@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 
 from cign_jax import config as config_lib
 from cign_jax import models
+from cign_jax import run_dir
 from cign_jax import train_step as train_step_lib
 
 CONFIG_FILE = "config.json"
@@ -38,11 +39,8 @@ class CheckpointError(ValueError):
 
 def save_config(workdir: str, config: ml_collections.ConfigDict):
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json(indent=2))
-  os.replace(tmp, path)
+  run_dir.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
+                            config.to_json(indent=2))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -51,8 +49,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise CheckpointError(f"no {CONFIG_FILE} in {workdir}: not a cign_jax run "
                           "directory (train with cign_jax.main or import with "
                           "cign_jax.interop.convert)")
-  with open(path) as f:
-    raw = json.load(f)
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except ValueError as e:
+    raise CheckpointError(
+        f"{path} is damaged (not valid JSON: {e}); restore it from a copy, "
+        "or write it again from the run's config file with the same "
+        "settings") from None
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{path} does not hold a config (a JSON object)")
   config = config_lib.base_config()
 
   def fill(node, values, prefix):
@@ -68,9 +74,28 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config_lib.validate(config)
 
 
-def manager(workdir: str, keep: int = 3,
-            create: bool = True) -> ocp.CheckpointManager:
+def manager(workdir: str, keep: int = 3, create: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's checkpoint manager.
+
+  Args:
+    workdir: the run directory.
+    keep: how many checkpoints a writer keeps.
+    create: create the checkpoint directory when missing (writers).
+    read_only: for readers (sampling, evaluation, `load_model`): nothing is
+      created, deleted or cleaned, so a training that is saving beside the
+      reader keeps its unfinished temporary directory.
+
+  Returns:
+    An orbax CheckpointManager.
+  """
   directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  if read_only:
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False,
+        max_to_keep=None, save_interval_steps=0)
+    return ocp.CheckpointManager(directory, options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                          cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options,
@@ -90,9 +115,56 @@ def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
 def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
          wait: bool = True):
   step = int(jax.device_get(state.step))
-  mngr.save(step, args=ocp.args.StandardSave(state_tree(state)), force=True)
+  tree = state_tree(state)
+  mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
   if wait:
     mngr.wait_until_finished()
+    # The digest of what was saved, recorded once the step is complete;
+    # `restore` compares it with what it reads back.
+    if jax.process_index() == 0:
+      run_dir.write_digest(_step_dir(mngr, step), run_dir.tree_digest(tree))
+
+
+def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(mngr.directory), str(step))
+
+
+def _verified(mngr: ocp.CheckpointManager, step: int, target) -> Any:
+  """Restores `step` onto `target` and checks it against its recorded
+  digest; raises on an unreadable or altered step."""
+  tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
+  recorded = run_dir.read_digest(_step_dir(mngr, step))
+  if recorded is not None and recorded != run_dir.tree_digest(tree):
+    raise CheckpointError(
+        "its tensors do not match the checksum recorded when it was saved "
+        f"({run_dir.CHECKSUM_FILE})")
+  return tree
+
+
+def _corrupt_step_error(mngr, step: int, target, cause: Exception
+                        ) -> CheckpointError:
+  """One message for a corrupt step: which, why, the good steps, the fix."""
+  good = []
+  for other in sorted(mngr.all_steps(), reverse=True):
+    if other == step:
+      continue
+    try:
+      _verified(mngr, other, target)
+      good.append(other)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  path = _step_dir(mngr, step)
+  reason = str(cause) if isinstance(cause, CheckpointError) else \
+      f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+  if good:
+    fix = (f"good steps there: {', '.join(map(str, sorted(good)))}. To go "
+           f"on from step {good[0]}, move {path} out of the checkpoint "
+           f"directory (training then resumes from step {good[0]}), or read "
+           f"it with --step={good[0]} (sample)")
+  else:
+    fix = "no other step there restores; train again in a new --workdir"
+  return CheckpointError(f"checkpoint of step {step} ({path}) is corrupt: "
+                         f"{reason}; {fix}")
 
 
 def _describe_mismatch(stored, target) -> Optional[str]:
@@ -123,6 +195,10 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   step = mngr.latest_step() if step is None else step
   if step is None:
     raise CheckpointError(f"no checkpoint in {mngr.directory}")
+  if step not in mngr.all_steps():
+    steps = ", ".join(str(s) for s in sorted(mngr.all_steps())) or "none"
+    raise CheckpointError(f"no checkpoint of step {step} in {mngr.directory}; "
+                          f"the steps there: {steps}")
   path = os.path.join(str(mngr.directory), str(step))
   # A shape-only target (jax.eval_shape) has no sharding; orbax would then
   # restore onto the devices the checkpoint was saved from, which may not
@@ -141,8 +217,7 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   try:
     stored = mngr.item_metadata(step)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"checkpoint {path} is corrupt or unreadable: "
-                          f"{type(e).__name__}: {e}") from e
+    raise _corrupt_step_error(mngr, step, target, e) from None
   stored_tree = getattr(stored, "tree", stored)
   if isinstance(stored_tree, dict):
     problem = None
@@ -164,10 +239,9 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
       raise CheckpointError(f"checkpoint {path} does not match the config: "
                             f"{problem}")
   try:
-    tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    tree = _verified(mngr, step, target)
   except Exception as e:  # pylint: disable=broad-except
-    raise CheckpointError(f"checkpoint {path} is corrupt or does not match "
-                          f"the config: {type(e).__name__}: {e}") from e
+    raise _corrupt_step_error(mngr, step, target, e) from None
   return state.replace(step=tree["step"], params=tree["params"],
                        batch_stats=tree["batch_stats"],
                        opt_state=tree["opt_state"],
@@ -196,7 +270,7 @@ def load_model(workdir: str, step: Optional[int] = None
   # Only the structure and shapes are needed: no initialisation is run.
   state = jax.eval_shape(
       lambda: train_step_lib.create_train_state(config, model=model))
-  mngr = manager(workdir, keep=config.keep_checkpoints, create=False)
+  mngr = manager(workdir, read_only=True)
   state = restore(mngr, state, step)
   mngr.close()
   return (config, model, train_step_lib.eval_variables(state),

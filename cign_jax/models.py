@@ -40,6 +40,7 @@ import numpy as np
 from cign_jax import config as config_lib
 from cign_jax import dropout as dropout_lib
 from cign_jax import ops
+from cign_jax import run_dir
 
 # (kernel, stride, padding) of the five blocks (appendix A, tables 4-7).
 DISCRIMINATOR_LAYOUT = ((4, 2, 1), (4, 2, 1), (3, 2, 1), (4, 2, 1), (2, 1, 0))
@@ -555,6 +556,7 @@ def check_images(images, image_channels: int = 1):
   if images.ndim != 4 or images.shape[1:] != (28, 28, image_channels):
     raise ValueError(f"wrong image shape {images.shape}: expected (N, 28, 28) "
                      f"or (N, 28, 28, {image_channels})")
+  run_dir.check_finite(images, "the images")
   if images.size and (images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6):
     raise ValueError(f"images must be in [-1, 1], got range [{images.min()}, "
                      f"{images.max()}]")

@@ -19,6 +19,7 @@ from PIL import Image
 from cign_jax import checkpoints
 from cign_jax import losses
 from cign_jax import models
+from cign_jax import run_dir
 
 
 @functools.partial(jax.jit, static_argnames=("model", "applications"))
@@ -140,6 +141,38 @@ def save_png(image_u8: np.ndarray, path: str, scale: int = 2):
   img.save(path)
 
 
+def _parse_labels(labels) -> list:
+  """--labels as a list of ints, with errors that name the flag."""
+  labels = list(labels)
+  if not labels:
+    raise ValueError("--labels is empty; give labels such as --labels=0,3, "
+                     "or leave the flag out to sample every class")
+  out = []
+  for label in labels:
+    try:
+      out.append(int(label))
+    except (TypeError, ValueError):
+      raise ValueError(f"--labels must be integers separated by commas, got "
+                       f"{label!r}") from None
+  return out
+
+
+def open_npz(path: str, flag: str):
+  """np.load of an .npz given by `flag`, with errors that name the flag."""
+  if os.path.getsize(path) == 0:
+    raise ValueError(f"{flag} file {path} is empty; expected an .npz written "
+                     "by numpy.savez with an 'images' array")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"{flag} file {path} is not a readable .npz ({e}); "
+                     "expected one written by numpy.savez") from None
+  if not hasattr(data, "files"):
+    raise ValueError(f"{flag} file {path} holds a single array, not an .npz "
+                     "with named arrays ('images', 'labels')")
+  return data
+
+
 def sample_to_file(workdir: str, out: str,
                    labels: Optional[Sequence[int]] = None,
                    num_per_label: int = 10, seed: int = 0,
@@ -165,12 +198,14 @@ def sample_to_file(workdir: str, out: str,
   """
   if not out.endswith(".npz"):
     raise ValueError(f"--out must name an .npz file, got {out!r}")
-  config, model, variables, _ = checkpoints.load_model(workdir, step)
+  if labels is not None:
+    labels = _parse_labels(labels)
+  config, model, variables, step = checkpoints.load_model(workdir, step)
   num_classes = model.num_classes if model.conditioning != "none" else 1
   if inputs is not None:
     if not os.path.isfile(inputs):
       raise FileNotFoundError(f"--inputs file not found: {inputs}")
-    with np.load(inputs) as f:
+    with open_npz(inputs, "--inputs") as f:
       if "images" not in f:
         raise ValueError(f"{inputs} has no 'images' array (found: "
                          f"{', '.join(f.files)})")
@@ -199,7 +234,13 @@ def sample_to_file(workdir: str, out: str,
                                        applications)
     rows = images.reshape((len(wanted), num_per_label) + images.shape[1:])
   images = images.astype(np.float32)
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  np.savez(out, images=images, labels=labels_out.astype(np.int32))
+  bad = int(np.sum(~np.isfinite(images)))
+  if bad:
+    raise FloatingPointError(
+        f"the checkpoint of step {step} in {workdir} samples non-finite images "
+        f"({bad} NaN/Inf pixels of {images.size}); nothing was written. Its "
+        "weights or BatchNorm statistics are broken: sample an earlier step "
+        "with --step")
+  run_dir.atomic_savez(out, images=images, labels=labels_out.astype(np.int32))
   save_png(grid_image(rows), out[:-len(".npz")] + ".png")
   return images, labels_out

@@ -23,11 +23,13 @@ from typing import Any, Dict, Optional
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import metric_writers
 from cign_jax import models
+from cign_jax import run_dir
 from cign_jax import sampling
 from cign_jax import sharding
 from cign_jax import train_step as train_step_lib
@@ -54,6 +56,14 @@ def compile_train_step(config, mesh):
 def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
   path = os.path.join(workdir, checkpoints.CONFIG_FILE)
   if not os.path.isfile(path):
+    ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
+    if os.path.isdir(ckpt_dir) and any(
+        name.isdigit() for name in os.listdir(ckpt_dir)):
+      raise ValueError(
+          f"{workdir} holds checkpoints but no {checkpoints.CONFIG_FILE}, so "
+          "it cannot be checked that they fit this config; restore its "
+          f"{checkpoints.CONFIG_FILE} (the config the checkpoints were "
+          "trained with), or use a new --workdir")
     return
   previous = checkpoints.load_config(workdir)
   old = json.loads(previous.to_json())
@@ -87,6 +97,30 @@ def write_sample_grid(config, model, variables, path: Optional[str] = None,
   return grid
 
 
+def _check_samples_finite(config, model, state, step, mngr, workdir):
+  """Refuses to checkpoint a state whose evaluation-time samples are not
+  finite (finite but huge weights or BatchNorm statistics can overflow the
+  running-statistics forward pass that the training step never takes)."""
+  k = model.num_classes if model.conditioning != "none" else 1
+  z = sampling.prior_noise(jax.random.key(config.samples_noise_seed), k,
+                           model.image_channels, config.model.clip_prior)
+  out = sampling.apply_repeatedly(model, train_step_lib.eval_variables(state),
+                                  z, np.arange(k, dtype=np.int32))
+  if not np.all(np.isfinite(out)):
+    raise NonFiniteLossError(
+        f"the state after step {step} samples non-finite images (its weights "
+        f"or BatchNorm statistics overflow); it was not checkpointed and "
+        f"training stopped. {_last_good(mngr, workdir)}; lower the "
+        "learning rate or check the data")
+
+
+def _last_good(mngr, workdir) -> str:
+  latest = mngr.latest_step()
+  if latest is None:
+    return f"No checkpoint was saved in {workdir}"
+  return f"The last good checkpoint (step {latest}) in {workdir} is kept"
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Optional[Any] = None
                        ) -> train_step_lib.TrainState:
@@ -109,11 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
 
   config = config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  # Every check comes before the first write to the run directory, so a
+  # refused start leaves it as it was.
   _check_resume_config(workdir, config)
-  if jax.process_index() == 0:
-    checkpoints.save_config(workdir, config)
-
   mesh = sharding.create_mesh(config)
   sharding.check_batch_divides(config, mesh)
 
@@ -124,8 +156,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     images, labels = dataset
   batches = reader.TrainBatches(images, labels, config.batch_size,
                                   config.seed)
+  _check_labels_fit(config, labels)
   total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
+  # One writer per run: held until this function returns (or the process
+  # ends, when the OS drops it).
+  lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train(config, workdir, mesh, batches, total_steps)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _check_labels_fit(config, labels):
+  """Labels the model cannot represent (outside 0..num_classes-1) are an
+  error before training, not a NaN at step 1."""
+  if config.model.conditioning == "none":
+    return
+  labels = np.asarray(labels)
+  if labels.size == 0:
+    return
+  low, high = int(labels.min()), int(labels.max())
+  if low < 0 or high >= config.model.num_classes:
+    raise ValueError(
+        f"the training labels span {low}..{high}, but config.model."
+        f"num_classes={config.model.num_classes} represents only 0.."
+        f"{config.model.num_classes - 1}; set --config.model.num_classes="
+        f"{high + 1} (or more) for this dataset")
+
+
+def _train(config, workdir, mesh, batches, total_steps):
+  """The training loop of `train_and_evaluate`, once every check passed and
+  the run's lock is held."""
   model = models.model_from_config(config)
   state = train_step_lib.create_train_state(config, model=model,
                                            total_steps=total_steps)
@@ -134,6 +197,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state = checkpoints.restore(mngr, state)
     logging.info("Resumed from the checkpoint of step %d in %s",
                  int(state.step), workdir)
+  resumed_at = int(jax.device_get(state.step))
+  if resumed_at > total_steps:
+    logging.warning(
+        "The run in %s is at step %d, past the %d steps asked for: nothing "
+        "to do (config.json is left as it was); give a larger "
+        "--config.num_train_steps to train further", workdir, resumed_at,
+        total_steps)
+    mngr.close()
+    return state
+  if jax.process_index() == 0:
+    checkpoints.save_config(workdir, config)
   state = sharding.put_replicated(state, mesh)
   base_key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   step_fn = compile_train_step(config, mesh)
@@ -159,9 +233,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     for step_done, metrics in pending:
       if not bool(jax.device_get(metrics["finite"])):
         raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {step_done}; training "
-            f"stopped. The last good checkpoint (step {mngr.latest_step()}) in "
-            f"{workdir} is kept; lower the learning rate or check the data")
+            f"non-finite loss, gradient, parameters or BatchNorm statistics "
+            f"at step {step_done} (that step was not applied); training "
+            f"stopped. {_last_good(mngr, workdir)}; lower the learning rate "
+            "or check the data")
     pending = []
 
   for step in range(start, total_steps):
@@ -195,6 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.checkpoint_every_steps == 0 or done == total_steps:
       check_pending()
+      _check_samples_finite(config, model, state, done, mngr, workdir)
       checkpoints.save(mngr, state)
 
   check_pending()

@@ -105,6 +105,14 @@ def update_ema(ema_params, params, decay):
       lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
 
 
+def all_finite(tree) -> jax.Array:
+  """True (a scalar bool) when every array of `tree` is free of NaN/Inf."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    return jnp.array(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in leaves]))
+
+
 def step_key(base_key, step):
   return jax.random.fold_in(base_key, step)
 
@@ -116,8 +124,8 @@ def train_step(state: TrainState, images, labels, base_key,
   """One AdamW step on a batch of real images in [-1, 1] with labels.
 
   Returns the new state and metrics: the five weighted loss terms, `loss`
-  (their sum) and `finite` (1.0 when the loss and gradients are finite; the
-  update is then applied, else the state is returned unchanged so the caller
+  (their sum) and `finite` (1.0 when the loss, gradients, new parameters and new
+  BatchNorm statistics are all finite; the update is then applied, else the state is returned unchanged so the caller
   can stop with the last good state).
   """
   key = step_key(base_key, state.step)
@@ -131,13 +139,16 @@ def train_step(state: TrainState, images, labels, base_key,
 
   (loss, (terms, new_stats)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
-  finite = jnp.isfinite(loss) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
   new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
   if ema_decay > 0:
     new_state = new_state.replace(ema_params=update_ema(
         state.ema_params, new_state.params,
         ema_decay_at(state.step, ema_decay)))
+  # A step is good only when everything it produces is finite: the loss,
+  # the gradients, and the new parameters, BatchNorm statistics and average
+  # (a huge learning rate can overflow these with finite gradients).
+  finite = jnp.isfinite(loss) & all_finite(
+      (grads, new_state.params, new_state.batch_stats, new_state.ema_params))
   new_state = jax.tree_util.tree_map(
       lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics = dict(terms)

@@ -25,6 +25,7 @@ CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
         "cign_jax.sampling", "cign_jax.sharding", "cign_jax.metric_writers"}
 SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
+CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
 
 
 def _module_name(path):

@@ -7,7 +7,11 @@ modules. Each module's `run()` defines the flags and starts absl, so that
 importing one command beside another defines nothing.
 """
 
+import errno
+import os
 import sys
+import traceback
+from typing import Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -31,4 +35,117 @@ def run(main, command_module: str) -> None:
     for flag in flags.FLAGS.get_key_flags_for_module(command_module):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
     main_module.__doc__ = module.__doc__
-  app.run(main)
+  app.run(guarded(main), flags_parser=_parse_flags)
+
+
+# How a failure's last line reads: known causes with their fix.
+_ERRNO_FIXES = {
+    errno.ENOSPC: "the disk is full: free space (or use a --workdir on "
+                  "another disk), then run the same command again",
+    errno.EDQUOT: "the disk quota is exhausted: free space, then run the "
+                  "same command again",
+    errno.EACCES: "permission denied: choose a directory you can write, or "
+                  "fix its permissions",
+    errno.EPERM: "operation not permitted: choose a directory you can write",
+    errno.EROFS: "the file system is read-only: choose another directory",
+}
+
+
+def _errno_of(error: BaseException):
+  """The errno of `error` or of an exception it was raised from (orbax and
+  TensorStore wrap the OSError of a failed write)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _ERRNO_FIXES:
+      return error.errno
+    text = str(error)
+    if "No space left on device" in text:
+      return errno.ENOSPC
+    if "Permission denied" in text:
+      return errno.EACCES
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def plain_message(error: BaseException) -> Tuple[str, bool]:
+  """The one-line message for `error`, and whether it is a known kind
+  (whose traceback would only hide the message)."""
+  code = _errno_of(error)
+  first = (str(error).strip().splitlines() or [""])[0]
+  if code is not None:
+    where = getattr(error, "filename", None)
+    return (f"error: {_ERRNO_FIXES[code]}" +
+            (f" ({where})" if where else f" ({first[:300]})")), True
+  if isinstance(error, (ValueError, FileNotFoundError, FloatingPointError,
+                        RuntimeError, KeyError)):
+    return f"error: {first}", True
+  return f"error: {type(error).__name__}: {first}", False
+
+
+def _exit_with(line: str, code: int):
+  """Prints `line` as the process's last line and ends it at once, so that
+  library threads (orbax, TensorStore) shutting down cannot print after
+  it."""
+  try:
+    sys.stdout.flush()
+  except Exception:  # pylint: disable=broad-except
+    pass
+  sys.stderr.write("\n" + line + "\n")
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def guarded(main):
+  """`main` with every failure ending on one plain line naming its cause
+  and fix (the traceback is printed above it for unexpected errors)."""
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (app.UsageError, SystemExit):
+      raise
+    except KeyboardInterrupt:
+      _exit_with("error: interrupted (Ctrl-C); a training resumes from its "
+                 "last checkpoint when the same command is run again", 130)
+    except BaseException as e:  # pylint: disable=broad-except
+      line, known = plain_message(e)
+      if not known:
+        traceback.print_exc()
+      _exit_with(line, 1)
+
+  return wrapped
+
+
+def _unknown_config_key(argv) -> Optional[str]:
+  """For a --config.PATH=VALUE whose PATH the config does not have: a
+  message naming it and the keys known there."""
+  from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    path = arg[len("--config."):].split("=", 1)[0]
+    node, prefix = config_lib.base_config(), "config"
+    for part in path.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(
+            node, ml_collections.ConfigDict) else "none (not a group)"
+        return (f"error: --config.{path}: {prefix} has no key {part!r}; "
+                f"the keys of {prefix}: {known}")
+      node, prefix = node[part], f"{prefix}.{part}"
+  return None
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a plain line for a bad flag."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _exit_with(f"error: {e} (see --help)", 2)
+  except Exception as e:  # pylint: disable=broad-except
+    line = _unknown_config_key(argv)
+    if line is None:
+      line, _ = plain_message(e)
+      line = f"{line} (while reading the flags; see --help)"
+    _exit_with(line, 2)

@@ -59,6 +59,23 @@ def _decode_split(dataset: str, split: str, data_dir: str):
   return images, labels
 
 
+def _damaged_record_error(dataset, split, data_dir, cause) -> ValueError:
+  """A prepared split that cannot be read: which files, and how to prepare
+  them again."""
+  directory = prepare.version_dir(dataset, data_dir)
+  try:
+    files = sorted(f for f in os.listdir(directory)
+                   if f.startswith(f"{dataset}-{split}."))
+  except OSError:
+    files = []
+  named = ", ".join(os.path.join(directory, f) for f in files) or directory
+  first = (str(cause).strip().splitlines() or [""])[0][:300]
+  return ValueError(
+      f"the prepared {dataset} {split} split is damaged ({named}: "
+      f"{type(cause).__name__}: {first}); delete {directory} and prepare it "
+      f"again with `python -m cign_jax.data prepare {dataset}`")
+
+
 @functools.lru_cache(maxsize=8)
 def _load_split_cached(dataset: str, split: str, data_dir: str):
   path = _arrays_path(dataset, split, data_dir)
@@ -71,7 +88,10 @@ def _load_split_cached(dataset: str, split: str, data_dir: str):
   except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
     pass
   if images is None:
-    images, labels = _decode_split(dataset, split, data_dir)
+    try:
+      images, labels = _decode_split(dataset, split, data_dir)
+    except Exception as e:  # pylint: disable=broad-except
+      raise _damaged_record_error(dataset, split, data_dir, e) from e
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp.npz"
     np.savez(tmp, images=images, labels=labels,

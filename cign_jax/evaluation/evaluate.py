@@ -27,20 +27,23 @@ import os
 import time
 from typing import Any, Dict, Optional
 
+from absl import logging
 import jax
 import numpy as np
 
 from cign_jax import checkpoints
 from cign_jax import models
+from cign_jax import run_dir
 from cign_jax import sampling
 from cign_jax.data import reader
 from cign_jax.evaluation import classifier
 from cign_jax.evaluation import fid
 
 def generate_for_eval(workdir: str, num_per_class: int, applications: int,
-                      seed: int):
-  """num_per_class samples of every label from the run's latest checkpoint."""
-  config, model, variables, step = checkpoints.load_model(workdir)
+                      seed: int, loaded=None):
+  """num_per_class samples of every label from the run's latest checkpoint
+  (or from `loaded`, the result of `checkpoints.load_model`)."""
+  config, model, variables, step = loaded or checkpoints.load_model(workdir)
   if model.conditioning == "none":
     raise ValueError("per-class evaluation needs a conditional model; this "
                      "run is an unconditional IGN")
@@ -51,6 +54,23 @@ def generate_for_eval(workdir: str, num_per_class: int, applications: int,
                              applications=applications,
                              clip=config.model.clip_prior)
   return images, labels, config, step
+
+
+def _read_cache(path: str, key: str):
+  """(images, labels) from the sample cache when it was written for `key`;
+  None when it is missing, for another key, or unreadable (a kill while an
+  older version wrote it)."""
+  if not os.path.isfile(path):
+    return None
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      if "key" not in f.files or str(f["key"]) != key:
+        return None
+      return f["images"], f["labels"]
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("%s is unreadable (%s: %s); generating the samples "
+                    "again", path, type(e).__name__, e)
+    return None
 
 
 def evaluate_samples(images, labels, dataset: str = "mnist",
@@ -113,7 +133,7 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
   if samples is not None:
     if not os.path.isfile(samples):
       raise FileNotFoundError(f"--samples file not found: {samples}")
-    with np.load(samples) as f:
+    with sampling.open_npz(samples, "--samples") as f:
       for key in ("images", "labels"):
         if key not in f:
           raise ValueError(f"{samples} has no '{key}' array (found: "
@@ -123,22 +143,26 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     meta["samples"] = samples
     dataset = dataset or "mnist"
   else:
+    loaded = checkpoints.load_model(workdir)
+    step = loaded[3]
+    # The cache holds samples of one checkpoint (its step and the digest of
+    # its weights) with one set of settings; anything else regenerates.
+    key = json.dumps(dict(step=step, weights=run_dir.tree_digest(loaded[2]),
+                          num_per_class=num_per_class,
+                          applications=applications, seed=seed),
+                     sort_keys=True)
     cache = os.path.join(workdir, "eval_samples.npz")
+    cached = _read_cache(cache, key)
+    images, labels = cached if cached is not None else (None, None)
+    run_config = loaded[0]
+    if images is None:
+      images, labels, _, step = generate_for_eval(
+          workdir, num_per_class, applications, seed, loaded=loaded)
+      run_dir.atomic_savez(cache, images=images, labels=labels, step=step,
+                           key=key)
+    meta["step"] = step
     settings = dict(num_per_class=num_per_class, applications=applications,
                     seed=seed)
-    images = labels = None
-    if os.path.isfile(cache):
-      with np.load(cache, allow_pickle=False) as f:
-        if json.loads(str(f["settings"])) == settings:
-          images, labels = f["images"], f["labels"]
-          meta["step"] = int(f["step"])
-    run_config = checkpoints.load_config(workdir)
-    if images is None:
-      images, labels, _, step = generate_for_eval(workdir, num_per_class,
-                                                  applications, seed)
-      np.savez(cache, images=images, labels=labels, step=step,
-               settings=json.dumps(settings))
-      meta["step"] = step
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
