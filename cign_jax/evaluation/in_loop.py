@@ -15,12 +15,14 @@ config's fixed noise (`config.eval_noise_seed`):
 The core loop does not import this package: `train_and_evaluate` here
 builds the evaluator and passes it to `cign_jax.train.train_and_evaluate`.
 
-Cost (docs/performance.md has the measurements): label accuracy of 100
-samples per label is a forward pass of 1000 images and a classifier pass,
-well under a second on a GPU and about a second on 2 CPU cores; per-class
-FID needs the Inception network on every generated image (and once on the
-test images), seconds per 1000 images on a GPU but minutes on a CPU, so it
-is off by default.
+Cost (docs/performance.md, `benchmarks/in_loop_cost.py`): label accuracy
+of 100 samples per label is a forward pass of 1000 images and a classifier
+pass, about 0.1% of an epoch of `configs/quick.py` on a 2-core CPU;
+per-class FID64 on 100 samples per class already costs about 5.6% of an
+epoch there (the Inception network at 299x299 on every sample), and the
+paper's 1000 per class ten times that, so both are off by default
+(`eval_samples_per_label = 0`, `eval_fid_sizes = ()`); `quick.py` and
+`experiments/reproduce_table3.py` turn label accuracy on.
 """
 
 from __future__ import annotations
@@ -48,10 +50,14 @@ class InLoopEvaluator:
       config's dataset.
     classifier: a `classifier.Classifier`; None loads (or trains and caches)
       the library's for the config's dataset.
+    splits: ((train images, labels), (test images, labels)) to train that
+      classifier on when none is cached (machines without
+      tensorflow-datasets).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, test=None,
-               classifier: Optional[classifier_lib.Classifier] = None):
+               classifier: Optional[classifier_lib.Classifier] = None,
+               splits=None):
     self.config = config
     self.num_classes = int(config.model.num_classes)
     self.samples_per_label = int(config.eval_samples_per_label)
@@ -61,7 +67,7 @@ class InLoopEvaluator:
     self.classifier = None
     if self.samples_per_label > 0:
       self.classifier = classifier or classifier_lib.load_or_train(
-          config.data.dataset, config.data.data_dir)
+          config.data.dataset, config.data.data_dir, splits=splits)
     self.test = None
     if self.fid_sizes:
       if test is None:
@@ -141,8 +147,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = config_lib.validate(config)
   evaluator = None
   if needs_evaluator(config):
-    test = None if dataset is None else train.split_dataset(dataset)[1]
-    evaluator = InLoopEvaluator(config, test, classifier)
+    splits = test = None
+    if dataset is not None:
+      train_split, test = train.split_dataset(dataset)
+      if test is not None:
+        splits = (train_split, test)
+    evaluator = InLoopEvaluator(config, test, classifier, splits)
   return train.train_and_evaluate(config, workdir, dataset,
                                   evaluator=evaluator,
                                   time_limit_seconds=time_limit_seconds)
