@@ -5,6 +5,10 @@ Layout of a run directory (`--workdir`):
   WORKDIR/config.json          the run's config (every field)
   WORKDIR/checkpoints/<step>/  orbax checkpoints of {step, params,
                                batch_stats, opt_state}, the last few kept
+  WORKDIR/best/<step>/         the best checkpoint by config.best_metric
+                               (same format; cign_jax.validation)
+  WORKDIR/best.json            its step, metric and value
+  WORKDIR/evaluations.json     every evaluation point's metrics
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a process killed while saving leaves the earlier checkpoints
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import ml_collections
@@ -31,6 +35,8 @@ from cign_jax import train_step as train_step_lib
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+BEST_DIR = "best"
+BEST_FILE = "best.json"
 
 
 class CheckpointError(ValueError):
@@ -248,14 +254,18 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
                        ema_params=tree.get("ema_params"))
 
 
-def load_model(workdir: str, step: Optional[int] = None
+def load_model(workdir: str, step: Optional[int] = None,
+               checkpoint: Optional[str] = None
                ) -> Tuple[ml_collections.ConfigDict, models.IdempotentNetwork,
                           Dict[str, Any], int]:
   """Loads a run directory's model for sampling or evaluation.
 
   Args:
     workdir: a run directory written by training or by `convert`.
-    step: the checkpoint step; None for the latest.
+    step: the checkpoint step (the same as checkpoint=str(step)).
+    checkpoint: 'best', 'latest' or a step number; None: the best
+      checkpoint when the run keeps one, else the latest
+      (`resolve_checkpoint` says which and why).
 
   Returns:
     (config, model, variables, step): the run's config, the
@@ -266,12 +276,140 @@ def load_model(workdir: str, step: Optional[int] = None
   config = load_config(workdir)
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise CheckpointError(f"no checkpoints in {workdir}")
+  chosen = resolve_checkpoint(workdir, step if checkpoint is None and
+                              step is not None else checkpoint)
   model = models.model_from_config(config)
   # Only the structure and shapes are needed: no initialisation is run.
   state = jax.eval_shape(
       lambda: train_step_lib.create_train_state(config, model=model))
-  mngr = manager(workdir, read_only=True)
-  state = restore(mngr, state, step)
+  if chosen.directory == BEST_DIR:
+    mngr = best_manager(workdir, read_only=True)
+  else:
+    mngr = manager(workdir, read_only=True)
+  state = restore(mngr, state, chosen.step)
   mngr.close()
   return (config, model, train_step_lib.eval_variables(state),
           int(np.asarray(state.step)))
+
+
+# --- The best checkpoint and choosing a checkpoint --------------------------
+
+
+def best_dir(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, BEST_DIR))
+
+
+def best_manager(workdir: str, create: bool = True,
+                 read_only: bool = False) -> ocp.CheckpointManager:
+  """The manager of WORKDIR/best/ (cign_jax.validation deletes what it no
+  longer needs, so that a killed run always keeps its best); `read_only` as
+  in `manager`."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False,
+        max_to_keep=None, save_interval_steps=0)
+    return ocp.CheckpointManager(best_dir(workdir), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
+  options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
+                                         cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(best_dir(workdir), options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
+
+
+def _stored_steps(directory: str) -> list:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory)
+                if name.isdigit() and os.path.isdir(os.path.join(directory,
+                                                                 name)))
+
+
+def read_best(workdir: str) -> Optional[Dict[str, Any]]:
+  """WORKDIR/best.json ({'step', 'metric', 'value'}) when its checkpoint is
+  in WORKDIR/best/, else None."""
+  path = os.path.join(workdir, BEST_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      best = json.load(f)
+    step = int(best["step"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{path} is unreadable or corrupt: {e}") from e
+  if step not in _stored_steps(best_dir(workdir)):
+    return None
+  return best
+
+
+class ChosenCheckpoint(NamedTuple):
+  """A checkpoint of a run: its step, where it is (CHECKPOINT_DIR or
+  BEST_DIR) and why it was chosen, in words."""
+  step: int
+  directory: str
+  reason: str
+
+
+def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
+  """Which checkpoint --checkpoint=best|latest|STEP names in `workdir`.
+
+  Args:
+    workdir: a run directory.
+    checkpoint: 'best', 'latest', a step (int or digits), or None for the
+      best when the run keeps one, else the latest.
+
+  Returns:
+    A `ChosenCheckpoint` (step, directory, reason).
+
+  Raises:
+    CheckpointError: an unknown value, a step that is not stored, or 'best'
+      in a run without a best checkpoint; the message lists what there is.
+  """
+  latest = _stored_steps(os.path.join(workdir, CHECKPOINT_DIR))
+  best = read_best(workdir)
+
+  def available():
+    parts = [f"latest (step {latest[-1]})" if latest else "no latest"]
+    parts.append(f"best (step {best['step']} by {best['metric']})" if best
+                 else "no best")
+    steps = sorted(set(latest) | ({int(best["step"])} if best else set()))
+    return f"{', '.join(parts)}; steps {steps}"
+
+  def from_best(why):
+    return ChosenCheckpoint(
+        int(best["step"]), BEST_DIR,
+        f"best checkpoint by {best['metric']} = {best['value']:.6g} "
+        f"({why})")
+
+  value = "" if checkpoint is None else str(checkpoint).strip()
+  if value == "":
+    if best is not None:
+      return from_best("the default when the run keeps one")
+    if not latest:
+      raise CheckpointError(f"no checkpoint in {workdir}")
+    return ChosenCheckpoint(latest[-1], CHECKPOINT_DIR,
+                            "latest checkpoint (the run keeps no best one)")
+  if value == "best":
+    if best is None:
+      raise CheckpointError(
+          f"--checkpoint=best: {workdir} has no best checkpoint (its "
+          f"config.best_metric is '' or no evaluation point was reached); "
+          f"available: {available()}")
+    return from_best("--checkpoint=best")
+  if value == "latest":
+    if not latest:
+      raise CheckpointError(f"--checkpoint=latest: no checkpoint in "
+                            f"{workdir}")
+    return ChosenCheckpoint(latest[-1], CHECKPOINT_DIR,
+                            "latest checkpoint (--checkpoint=latest)")
+  if not value.lstrip("-").isdigit():
+    raise CheckpointError(f"unknown --checkpoint value {checkpoint!r}: "
+                          f"expected best, latest or a step number; "
+                          f"available: {available()}")
+  step = int(value)
+  if step in latest:
+    return ChosenCheckpoint(step, CHECKPOINT_DIR,
+                            f"step {step} (--checkpoint={step})")
+  if best is not None and step == int(best["step"]):
+    return from_best(f"--checkpoint={step}")
+  raise CheckpointError(f"--checkpoint={step}: no checkpoint of step {step} "
+                        f"in {workdir}; available: {available()}")

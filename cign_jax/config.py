@@ -29,6 +29,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 LOSS_PASSES = ("auto", "sequential", "batched")
 CHANNEL_CONVS = ("auto", "concat", "per_class")
+# Inception feature sizes FID can be computed at (cign_jax.evaluation.fid).
+FID_FEATURE_SIZES = (64, 192, 768, 2048)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -107,6 +109,27 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.samples_noise_seed = 1234  # the fixed noise of the sample grids
+
+  # Validation and evaluation during training, at the run's evaluation
+  # points: every eval_every_epochs epochs, every eval_every_steps steps, and
+  # the last step (cign_jax.validation).
+  config.eval_every_epochs = 1  # 0: not by epochs
+  config.eval_every_steps = 0  # > 0: also every this many steps
+  # Test images in the validation loss (the five terms in eval mode, as the
+  # original): -1 all of the test split, 0 no validation loss.
+  config.eval_num_examples = -1
+  # Label accuracy of this many samples per label (fixed noise) with the
+  # library's classifier; 0: off (cign_jax.evaluation.in_loop).
+  config.eval_samples_per_label = 0
+  # Per-class FID during training at these feature sizes (e.g. (64,)), with
+  # this many samples per class against as many test images; () = off.
+  config.eval_fid_sizes = ()
+  config.eval_fid_samples_per_class = 1000
+  config.eval_noise_seed = 4321  # the fixed noise of in-loop evaluation
+  # The checkpoint kept as "best" (WORKDIR/best/): 'val_loss' (lowest, the
+  # original's choice), 'label_accuracy' (highest), 'fidN' (lowest mean
+  # per-class FID at N features), or '' for none.
+  config.best_metric = "val_loss"
 
   # Parallelism and precision.
   config.mesh_shape = (-1,)  # -1: all devices
@@ -210,10 +233,54 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check(m.channel_conv in CHANNEL_CONVS, "model.channel_conv",
          f"unknown channel_conv {m.channel_conv!r}; expected one of "
          f"{CHANNEL_CONVS}")
+  _validate_evaluation(config)
   _check(len(config.mesh_shape) == len(config.mesh_axis_names), "mesh_shape",
          f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
          f"{tuple(config.mesh_axis_names)}")
   return config
+
+
+def computed_metrics(config: ml_collections.ConfigDict) -> tuple:
+  """The metrics a run with this config computes at its evaluation points
+  (the values `best_metric` may take, besides '')."""
+  names = []
+  if config.eval_num_examples != 0:
+    names.append("val_loss")
+  if config.eval_samples_per_label > 0:
+    names.append("label_accuracy")
+  names.extend(f"fid{int(s)}" for s in config.eval_fid_sizes)
+  return tuple(names)
+
+
+def _validate_evaluation(config: ml_collections.ConfigDict):
+  for key in ("eval_every_epochs", "eval_every_steps",
+              "eval_samples_per_label"):
+    _check(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
+  _check(config.eval_num_examples >= -1, "eval_num_examples",
+         f"must be -1 (all), 0 (none) or a count, got "
+         f"{config.eval_num_examples}")
+  sizes = tuple(int(s) for s in config.eval_fid_sizes)
+  bad = [s for s in sizes if s not in FID_FEATURE_SIZES]
+  _check(not bad, "eval_fid_sizes",
+         f"unknown FID feature size(s) {bad}; available: {FID_FEATURE_SIZES}")
+  if sizes:
+    n = config.eval_fid_samples_per_class
+    _check(n >= max(sizes), "eval_fid_samples_per_class",
+           f"{n} samples per class are too few for FID at {max(sizes)} "
+           f"features (the covariance would be singular); FID sizes these "
+           f"samples allow: "
+           f"{tuple(s for s in FID_FEATURE_SIZES if s <= n) or 'none'}")
+  if config.eval_samples_per_label > 0 or sizes:
+    _check(config.model.conditioning != "none", "eval_samples_per_label",
+           "label accuracy and per-class FID need a conditional model; this "
+           "config is unconditional (model.conditioning = 'none')")
+  available = computed_metrics(config)
+  _check(config.best_metric == "" or config.best_metric in available,
+         "best_metric",
+         f"{config.best_metric!r} is not computed by this run; it computes "
+         f"{available or 'nothing'} ('val_loss' needs eval_num_examples != 0, "
+         f"'label_accuracy' eval_samples_per_label > 0, 'fidN' N in "
+         f"eval_fid_sizes; '' keeps no best checkpoint)")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
+from PIL import PngImagePlugin
 
 from cign_jax import checkpoints
 from cign_jax import losses
@@ -134,11 +135,18 @@ def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
   return np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
 
 
-def save_png(image_u8: np.ndarray, path: str, scale: int = 2):
+def save_png(image_u8: np.ndarray, path: str, scale: int = 2,
+             text: Optional[dict] = None):
+  """Writes a uint8 image as PNG (`text`: tEXt entries, e.g. the step)."""
   img = Image.fromarray(image_u8)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  info = None
+  if text:
+    info = PngImagePlugin.PngInfo()
+    for key, value in text.items():
+      info.add_text(str(key), str(value))
+  img.save(path, pnginfo=info)
 
 
 def _parse_labels(labels) -> list:
@@ -177,7 +185,7 @@ def sample_to_file(workdir: str, out: str,
                    labels: Optional[Sequence[int]] = None,
                    num_per_label: int = 10, seed: int = 0,
                    applications: int = 1, inputs: Optional[str] = None,
-                   step: Optional[int] = None):
+                   step: Optional[int] = None, checkpoint=None):
   """Samples from the run in `workdir` (or projects `inputs`) into `out`.
 
   What `python -m cign_jax.sample` does: writes `images` (float32 in [-1, 1],
@@ -191,7 +199,10 @@ def sample_to_file(workdir: str, out: str,
     seed: seed of the prior noise.
     applications: how many times f is applied.
     inputs: an .npz of `images` (and `labels`) to project instead of noise.
-    step: the checkpoint step (default: the latest).
+    step: the checkpoint step (the same as checkpoint=step).
+    checkpoint: 'best', 'latest' or a step; default the best when the run
+      keeps one, else the latest. The .npz (`step`, `checkpoint`) and the
+      PNG's text say which and why.
 
   Returns:
     (images, labels) as written.
@@ -200,7 +211,11 @@ def sample_to_file(workdir: str, out: str,
     raise ValueError(f"--out must name an .npz file, got {out!r}")
   if labels is not None:
     labels = _parse_labels(labels)
-  config, model, variables, step = checkpoints.load_model(workdir, step)
+  if checkpoint is None and step is not None:
+    checkpoint = step
+  chosen = checkpoints.resolve_checkpoint(workdir, checkpoint)
+  config, model, variables, step = checkpoints.load_model(
+      workdir, checkpoint=checkpoint)
   num_classes = model.num_classes if model.conditioning != "none" else 1
   if inputs is not None:
     if not os.path.isfile(inputs):
@@ -240,7 +255,11 @@ def sample_to_file(workdir: str, out: str,
         f"the checkpoint of step {step} in {workdir} samples non-finite images "
         f"({bad} NaN/Inf pixels of {images.size}); nothing was written. Its "
         "weights or BatchNorm statistics are broken: sample an earlier step "
-        "with --step")
-  run_dir.atomic_savez(out, images=images, labels=labels_out.astype(np.int32))
-  save_png(grid_image(rows), out[:-len(".npz")] + ".png")
+        "with --checkpoint=STEP")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  run_dir.atomic_savez(out, images=images, labels=labels_out.astype(np.int32),
+                       step=chosen.step, checkpoint=chosen.reason)
+  save_png(grid_image(rows), out[:-len(".npz")] + ".png",
+           text={"step": chosen.step, "checkpoint": chosen.reason,
+                 "workdir": os.path.abspath(workdir)})
   return images, labels_out

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import jax
@@ -33,12 +33,14 @@ from cign_jax import run_dir
 from cign_jax import sampling
 from cign_jax import sharding
 from cign_jax import train_step as train_step_lib
+from cign_jax import validation
 from cign_jax.data import reader
 
 # Fields that may change when a run is resumed (how long / how often).
 RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
                      "sample_every_steps", "checkpoint_every_steps",
-                     "keep_checkpoints", "mesh_shape", "mesh_axis_names")
+                     "keep_checkpoints", "mesh_shape", "mesh_axis_names",
+                     "eval_every_epochs", "eval_every_steps")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -119,10 +121,33 @@ def _last_good(mngr, workdir) -> str:
   if latest is None:
     return f"No checkpoint was saved in {workdir}"
   return f"The last good checkpoint (step {latest}) in {workdir} is kept"
+def split_dataset(dataset) -> Tuple[Any, Any]:
+  """`train_and_evaluate`'s dataset argument as ((images, labels) of the
+  training split, (images, labels) of the test split or None)."""
+  if isinstance(dataset, dict):
+    unknown = sorted(set(dataset) - {"train", "test"})
+    if unknown or "train" not in dataset:
+      raise ValueError(f"dataset: expected a dict with 'train' and optionally "
+                       f"'test', each (images uint8, labels); got keys "
+                       f"{sorted(dataset)}")
+    return tuple(dataset["train"]), (None if dataset.get("test") is None
+                                     else tuple(dataset["test"]))
+  if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+    return tuple(dataset), None
+  raise ValueError("dataset: expected (images uint8, labels) of the training "
+                   "split or {'train': (images, labels), 'test': (images, "
+                   f"labels)}}, got {type(dataset).__name__}")
+
+
+def _needs_evaluator(config) -> bool:
+  return config.eval_samples_per_label > 0 or bool(config.eval_fid_sizes)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[Any] = None
+                       dataset: Optional[Any] = None,
+                       evaluator: Optional[Callable[..., Dict[str, float]]]
+                       = None,
+                       time_limit_seconds: Optional[float] = None
                        ) -> train_step_lib.TrainState:
   """Trains (or resumes) the run in `workdir`.
 
@@ -131,8 +156,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       of `RESUMABLE_CHANGES` may differ from the run's `config.json`.
     workdir: the run directory: checkpoints, TensorBoard events, sample
       grids; resumed from its latest checkpoint when there is one.
-    dataset: optional (images uint8 (N, 28, 28, 1), labels) to train on
-      instead of the config's tfds dataset (notebooks, tests).
+    dataset: optional data instead of the config's tfds dataset (notebooks,
+      tests, machines without tensorflow-datasets): (images uint8
+      (N, 28, 28, 1), labels) to train on, without validation; or
+      {'train': (images, labels), 'test': (images, labels)}, the test split
+      giving the validation loss.
+    evaluator: in-loop evaluation, called as evaluator(model, variables,
+      step) at every evaluation point, returning {metric: value}
+      (`cign_jax.evaluation.in_loop`; needed when the config asks for
+      label accuracy or FID during training).
+    time_limit_seconds: stop cleanly (latest checkpoint saved, resumable)
+      after the first step that ends this long after the start.
 
   Returns:
     The final TrainState (replicated over the mesh).
@@ -142,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ValueError: a config that does not fit the run or the devices.
   """
 
+  t_begin = time.time()
   config = config_lib.validate(config)
   # Every check comes before the first write to the run directory, so a
   # refused start leaves it as it was.
@@ -152,8 +187,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if dataset is None:
     images, labels = reader.load_split(config.data.dataset, "train",
                                          config.data.data_dir)
+    test = None
+    if config.eval_num_examples != 0:
+      test = reader.load_split(config.data.dataset, "test",
+                               config.data.data_dir)
   else:
-    images, labels = dataset
+    (images, labels), test = split_dataset(dataset)
+  val_split = validation.validation_split(config, test)
+  if config.best_metric == "val_loss" and val_split is None:
+    raise ValueError(
+        "config.best_metric is 'val_loss' but the run has no validation "
+        "split: pass dataset={'train': (images, labels), 'test': (images, "
+        "labels)}, or set config.best_metric to one of "
+        f"{tuple(m for m in config_lib.computed_metrics(config) if m != 'val_loss')} "
+        "or ''")
+  if _needs_evaluator(config) and evaluator is None:
+    raise ValueError(
+        f"config.eval_samples_per_label = {config.eval_samples_per_label} / "
+        f"config.eval_fid_sizes = {tuple(config.eval_fid_sizes)} ask for "
+        "evaluation during training, which lives in cign_jax.evaluation: call "
+        "cign_jax.evaluation.in_loop.train_and_evaluate (what `python -m "
+        "cign_jax.main` does) or pass evaluator=")
   batches = reader.TrainBatches(images, labels, config.batch_size,
                                   config.seed)
   _check_labels_fit(config, labels)
@@ -163,7 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ends, when the OS drops it).
   lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
-    return _train(config, workdir, mesh, batches, total_steps)
+    return _train(config, workdir, mesh, batches, total_steps, val_split,
+                  evaluator, t_begin, time_limit_seconds)
   finally:
     if lock is not None:
       lock.release()
@@ -186,7 +241,8 @@ def _check_labels_fit(config, labels):
         f"{high + 1} (or more) for this dataset")
 
 
-def _train(config, workdir, mesh, batches, total_steps):
+def _train(config, workdir, mesh, batches, total_steps, val_split,
+           evaluator, t_begin, time_limit_seconds):
   """The training loop of `train_and_evaluate`, once every check passed and
   the run's lock is held."""
   model = models.model_from_config(config)
@@ -208,6 +264,11 @@ def _train(config, workdir, mesh, batches, total_steps):
     return state
   if jax.process_index() == 0:
     checkpoints.save_config(workdir, config)
+  evaluations = validation.BestCheckpoint(workdir, config.best_metric)
+  evaluations.resume(int(jax.device_get(state.step)))
+  if evaluations.best is not None:
+    logging.info("Best so far: step %d, %s = %.6g", evaluations.best["step"],
+                 config.best_metric, evaluations.best[config.best_metric])
   state = sharding.put_replicated(state, mesh)
   base_key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   step_fn = compile_train_step(config, mesh)
@@ -239,6 +300,32 @@ def _train(config, workdir, mesh, batches, total_steps):
             "or check the data")
     pending = []
 
+  def evaluate_point(done):
+    variables = train_step_lib.eval_variables(state)
+    epoch = done // batches.steps_per_epoch
+    metrics = {"epoch": done / batches.steps_per_epoch}
+    if val_split is not None:
+      metrics.update(validation.validation_loss(model, variables, *val_split,
+                                                config, epoch))
+    if evaluator is not None:
+      metrics.update(evaluator(model, variables, done))
+    improved = evaluations.record(state, metrics)
+    writer.write_scalars(done, {
+        (k.replace("val_", "val/", 1) if k.startswith("val_") else
+         f"eval/{k}"): v for k, v in metrics.items()
+        if isinstance(v, (int, float)) and v is not None})
+    parts = [f"{k} {v:.4f}" for k, v in metrics.items()
+             if k != "epoch" and isinstance(v, float)
+             and (k in ("val_loss", "label_accuracy") or k.startswith("fid")
+                  or k.startswith("val_loss_"))]
+    best = evaluations.best
+    if best is not None:
+      parts.append(f"best {config.best_metric} {best[config.best_metric]:.4f}"
+                   f" at step {best['step']}{' (new)' if improved else ''}")
+    logging.info("evaluation at step %d (epoch %.2f) | %s", done,
+                 metrics["epoch"], " | ".join(parts))
+
+  stopped_early = False
   for step in range(start, total_steps):
     x, c = batches.batch(step)
     state, metrics = step_fn(state, sharding.put_global_batch(x, batch_sharding),
@@ -268,13 +355,34 @@ def _train(config, workdir, mesh, batches, total_steps):
                                train_step_lib.eval_variables(state))
       writer.write_images(done, {"samples": grid[None, :, :, None]})
 
-    if done % config.checkpoint_every_steps == 0 or done == total_steps:
+    at_evaluation = (
+        (val_split is not None or evaluator is not None) and
+        validation.is_evaluation_point(done, total_steps,
+                                       batches.steps_per_epoch, config))
+    if at_evaluation:
+      check_pending()
+      evaluate_point(done)
+    out_of_time = (time_limit_seconds is not None and done < total_steps and
+                   time.time() - t_begin >= time_limit_seconds)
+    if (done % config.checkpoint_every_steps == 0 or done == total_steps or
+        at_evaluation or out_of_time):
       check_pending()
       _check_samples_finite(config, model, state, done, mngr, workdir)
       checkpoints.save(mngr, state)
+      evaluations.commit()
+    if out_of_time:
+      logging.info("Time limit of %.0f s reached: stopped after step %d of "
+                   "%d; the same command resumes from here",
+                   time_limit_seconds, done, total_steps)
+      stopped_early = True
+      break
 
   check_pending()
   writer.flush()
+  evaluations.close()
+  if stopped_early:
+    mngr.close()
+    return state
   if jax.process_index() == 0:
     write_sample_grid(config, model, train_step_lib.eval_variables(state),
                       os.path.join(workdir, "samples.png"))

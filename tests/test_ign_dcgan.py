@@ -428,8 +428,11 @@ def test_training_checkpoints_and_sampling_work_unchanged(tmp_path):
   images = rs.randint(0, 256, (16, 28, 28, 1)).astype(np.uint8)
   labels = rs.randint(0, 10, (16,)).astype(np.int64)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir, dataset=(images, labels))
+  # A test split: the config keeps its best checkpoint by validation loss.
+  train.train_and_evaluate(config, workdir, dataset={
+      "train": (images, labels), "test": (images[:8], labels[:8])})
   assert os.path.isfile(os.path.join(workdir, "samples.png"))
+  assert checkpoints.read_best(workdir)["metric"] == "val_loss"
   loaded, model, variables, step = checkpoints.load_model(workdir)
   assert step == 2
   assert loaded.model.architecture == "ign_dcgan"

@@ -22,7 +22,8 @@ OLD_COMMAND_PATHS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
 CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
         "cign_jax.models", "cign_jax.dropout", "cign_jax.losses",
         "cign_jax.train_step", "cign_jax.train", "cign_jax.checkpoints",
-        "cign_jax.sampling", "cign_jax.sharding", "cign_jax.metric_writers"}
+        "cign_jax.sampling", "cign_jax.sharding", "cign_jax.metric_writers",
+        "cign_jax.validation"}
 SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
 CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
@@ -124,7 +125,8 @@ def test_the_graph_sees_known_imports():
   assert "cign_jax.ops" in graph["cign_jax.models"]  # from cign_jax import ops
   assert "cign_jax.kernels.cpu_conv" in graph["cign_jax.ops"]
   assert "cign_jax.data.reader" in graph["cign_jax.train"]
-  assert "cign_jax.train" in graph["cign_jax.commands.train"]  # in a function
+  # in a function
+  assert "cign_jax.evaluation.in_loop" in graph["cign_jax.commands.train"]
   assert "cign_jax.data" in graph["cign_jax.data.reader"]  # a package's name
 
 

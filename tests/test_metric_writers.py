@@ -209,6 +209,7 @@ config.num_train_steps = 4
 config.log_every_steps = 2
 config.sample_every_steps = 2
 config.checkpoint_every_steps = 4
+config.best_metric = ""  # training data only: no validation split
 rng = np.random.default_rng(0)
 images = rng.integers(0, 256, (16, 28, 28, 1), dtype=np.uint8)
 labels = np.arange(16, dtype=np.int64) % 10

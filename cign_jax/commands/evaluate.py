@@ -1,11 +1,12 @@
 """Scores a model or a set of samples: per-class FID and label accuracy.
 
   python -m cign_jax.evaluate --workdir=DIR [--num_per_class=1000]
-      [--applications=1] [--seed=0]
+      [--applications=1] [--seed=0] [--checkpoint=best|latest|STEP]
   python -m cign_jax.evaluate --samples=FILE.npz [--dataset=mnist] [--out=DIR]
 
-With --workdir it generates `num_per_class` samples per label from the
-run's latest checkpoint (the same format `cign_jax.sample` writes, kept as
+With --workdir it generates `num_per_class` samples per label from a
+checkpoint of the run (--checkpoint; default its best when it keeps one,
+else its latest; eval.json and the printed table name the step and why) (the same format `cign_jax.sample` writes, kept as
 DIR/eval_samples.npz) unless those exist already for the same settings;
 with --samples it scores images made by anything else (`images` float in
 [-1, 1], (N, 28, 28[, 1]); `labels`).
@@ -43,6 +44,8 @@ def _define_flags():
   flags.DEFINE_integer("num_per_class", 1000, "Samples generated per label.")
   flags.DEFINE_integer("applications", 1, "Apply f this many times.")
   flags.DEFINE_integer("seed", 0, "Seed of the generated noise.")
+  flags.DEFINE_string("checkpoint", None, "best, latest or a step (default: "
+                      "the best when the run keeps one, else the latest).")
   flags.DEFINE_list("feature_sizes", None, "FID feature sizes (default: 64, "
                     "192, 768 and 2048 when there are enough samples).")
 
@@ -52,7 +55,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   report = evaluate.run(FLAGS.workdir, FLAGS.samples, FLAGS.out, FLAGS.dataset,
                FLAGS.num_per_class, FLAGS.applications, FLAGS.seed,
-               FLAGS.feature_sizes)
+               FLAGS.feature_sizes, checkpoint=FLAGS.checkpoint)
   print(evaluate.format_table(report))
   out = FLAGS.out or FLAGS.workdir or os.path.dirname(
       os.path.abspath(FLAGS.samples))

@@ -2,6 +2,7 @@
 
   python -m cign_jax.sample --workdir=DIR --out=samples.npz \
       [--labels=0,1,2] [--num_per_label=10] [--seed=0] [--applications=1]
+      [--checkpoint=best|latest|STEP]
   python -m cign_jax.sample --workdir=DIR --out=proj.npz --inputs=IN.npz
 
 Writes `images` (float32 in [-1, 1], (N, 28, 28, 1)) and `labels` to the
@@ -15,6 +16,7 @@ with `images` (float in [-1, 1], (N, 28, 28) or (N, 28, 28, 1)) and
 from absl import app
 from absl import flags
 
+from cign_jax import checkpoints
 from cign_jax import commands
 from cign_jax import sampling
 
@@ -31,17 +33,23 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the prior noise.")
   flags.DEFINE_integer("applications", 1, "Apply f this many times.")
   flags.DEFINE_string("inputs", None, "Project these images instead of noise.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+  flags.DEFINE_integer("step", None, "Checkpoint step (the same as "
+                       "--checkpoint=STEP).")
+  flags.DEFINE_string("checkpoint", None, "best, latest or a step (default: "
+                      "the best when the run keeps one, else the latest).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  chosen = checkpoints.resolve_checkpoint(
+      FLAGS.workdir, FLAGS.checkpoint if FLAGS.step is None else FLAGS.step)
   images, _ = sampling.sample_to_file(FLAGS.workdir, FLAGS.out, FLAGS.labels,
                              FLAGS.num_per_label, FLAGS.seed,
-                             FLAGS.applications, FLAGS.inputs, FLAGS.step)
+                             FLAGS.applications, FLAGS.inputs, FLAGS.step,
+                             checkpoint=FLAGS.checkpoint)
   print(f"wrote {images.shape[0]} images to {FLAGS.out} and "
-        f"{FLAGS.out[:-4]}.png")
+        f"{FLAGS.out[:-4]}.png from step {chosen.step}: {chosen.reason}")
 
 
 def run():

@@ -61,10 +61,10 @@ def main(argv):
   # Imported after jax.distributed.initialize(), which must come before
   # anything touches a device; the training modules are not needed for
   # --help or a flag error either.
-  from cign_jax import train  # pylint: disable=g-import-not-at-top
+  from cign_jax.evaluation import in_loop  # pylint: disable=g-import-not-at-top
   config = config_lib.validate(FLAGS.config)
   logging.info("Config:\n%s", config)
-  train.train_and_evaluate(config, FLAGS.workdir)
+  in_loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run():

@@ -38,6 +38,10 @@ def get_config(variant: str = ""):
     config.log_every_steps = 2
     config.sample_every_steps = 1000
     config.checkpoint_every_steps = 2
+    # Validation on a few test images when a test split is there; no best
+    # checkpoint (tests pass training data alone, without a test split).
+    config.eval_num_examples = 64
+    config.best_metric = ""
     return config
   config.model.latent_dim = 16
   config.model.intermediate_dim = 64
@@ -47,4 +51,12 @@ def get_config(variant: str = ""):
   config.log_every_steps = 50
   config.sample_every_steps = 400
   config.checkpoint_every_steps = 400
+  # The best checkpoint by label accuracy (100 samples per label, fixed
+  # noise), judged at every checkpoint; no validation loss (it would cost
+  # more than the label accuracy and does not pick the best-looking digits).
+  config.eval_every_epochs = 0
+  config.eval_every_steps = 400
+  config.eval_num_examples = 0
+  config.eval_samples_per_label = 100
+  config.best_metric = "label_accuracy"
   return config

@@ -161,11 +161,17 @@ def _random_shift(rng, images):
 
 
 def train(dataset: str, data_dir: str = "", seed: int = 0,
-          epochs: int = EPOCHS, log=print) -> tuple[Classifier, dict]:
-  """Trains a classifier on the training split; returns it and its info."""
+          epochs: int = EPOCHS, log=print, splits=None
+          ) -> tuple[Classifier, dict]:
+  """Trains a classifier on the training split; returns it and its info.
+  `splits`: ((train images uint8, labels), (test images, labels)) instead of
+  reading the dataset with tensorflow-datasets."""
   data_lib.check_dataset(dataset)
-  train_x, train_y = reader.load_split(dataset, "train", data_dir)
-  test_x, test_y = reader.load_split(dataset, "test", data_dir)
+  if splits is None:
+    train_x, train_y = reader.load_split(dataset, "train", data_dir)
+    test_x, test_y = reader.load_split(dataset, "test", data_dir)
+  else:
+    (train_x, train_y), (test_x, test_y) = splits
   batches = reader.TrainBatches(train_x, train_y, BATCH_SIZE, seed)
   total_steps = epochs * batches.steps_per_epoch
 
@@ -296,18 +302,20 @@ def load(dataset: str, directory: str) -> Classifier:
 
 def load_or_train(dataset: str, data_dir: str = "", cache_dir: str = "",
                   seed: int = 0, retrain: bool = False,
-                  log=print) -> Classifier:
+                  log=print, splits=None) -> Classifier:
   """The cached classifier of `dataset`, trained and cached first if absent.
 
   `cache_dir` is the root (default <cache_root>/classifier); the files are in
   its `<dataset>/` folder. A bad cache raises ClassifierCacheError (see the
-  module docstring) unless `retrain`.
+  module docstring) unless `retrain`. `splits`: the data to train on when
+  none is cached, as `train` takes it.
   """
   data_lib.check_dataset(dataset)
   directory = os.path.join(default_cache_dir(cache_dir), dataset)
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
-  classifier, info = train(dataset, data_dir, seed=seed, log=log)
+  classifier, info = train(dataset, data_dir, seed=seed, log=log,
+                           splits=splits)
   save(classifier, info, directory)
   return classifier
 

@@ -1,11 +1,12 @@
 """Scores a model or a set of samples: per-class FID and label accuracy.
 
   python -m cign_jax.evaluate --workdir=DIR [--num_per_class=1000]
-      [--applications=1] [--seed=0]
+      [--applications=1] [--seed=0] [--checkpoint=best|latest|STEP]
   python -m cign_jax.evaluate --samples=FILE.npz [--dataset=mnist] [--out=DIR]
 
-With --workdir it generates `num_per_class` samples per label from the
-run's latest checkpoint (the same format `cign_jax.sample` writes, kept as
+With --workdir it generates `num_per_class` samples per label from a
+checkpoint of the run (--checkpoint; default its best when it keeps one,
+else its latest; eval.json and the printed table name the step and why) (the same format `cign_jax.sample` writes, kept as
 DIR/eval_samples.npz) unless those exist already for the same settings;
 with --samples it scores images made by anything else (`images` float in
 [-1, 1], (N, 28, 28[, 1]); `labels`).
@@ -40,10 +41,13 @@ from cign_jax.evaluation import classifier
 from cign_jax.evaluation import fid
 
 def generate_for_eval(workdir: str, num_per_class: int, applications: int,
-                      seed: int, loaded=None):
-  """num_per_class samples of every label from the run's latest checkpoint
-  (or from `loaded`, the result of `checkpoints.load_model`)."""
-  config, model, variables, step = loaded or checkpoints.load_model(workdir)
+                      seed: int, checkpoint=None, loaded=None):
+  """num_per_class samples of every label from a checkpoint of the run
+  (`checkpoint`: 'best', 'latest' or a step; default the best when the run
+  keeps one, else the latest), or from `loaded`, the result of
+  `checkpoints.load_model`."""
+  config, model, variables, step = loaded or checkpoints.load_model(
+      workdir, checkpoint=checkpoint)
   if model.conditioning == "none":
     raise ValueError("per-class evaluation needs a conditional model; this "
                      "run is an unconditional IGN")
@@ -74,18 +78,25 @@ def _read_cache(path: str, key: str):
 
 
 def evaluate_samples(images, labels, dataset: str = "mnist",
-                     feature_sizes=None, progress: bool = True
-                     ) -> Dict[str, Any]:
-  """Per-class FID and label accuracy of samples in [-1, 1]."""
+                     feature_sizes=None, progress: bool = True,
+                     real=None, clf=None) -> Dict[str, Any]:
+  """Per-class FID and label accuracy of samples in [-1, 1].
+
+  `real`: (images uint8, labels) of the test split (default: the dataset's,
+  through tensorflow-datasets); `clf`: the classifier (default: the cached
+  one of `dataset`)."""
   images = models.check_images(images)
   labels = models.check_labels(labels, 10, images.shape[0])
-  real_images, real_labels = reader.load_split(dataset, "test")
+  if real is None:
+    real_images, real_labels = reader.load_split(dataset, "test")
+  else:
+    real_images, real_labels = real
   present = sorted(np.unique(labels).tolist())
   sizes = None if feature_sizes is None else [int(s) for s in feature_sizes]
   result = fid.per_class_fid(images, labels, real_images, real_labels,
                              feature_sizes=sizes, dataset=dataset,
                              split="test", labels=present, progress=progress)
-  clf = classifier.load_or_train(dataset)
+  clf = clf or classifier.load_or_train(dataset)
   predicted = clf.predict(images)
   accuracy = classifier.label_accuracy(predicted, labels)
   return {
@@ -106,7 +117,12 @@ def evaluate_samples(images, labels, dataset: str = "mnist",
 def format_table(report: Dict[str, Any]) -> str:
   """The paper's Table 3 layout (mean / min / max per feature size) plus
   label accuracy."""
-  lines = ["| metric | mean | min | max |", "|---|---|---|---|"]
+  lines = []
+  if "step" in report:
+    lines += [f"checkpoint: step {report['step']}"
+              + (f" ({report['checkpoint']})" if report.get("checkpoint")
+                 else ""), ""]
+  lines += ["| metric | mean | min | max |", "|---|---|---|---|"]
   for size, r in report["fid"].items():
     lines.append(f"| FID{size} | {r['mean']:.4f} | {r['min']:.4f} | "
                  f"{r['max']:.4f} |")
@@ -126,7 +142,11 @@ def format_table(report: Dict[str, Any]) -> str:
 def run(workdir: Optional[str] = None, samples: Optional[str] = None,
         out: Optional[str] = None, dataset: Optional[str] = None,
         num_per_class: int = 1000, applications: int = 1, seed: int = 0,
-        feature_sizes=None) -> Dict[str, Any]:
+        feature_sizes=None, checkpoint=None) -> Dict[str, Any]:
+  """What `python -m cign_jax.evaluate` does; returns the report written to
+  eval.json (with `step` and `checkpoint`, the reason it was chosen, when
+  scoring a run: `checkpoint` is 'best', 'latest' or a step, default the
+  best when the run keeps one)."""
   if (workdir is None) == (samples is None):
     raise ValueError("give exactly one of --workdir and --samples")
   meta: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
@@ -143,8 +163,10 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     meta["samples"] = samples
     dataset = dataset or "mnist"
   else:
-    loaded = checkpoints.load_model(workdir)
+    chosen = checkpoints.resolve_checkpoint(workdir, checkpoint)
+    loaded = checkpoints.load_model(workdir, checkpoint=checkpoint)
     step = loaded[3]
+    meta["checkpoint"] = chosen.reason
     # The cache holds samples of one checkpoint (its step and the digest of
     # its weights) with one set of settings; anything else regenerates.
     key = json.dumps(dict(step=step, weights=run_dir.tree_digest(loaded[2]),
@@ -162,7 +184,7 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
                            key=key)
     meta["step"] = step
     settings = dict(num_per_class=num_per_class, applications=applications,
-                    seed=seed)
+                    seed=seed, step=step)
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
