@@ -28,7 +28,6 @@ from; `model_from_config` builds either.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn

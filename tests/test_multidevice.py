@@ -21,7 +21,6 @@ import pytest
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import sharding
-from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 
@@ -151,11 +150,11 @@ def test_check_batch_divides_message():
   mesh = sharding.create_mesh(config_lib.base_config())
   config = config_lib.base_config()
   config.batch_size = mesh.size * 3
-  train.check_batch_divides(config, mesh)  # divides: no error
+  sharding.check_batch_divides(config, mesh)  # divides: no error
   if mesh.size > 1:
     config.batch_size = mesh.size + 1
     with pytest.raises(ValueError, match="does not divide"):
-      train.check_batch_divides(config, mesh)
+      sharding.check_batch_divides(config, mesh)
 
 
 class _Recorder:

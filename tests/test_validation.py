@@ -3,7 +3,6 @@ across a resume and a crash), choosing a checkpoint, and their errors."""
 
 import json
 import os
-import shutil
 
 import jax
 import numpy as np

@@ -62,7 +62,7 @@ def _decode_split(dataset: str, split: str, data_dir: str):
 def _damaged_record_error(dataset, split, data_dir, cause) -> ValueError:
   """A prepared split that cannot be read: which files, and how to prepare
   them again."""
-  directory = prepare.version_dir(dataset, data_dir)
+  directory = _prepare().version_dir(dataset, data_dir)
   try:
     files = sorted(f for f in os.listdir(directory)
                    if f.startswith(f"{dataset}-{split}."))
