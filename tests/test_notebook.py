@@ -9,6 +9,7 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.data
 def test_quickstart_notebook_runs(tmp_path):
   path = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
   nb = nbformat.read(path, as_version=4)
