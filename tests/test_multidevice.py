@@ -20,6 +20,7 @@ import pytest
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
+from cign_jax import sharding
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
@@ -118,7 +119,7 @@ def test_four_device_checkpoint_restores_in_this_process(worker):
   mesh = sharding.create_mesh(config)
   fresh = train_step_lib.create_train_state(config)
   saved = np.load(os.path.join(out, "ckpt_4to1_saved.npz"))
-  for template in (train.put_replicated(jax.device_get(fresh), mesh), fresh):
+  for template in (sharding.put_replicated(jax.device_get(fresh), mesh), fresh):
     mngr = checkpoints.manager(os.path.join(out, "ckpt_4to1"), create=False)
     restored = checkpoints.restore(mngr, template)
     mngr.close()
@@ -150,11 +151,11 @@ def test_check_batch_divides_message():
   mesh = sharding.create_mesh(config_lib.base_config())
   config = config_lib.base_config()
   config.batch_size = mesh.size * 3
-  train.check_batch_divides(config, mesh)  # divides: no error
+  sharding.check_batch_divides(config, mesh)  # divides: no error
   if mesh.size > 1:
     config.batch_size = mesh.size + 1
     with pytest.raises(ValueError, match="does not divide"):
-      train.check_batch_divides(config, mesh)
+      sharding.check_batch_divides(config, mesh)
 
 
 class _Recorder:
