@@ -23,7 +23,20 @@ import time
 from typing import Any, Mapping, Optional
 
 from absl import logging
+from clu.internal import utils as clu_utils
 import numpy as np
+from PIL import Image
+# TensorBoard's summary helpers and event writer; none of these modules
+# imports TensorFlow (tensorboard.compat loads it lazily, only when used).
+from tensorboard.compat.proto import event_pb2
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.histogram import summary_v2 as histogram_summary
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import event_file_writer
+from tensorboard.util import tensor_util
 
 _CLU_WRITERS = "clu.metric_writers"
 
@@ -63,7 +76,6 @@ MetricWriter = _interface.MetricWriter
 
 
 def _png(image_u8: np.ndarray) -> bytes:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
   modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
   if image_u8.shape[-1] == 1:
     image_u8 = image_u8[..., 0]
@@ -114,22 +126,14 @@ class TensorBoardWriter(MetricWriter):
     Args:
       logdir: the run directory TensorBoard reads.
     """
-    # pylint: disable=g-import-not-at-top
-    from tensorboard.summary.writer import event_file_writer
-    # pylint: enable=g-import-not-at-top
     self._events = event_file_writer.EventFileWriter(logdir)
 
   def _write(self, step: int, summary) -> None:
-    from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
     self._events.add_event(event_pb2.Event(wall_time=time.time(),
                                            step=int(step), summary=summary))
 
   def write_summaries(self, step: int, values: Mapping[str, Any],
                       metadata: Optional[Mapping[str, Any]] = None):
-    # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.util import tensor_util
-    # pylint: enable=g-import-not-at-top
     summary = summary_pb2.Summary()
     for key, value in values.items():
       md = metadata.get(key) if metadata is not None else None
@@ -145,16 +149,10 @@ class TensorBoardWriter(MetricWriter):
     self._write(step, summary)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    from tensorboard.plugins.scalar import summary_v2  # pylint: disable=g-import-not-at-top
     for key, value in scalars.items():
-      self._write(step, summary_v2.scalar_pb(key, np.asarray(value)))
+      self._write(step, scalar_summary.scalar_pb(key, np.asarray(value)))
 
   def write_images(self, step: int, images: Mapping[str, Any]):
-    # pylint: disable=g-import-not-at-top
-    from tensorboard.compat.proto import summary_pb2
-    from tensorboard.plugins.image import metadata as image_metadata
-    from tensorboard.util import tensor_util
-    # pylint: enable=g-import-not-at-top
     for key, value in images.items():
       pixels = image_to_uint8(value)
       if pixels.ndim == 3:
@@ -184,26 +182,20 @@ class TensorBoardWriter(MetricWriter):
                         "TensorBoardWriter does not write audios.", 1)
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
-    from tensorboard.plugins.text import summary_v2  # pylint: disable=g-import-not-at-top
     for key, value in texts.items():
-      self._write(step, summary_v2.text_pb(key, value))
+      self._write(step, text_summary.text_pb(key, value))
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any],
                        num_buckets: Optional[Mapping[str, int]] = None):
-    from tensorboard.plugins.histogram import summary_v2  # pylint: disable=g-import-not-at-top
     for key, value in arrays.items():
       buckets = None if num_buckets is None else num_buckets.get(key)
-      self._write(step, summary_v2.histogram_pb(key, np.asarray(value),
+      self._write(step, histogram_summary.histogram_pb(key, np.asarray(value),
                                                 buckets=buckets))
 
   def write_hparams(self, hparams: Mapping[str, Any]):
-    # pylint: disable=g-import-not-at-top
-    from clu.internal import utils as clu_utils
-    from tensorboard.plugins.hparams import summary_v2
-    # pylint: enable=g-import-not-at-top
     # As clu: flattened names, None as "", written at step 0.
     flat = dict(clu_utils.flatten_dict(hparams))
-    self._write(0, summary_v2.hparams_pb(flat))
+    self._write(0, hparams_summary.hparams_pb(flat))
 
   def flush(self):
     self._events.flush()

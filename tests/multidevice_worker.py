@@ -66,6 +66,7 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
+import synthetic  # tests/synthetic.py, beside this script
 
 # The loss terms, in the order of `losses.LOSS_TERMS`.
 TERMS = losses.LOSS_TERMS
@@ -448,9 +449,7 @@ def main(out_dir):
 
 
 def in_memory_dataset(n=32):
-  rng = np.random.default_rng(3)
-  images = rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
-  return images, rng.integers(0, 10, n).astype(np.int64)
+  return synthetic.dataset(n, seed=3)  # tests/synthetic.py
 
 
 def _walk_eqns(jaxpr):

@@ -78,6 +78,7 @@ def _measured_accuracy(classifier, dataset):
   return float(np.mean(predicted == labels))
 
 
+@pytest.mark.data
 def test_mnist_classifier_accuracy(mnist_classifier):
   accuracy = _measured_accuracy(mnist_classifier, "mnist")
   assert accuracy >= 0.99
@@ -93,6 +94,7 @@ def test_mnist_classifier_accuracy(mnist_classifier):
   assert again.predict(sample[:0]).shape == (0,)
 
 
+@pytest.mark.data
 def test_fashion_mnist_classifier_accuracy():
   classifier = cls.load_or_train("fashion_mnist")
   accuracy = _measured_accuracy(classifier, "fashion_mnist")
@@ -107,6 +109,7 @@ def _copy_cache(mnist_classifier, tmp_path, dataset="mnist"):
   return tmp_path / "cache", target
 
 
+@pytest.mark.data
 def test_corrupt_params_are_refused(mnist_classifier, tmp_path):
   root, target = _copy_cache(mnist_classifier, tmp_path)
   params = target / cls.PARAMS_FILE
@@ -117,6 +120,7 @@ def test_corrupt_params_are_refused(mnist_classifier, tmp_path):
     cls.load_or_train("mnist", cache_dir=str(root))
 
 
+@pytest.mark.data
 def test_corrupt_info_is_refused(mnist_classifier, tmp_path):
   root, target = _copy_cache(mnist_classifier, tmp_path)
   info = target / cls.INFO_FILE
@@ -125,6 +129,7 @@ def test_corrupt_info_is_refused(mnist_classifier, tmp_path):
     cls.load_or_train("mnist", cache_dir=str(root))
 
 
+@pytest.mark.data
 def test_mismatched_cache_is_refused(mnist_classifier, tmp_path):
   root, target = _copy_cache(mnist_classifier, tmp_path, "fashion_mnist")
   with pytest.raises(cls.ClassifierCacheError,

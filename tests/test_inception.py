@@ -101,6 +101,7 @@ def _assert_close(ours, theirs, what):
     assert rel < REL_TOL, f"{what}: tap {size} relative error {rel:.2e}"
 
 
+@pytest.mark.data
 def test_taps_match_archive_in_pytorch(archive_path, variables, inputs):
   theirs = _torch_taps(archive_path, inputs)
   # The Flax module as such (BatchNorm computed from its statistics).
@@ -118,6 +119,7 @@ def test_taps_match_archive_in_pytorch(archive_path, variables, inputs):
                              atol=1e-6)
 
 
+@pytest.mark.data
 def test_variables_fit_the_model(variables):
   shapes = jax.eval_shape(
       inception.FIDInceptionV3().init, jax.random.PRNGKey(0),
@@ -132,6 +134,7 @@ def test_variables_fit_the_model(variables):
   assert count == inception.NUM_ARCHIVE_NUMBERS
 
 
+@pytest.mark.data
 def test_cached_parameter_file(variables, tmp_path, archive_path):
   # Converting into a fresh cache writes the .npz; loading it again gives the
   # same arrays without reading the archive.

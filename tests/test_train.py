@@ -18,6 +18,7 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
+from conftest import SYNTHETIC_MAIN
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = quick.get_config("tiny").num_train_steps
@@ -33,7 +34,8 @@ def tiny_config(**overrides):
 
 
 def _main_cmd(workdir, *extra):
-  return [sys.executable, "-m", "cign_jax.main",
+  # The train command (python -m cign_jax.main) on the synthetic dataset.
+  return [sys.executable, SYNTHETIC_MAIN,
           f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}",
           *extra]
 
@@ -56,14 +58,10 @@ def _leaves(state_or_workdir):
 
 
 @pytest.fixture(scope="module")
-def mnist():
-  return reader.load_split("mnist", "train")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mnist):
+def uninterrupted(tmp_path_factory, synthetic_dataset):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  state = train.train_and_evaluate(tiny_config(), workdir)
+  state = train.train_and_evaluate(tiny_config(), workdir,
+                                   dataset=synthetic_dataset)
   return workdir, state
 
 
@@ -81,25 +79,30 @@ def test_run_leaves_checkpoints_events_and_samples(uninterrupted):
   assert all(np.all(np.isfinite(a)) for a in leaves)
 
 
-def test_same_seed_same_run_other_seed_other_run(uninterrupted, tmp_path):
+def test_same_seed_same_run_other_seed_other_run(uninterrupted, tmp_path, synthetic_dataset):
   _, reference = uninterrupted
   again = train.train_and_evaluate(tiny_config(num_train_steps=2),
-                                   str(tmp_path / "a"))
+                                   str(tmp_path / "a"),
+      dataset=synthetic_dataset)
   again2 = train.train_and_evaluate(tiny_config(num_train_steps=2),
-                                    str(tmp_path / "b"))
+                                    str(tmp_path / "b"),
+      dataset=synthetic_dataset)
   other = train.train_and_evaluate(tiny_config(num_train_steps=2, seed=1),
-                                   str(tmp_path / "c"))
+                                   str(tmp_path / "c"),
+      dataset=synthetic_dataset)
   for a, b in zip(_leaves(again)[1], _leaves(again2)[1]):
     np.testing.assert_array_equal(a, b)
   assert any(not np.array_equal(a, b)
              for a, b in zip(_leaves(again)[1], _leaves(other)[1]))
 
 
-def test_resume_equals_uninterrupted(uninterrupted, tmp_path):
+def test_resume_equals_uninterrupted(uninterrupted, tmp_path, synthetic_dataset):
   _, reference = uninterrupted
   workdir = str(tmp_path / "resumed")
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
-  resumed = train.train_and_evaluate(tiny_config(), workdir)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir,
+      dataset=synthetic_dataset)
+  resumed = train.train_and_evaluate(tiny_config(), workdir,
+      dataset=synthetic_dataset)
   assert int(resumed.step) == NUM_STEPS
   for a, b in zip(_leaves(resumed)[1], _leaves(reference)[1]):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -138,7 +141,7 @@ def test_resume_after_hard_kill(uninterrupted, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
-    uninterrupted, tmp_path, monkeypatch):
+    uninterrupted, tmp_path, monkeypatch, synthetic_dataset):
   workdir = str(tmp_path / "nan")
   original = reader.TrainBatches.batch
 
@@ -150,7 +153,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
   monkeypatch.setattr(reader.TrainBatches, "batch", poisoned)
   with pytest.raises(train.NonFiniteLossError, match="step 4"):
-    train.train_and_evaluate(tiny_config(), workdir)
+    train.train_and_evaluate(tiny_config(), workdir,
+      dataset=synthetic_dataset)
   step, leaves = _leaves(workdir)
   assert step == 2
   assert all(np.all(np.isfinite(a)) for a in leaves)
@@ -170,11 +174,13 @@ def test_bad_config_is_named(tmp_path, override, message):
   assert message in result.stderr
 
 
-def test_resume_with_another_model_is_refused(uninterrupted, tmp_path):
+def test_resume_with_another_model_is_refused(uninterrupted, tmp_path, synthetic_dataset):
   workdir = str(tmp_path / "other")
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir,
+      dataset=synthetic_dataset)
   with pytest.raises(ValueError, match="config.model differs"):
-    train.train_and_evaluate(tiny_config(**{"model.latent_dim": 3}), workdir)
+    train.train_and_evaluate(tiny_config(**{"model.latent_dim": 3}), workdir,
+      dataset=synthetic_dataset)
 
 
 def test_sample_command(uninterrupted, tmp_path):
@@ -256,13 +262,16 @@ def test_parameter_average_recursion():
   assert train_step_lib.eval_variables(plain)["params"] is plain.params
 
 
-def test_parameter_average_is_checkpointed_and_resumed(tmp_path):
+def test_parameter_average_is_checkpointed_and_resumed(tmp_path, synthetic_dataset):
   config = tiny_config(num_train_steps=4, ema_decay=0.9)
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"),
+      dataset=synthetic_dataset)
   workdir = str(tmp_path / "resumed")
   train.train_and_evaluate(tiny_config(num_train_steps=2, ema_decay=0.9),
-                           workdir)
-  resumed = train.train_and_evaluate(config, workdir)
+                           workdir,
+      dataset=synthetic_dataset)
+  resumed = train.train_and_evaluate(config, workdir,
+      dataset=synthetic_dataset)
   for a, b in zip(jax.tree_util.tree_leaves(resumed.ema_params),
                   jax.tree_util.tree_leaves(straight.ema_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
@@ -276,9 +285,11 @@ def test_parameter_average_is_checkpointed_and_resumed(tmp_path):
   # Resuming with another ema_decay is refused by name; restoring a
   # checkpoint into a state that disagrees on having the average, too.
   with pytest.raises(ValueError, match="ema_decay"):
-    train.train_and_evaluate(tiny_config(num_train_steps=6), workdir)
+    train.train_and_evaluate(tiny_config(num_train_steps=6), workdir,
+      dataset=synthetic_dataset)
   plain = str(tmp_path / "plain")
-  train.train_and_evaluate(tiny_config(num_train_steps=2), plain)
+  train.train_and_evaluate(tiny_config(num_train_steps=2), plain,
+      dataset=synthetic_dataset)
   for run_dir, other in ((workdir, tiny_config()), (plain, config)):
     target = jax.eval_shape(lambda c=other: train_step_lib.create_train_state(c))
     mngr = checkpoints.manager(run_dir, create=False)
