@@ -111,7 +111,13 @@ def test_batched_passes_equal_sequential(conditioning, num_mismatch, dtype,
   if num_mismatch:
     assert float(want[1]["loss_idem_mismatch"]) > 0
   _assert_trees_close(got[2], want[2], rtol, "running statistics")
-  _assert_trees_close(got[3], want[3], 10 * rtol, "gradient")
+  # Gradients: the float64 case is the equivalence check (1e-10). In float32
+  # the sums run in another order; BatchNorm's scale and bias gradients,
+  # sums of many cancelling terms, differed by up to 2.5e-3 relative
+  # (measured 2026-11-28), hence 2.5e-2 there.
+  _assert_trees_close(got[3], want[3],
+                      10 * rtol if precision == jnp.float64 else 2.5e-2,
+                      "gradient")
   # The running statistics moved (the update is not a no-op).
   moved = [np.max(np.abs(np.asarray(a) - 0.25 - i)) for i, a in
            zip([0, 1], [got[2]["discriminator"]["batch_norm_1"]["mean"],
