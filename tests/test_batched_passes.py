@@ -2,6 +2,10 @@
 reference), the grouped BatchNorm and dropout against separate calls, and the
 split ('per_class') channel-conditioned conv against the concatenation."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import types
 from typing import Any
 
@@ -14,6 +18,8 @@ from cign_jax import config as config_lib
 from cign_jax import losses
 from cign_jax import models
 from cign_jax import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _data(b, seed=0):
@@ -281,18 +287,33 @@ def test_config_switches_are_validated():
 def test_matmul_precision_reaches_the_convolutions():
   """'highest' is applied while f is traced: its lowering names the
   precision of the products (and of XLA's convolutions); 'default' leaves
-  XLA's default."""
-  def hlo(precision):
-    model = models.IdempotentNetwork(latent_dim=2, intermediate_dim=4,
-                                     matmul_precision=precision)
-    variables = models.init_variables(model, jax.random.key(0))
-    f = jax.jit(lambda v, x, c: model.apply(v, x, c))
-    return f.lower(variables, jnp.zeros((2, 28, 28, 1)),
-                   jnp.zeros(2, jnp.int32)).as_text()
-  assert "HIGHEST" in hlo("highest")
-  assert "HIGHEST" not in hlo("default")
+  XLA's default. Lowered in a fresh process, so that no precision or x64
+  setting left by another test's tracing can reach it."""
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      from cign_jax import models
+      def hlo(precision):
+        model = models.IdempotentNetwork(latent_dim=2, intermediate_dim=4,
+                                         matmul_precision=precision)
+        variables = models.init_variables(model, jax.random.key(0))
+        f = jax.jit(lambda v, x, c: model.apply(v, x, c))
+        return f.lower(variables, jnp.zeros((2, 28, 28, 1)),
+                       jnp.zeros(2, jnp.int32)).as_text()
+      print("highest", "HIGHEST" in hlo("highest"))
+      print("default", "HIGHEST" in hlo("default"))
+      """)
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(
+      p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+  out = subprocess.run([sys.executable, "-c", script], env=env, check=True,
+                       capture_output=True, text=True).stdout.split("\n")
+  assert "highest True" in out, out
+  assert "default False" in out, out
   with pytest.raises(ValueError, match="unknown matmul_precision"):
-    hlo("tf32")
+    models.IdempotentNetwork(latent_dim=2, intermediate_dim=4,
+                             matmul_precision="tf32").init(
+                                 jax.random.key(0), jnp.zeros((1, 28, 28, 1)),
+                                 jnp.zeros(1, jnp.int32))
 
 
 @pytest.mark.parametrize("transposed", [False, True])
