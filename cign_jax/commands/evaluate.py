@@ -6,8 +6,9 @@
 
 With --workdir it generates `num_per_class` samples per label from a
 checkpoint of the run (--checkpoint; default its best when it keeps one,
-else its latest; eval.json and the printed table name the step and why) (the same format `cign_jax.sample` writes, kept as
-DIR/eval_samples.npz) unless those exist already for the same settings;
+else its latest; eval.json and the printed table name the step and why),
+in the format `cign_jax.sample` writes, kept as DIR/eval_samples.npz and
+reused only for the same checkpoint (step and weights) and settings;
 with --samples it scores images made by anything else (`images` float in
 [-1, 1], (N, 28, 28[, 1]); `labels`).
 

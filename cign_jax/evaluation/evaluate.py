@@ -1,24 +1,13 @@
-"""Scores a model or a set of samples: per-class FID and label accuracy.
+"""Scoring a run or a set of samples: per-class FID and label accuracy.
 
-  python -m cign_jax.evaluate --workdir=DIR [--num_per_class=1000]
-      [--applications=1] [--seed=0] [--checkpoint=best|latest|STEP]
-  python -m cign_jax.evaluate --samples=FILE.npz [--dataset=mnist] [--out=DIR]
-
-With --workdir it generates `num_per_class` samples per label from a
-checkpoint of the run (--checkpoint; default its best when it keeps one,
-else its latest; eval.json and the printed table name the step and why) (the same format `cign_jax.sample` writes, kept as
-DIR/eval_samples.npz) unless those exist already for the same settings;
-with --samples it scores images made by anything else (`images` float in
-[-1, 1], (N, 28, 28[, 1]); `labels`).
-
-Per-class FID as the CIGN paper (Table 3): for each label, the dataset's test
-images of that label (up to 1000) against as many generated with it;
-mean/min/max over labels at 64, 192, 768 features (and 2048 when every class
-has at least 2048 samples). Label accuracy: the library's classifier
-(`cign_jax.evaluation.classifier`, trained once per dataset and cached) on the samples,
-against the requested labels: overall, per label, and the confusion matrix.
-Writes eval.json and confusion.png to the output directory (DIR by default)
-and prints a table shaped like the paper's Table 3.
+`run` is what `python -m cign_jax.evaluate` does (the command's docstring,
+`cign_jax/commands/evaluate.py`, has its usage): it generates or reads the
+samples, scores them with `evaluate_samples` (per-class FID as the CIGN
+paper's Table 3, through `cign_jax.evaluation.fid`, and label accuracy with
+the library's classifier) and writes eval.json and confusion.png.
+`generate_for_eval` draws the samples from a checkpoint of a run; they are
+cached in DIR/eval_samples.npz, keyed on the checkpoint's step and weights
+and on the settings. `format_table` prints the report like Table 3.
 """
 
 from __future__ import annotations
