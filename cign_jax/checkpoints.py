@@ -372,7 +372,8 @@ def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
     parts.append(f"best (step {best['step']} by {best['metric']})" if best
                  else "no best")
     steps = sorted(set(latest) | ({int(best["step"])} if best else set()))
-    return f"{', '.join(parts)}; steps {steps}"
+    return (f"{', '.join(parts)}; steps there: "
+            f"{', '.join(str(s) for s in steps) or 'none'}")
 
   def from_best(why):
     return ChosenCheckpoint(
