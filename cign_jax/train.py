@@ -195,12 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     (images, labels), test = split_dataset(dataset)
   val_split = validation.validation_split(config, test)
   if config.best_metric == "val_loss" and val_split is None:
+    others = [repr(m) for m in config_lib.computed_metrics(config)
+              if m != "val_loss"]
     raise ValueError(
         "config.best_metric is 'val_loss' but the run has no validation "
         "split: pass dataset={'train': (images, labels), 'test': (images, "
-        "labels)}, or set config.best_metric to one of "
-        f"{tuple(m for m in config_lib.computed_metrics(config) if m != 'val_loss')} "
-        "or ''")
+        "labels)}, or set config.best_metric to "
+        + " or ".join(others + ["'' (no best checkpoint)"]))
   if _needs_evaluator(config) and evaluator is None:
     raise ValueError(
         f"config.eval_samples_per_label = {config.eval_samples_per_label} / "
