@@ -13,8 +13,13 @@ from cign_jax.evaluation import fid, inception
 
 REL_TOL = 1e-4
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+# xdist_group: the module's tests share its fixtures; with pytest-xdist
+# (.ci/run) they run in one worker, so each fixture is built once.
+pytestmark = [
+    pytest.mark.filterwarnings(
+        "ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
+    pytest.mark.xdist_group("test_inception"),
+]
 
 
 @pytest.fixture(scope="module")
