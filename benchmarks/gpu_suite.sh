@@ -7,8 +7,9 @@
 #                                           # batches and step counts
 #
 # Carried in the git-ignored folder .gpu/ (or $CIGN_GPU_DIR): whl/*.whl (the
-# pure-Python wheels the bare machine lacks: ml_collections, clu,
-# tensorboardX), installed with pip --no-index into /tmp/site; mnist.npz
+# pure-Python wheels the bare machine lacks: ml_collections and clu; the
+# event files need only the tensorboard package, which it has), installed
+# with pip --no-index into /tmp/site; mnist.npz
 # (uint8 train_images (N, 28, 28), train_labels (N,), test_images,
 # test_labels). Everything goes to one log: $OUT/gpu_suite.log when $OUT is
 # set, else /tmp/gpu_suite.log.
