@@ -166,12 +166,17 @@ def _depthwise_correlation(x, filters, stride, padding):
   return out
 
 
-def _depthwise_transposed(x, filters, stride, padding):
+def _depthwise_placed(x, filters, stride):
+  """The uncropped ((H-1)s + kh, (W-1)s + kw) map of the transposed
+  correlation."""
   kh, kw = filters.shape[1], filters.shape[2]
-  full = shared.place_taps(
+  return shared.place_taps(
       lambda di, dj: x * filters[:, di, dj, :][:, None, None, :],
       kh, kw, stride)
-  return shared.crop(full, padding)
+
+
+def _depthwise_transposed(x, filters, stride, padding):
+  return shared.crop(_depthwise_placed(x, filters, stride), padding)
 
 
 def _stack_taps(sums, kh, kw):
@@ -219,9 +224,8 @@ def _dc_bwd(stride, padding, res, g):
   # the filter gradient is, per tap, sum_{i,j} x_tap * g.
   x, filters = res
   kh, kw = filters.shape[1], filters.shape[2]
-  dx = shared.fit(_depthwise_transposed(g, filters, stride, padding),
-                  x.shape[1],
-            x.shape[2])
+  dx = shared.input_window(_depthwise_placed(g, filters, stride), padding,
+                           x.shape[1], x.shape[2])
   df = _filter_grad(list(shared.tap_slices(x, kh, kw, stride, padding)), g, kh, kw)
   return dx.astype(x.dtype), df.astype(filters.dtype)
 

@@ -81,6 +81,9 @@ def naive_conv_transpose2d(x, kern, s, p):
 CASES = [
     # (batch, H, W, C, k, stride, padding)
     (3, 7, 5, 2, 3, 2, 1),
+    # (H + 2p - k) % s = 1 with p = 1: the last input row is read by a
+    # window whose col2im row lies past the end crop (the input gradient's
+    # window, kernels/shared.input_window).
     (2, 5, 5, 3, 4, 2, 1),
     (2, 6, 7, 2, 2, 1, 0),
     (2, 4, 3, 3, 3, 1, 1),
@@ -169,7 +172,7 @@ def _assert_same_gradients(fn, reference, x, f, g, relative=False):
                                  rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3], CASES[4]])
+@pytest.mark.parametrize("case", CASES[:5])
 @pytest.mark.parametrize("pair", range(6))
 def test_gradients(case, pair):
   """Gradients: finite differences (exact for these bilinear maps up to
@@ -252,7 +255,7 @@ def _needs_native(plan):
                 f"{native_conv.unavailable_reason()}")
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3], CASES[4]])
 @pytest.mark.parametrize("plan", PLANS_UNDER_TEST)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_every_cpu_plan_matches_the_reference(case, plan, transposed):

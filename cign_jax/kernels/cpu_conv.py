@@ -31,12 +31,17 @@ def conv2d_im2col(x, kernel, stride: int, padding: int):
 
 def conv_transpose2d_col2im(x, kernel, stride: int, padding: int):
   """conv_transpose2d as one matrix product and col2im (placements)."""
+  return shared.crop(_col2im(x, kernel, stride), padding)
+
+
+def _col2im(x, kernel, stride: int):
+  """x @ kernel per tap, placed: the uncropped ((H-1)s + kh, (W-1)s + kw)
+  map of a transposed convolution (kernel (kh, kw, C_in, C_out))."""
   kh, kw, ci, co = kernel.shape
   cols = x @ kernel.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co)
   cols = cols.reshape(x.shape[:3] + (kh, kw, co))
-  full = shared.place_taps(lambda di, dj: cols[:, :, :, di, dj, :], kh, kw,
+  return shared.place_taps(lambda di, dj: cols[:, :, :, di, dj, :], kh, kw,
                            stride)
-  return shared.crop(full, padding)
 
 
 def _im2col(x, kh: int, kw: int, stride: int, padding: int):
@@ -112,9 +117,8 @@ def _conv2d_cpu_bwd(stride, padding, plan, res, g):
     xla_dx, xla_dk = _xla_grads(conv2d_reference, x, kernel, g, stride,
                                 padding)
   if plan[1] == "matmul":
-    dx = conv_transpose2d_col2im(g, kernel.transpose(0, 1, 3, 2), stride,
-                                 padding)
-    dx = shared.fit(dx, x.shape[1], x.shape[2])
+    dx = shared.input_window(_col2im(g, kernel.transpose(0, 1, 3, 2), stride),
+                             padding, x.shape[1], x.shape[2])
   elif plan[1] == "native":
     dx = native_conv.conv_input_grad(g, kernel, stride, padding,
                                      x.shape[1:3])

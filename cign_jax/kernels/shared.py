@@ -111,11 +111,17 @@ def crop(y, padding: int):
   return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
 
 
-def fit(y, h: int, w: int):
-  """Zero-pads y at the bottom/right to (h, w) (the rows a strided conv
-  never reads, when (H + 2p - k) % s != 0). An empty convolution's col2im
-  (a kernel larger than the padded input) can be larger: cropped."""
-  y = y[:, :h, :w]
+def input_window(full, padding: int, h: int, w: int):
+  """The (h, w) input's part of a strided correlation's col2im `full`.
+
+  `full` ((H'-1)s + kh, (W'-1)s + kw), the output gradient placed at every
+  tap, covers the padded input's rows from 0, that is input rows from -p:
+  the input's rows are full[p : p + h]. When (h + 2p - kh) % s = r != 0 the
+  last r input rows are read by no window; `full` reaches max(0, r - p) rows
+  short of them, which are zero-padded at the bottom (likewise columns).
+  An empty convolution's col2im (a kernel larger than the padded input) can
+  be larger than the input: cut to it."""
+  y = full[:, padding:padding + h, padding:padding + w]
   dh, dw = h - y.shape[1], w - y.shape[2]
   if dh == 0 and dw == 0:
     return y
