@@ -13,10 +13,6 @@ import pytest
 from cign_jax.evaluation import classifier as cls
 from cign_jax.data import reader
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_classifier")
-
 
 def test_label_accuracy_hand_example():
   predicted = [0, 1, 1, 2, 2, 2]

@@ -17,10 +17,6 @@ from cign_jax.data import prepare
 from cign_jax.data import reader
 from cign_jax.data import sources
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_data")
-
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
                            1009]
 

@@ -13,13 +13,8 @@ from cign_jax.evaluation import fid, inception
 
 REL_TOL = 1e-4
 
-# xdist_group: the module's tests share its fixtures; with pytest-xdist
-# (.ci/run) they run in one worker, so each fixture is built once.
-pytestmark = [
-    pytest.mark.filterwarnings(
-        "ignore:`torch.jit.*` is deprecated:DeprecationWarning"),
-    pytest.mark.xdist_group("test_inception"),
-]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,6 @@ from cign_jax import sharding
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_multidevice")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multidevice_worker.py")
 CACHE = utils.enable_compilation_cache()

@@ -32,12 +32,8 @@ from cign_jax.kernels import native_conv
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CXX = shutil.which("c++") or shutil.which("g++")
 
-# xdist_group: the module's tests share its fixtures; with pytest-xdist
-# (.ci/run) they run in one worker, so each fixture is built once.
-pytestmark = [
-    pytest.mark.skipif(CXX is None, reason="no C++ compiler on this machine"),
-    pytest.mark.xdist_group("test_native_build"),
-]
+pytestmark = pytest.mark.skipif(
+    CXX is None, reason="no C++ compiler on this machine")
 
 _PREAMBLE = """\
 import json, os, sys

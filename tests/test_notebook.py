@@ -164,10 +164,6 @@ def test_install_cell_works_from_any_folder(name, tmp_path):
 _HIDDEN_PACKAGE = r"""
 import subprocess, sys
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_notebook")
-
 # Wraps a meta path finder so that it finds no `cign_jax` (whether it comes
 # from the path or from an editable install's own finder).
 class Hidden:

@@ -17,10 +17,6 @@ from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_run_dir")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = utils.enable_compilation_cache()
 

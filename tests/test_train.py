@@ -20,10 +20,6 @@ from cign_jax import utils
 from cign_jax.configs import quick
 from conftest import SYNTHETIC_MAIN
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_train")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = quick.get_config("tiny").num_train_steps
 

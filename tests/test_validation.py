@@ -20,10 +20,6 @@ from cign_jax import validation
 from cign_jax.configs import quick
 from cign_jax.data import reader
 
-# The module's tests share its fixtures: with pytest-xdist (.ci/run) they
-# run in one worker, so each fixture is built once.
-pytestmark = pytest.mark.xdist_group("test_validation")
-
 CACHE = utils.enable_compilation_cache()
 
 

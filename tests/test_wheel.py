@@ -23,9 +23,7 @@ TESTS = os.path.join(ROOT, "tests")
 PAPER_CONFIGS = ("channel_small", "channel_large", "filter_small",
                  "filter_large")
 
-# xdist_group: the module's tests share the installed wheel; with
-# pytest-xdist (.ci/run) they run in one worker, which builds it once.
-pytestmark = [pytest.mark.wheel, pytest.mark.xdist_group("test_wheel")]
+pytestmark = pytest.mark.wheel
 
 
 def _clean_env():
