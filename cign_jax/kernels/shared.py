@@ -117,8 +117,9 @@ def input_window(full, padding: int, h: int, w: int):
   `full` ((H'-1)s + kh, (W'-1)s + kw), the output gradient placed at every
   tap, covers the padded input's rows from 0, that is input rows from -p:
   the input's rows are full[p : p + h]. When (h + 2p - kh) % s = r != 0 the
-  last r input rows are read by no window; `full` reaches max(0, r - p) rows
-  short of them, which are zero-padded at the bottom (likewise columns).
+  last r rows of the padded input are read by no window and `full` stops
+  before them: the max(0, r - p) input rows among them get zero gradient,
+  padded at the bottom (likewise columns).
   An empty convolution's col2im (a kernel larger than the padded input) can
   be larger than the input: cut to it."""
   y = full[:, padding:padding + h, padding:padding + w]
