@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -76,6 +77,22 @@ class WorkdirLock:
     self.release()
 
 
+@contextlib.contextmanager
+def _replaced_atomically(path: str, tmp: str, mode: str):
+  """Yields `tmp` opened in `mode`; once written and synced it replaces
+  `path` (`os.replace`), so `path` is either the old file or the complete
+  new one. `tmp` is removed whatever happens."""
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def atomic_savez(path: str, **arrays):
   """np.savez to `path` through a temporary file in the same directory and
   an `os.replace`, so `path` is either the old file or the complete new one.
@@ -83,29 +100,14 @@ def atomic_savez(path: str, **arrays):
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with _replaced_atomically(path, tmp, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def atomic_write_text(path: str, text: str):
   """Writes `text` to `path` through a temporary file and `os.replace`."""
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  with _replaced_atomically(path, f"{path}.{os.getpid()}.tmp", "w") as f:
+    f.write(text)
 
 
 def _host_array(leaf) -> np.ndarray:
