@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from cign_jax import checkpoints
 from cign_jax import utils
@@ -26,6 +27,7 @@ def _run(*args):
                         capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.data  # MNIST's test images (64 per label) and the FID weights
 def test_quick_reproduction_from_an_npz(tmp_path):
   train_x, train_y = reader.load_split("mnist", "train")
   test_x, test_y = reader.load_split("mnist", "test")

@@ -16,6 +16,8 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
+from conftest import SYNTHETIC_MAIN
+import synthetic as synthetic_data  # tests/synthetic.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = utils.enable_compilation_cache()
@@ -27,18 +29,15 @@ def tiny_config(**overrides):
   return config
 
 
-def synthetic(n=64, num_classes=10, seed=0):
-  """Random uint8 digits-shaped images with labels 0..num_classes-1."""
-  rng = np.random.default_rng(seed)
-  images = rng.integers(0, 256, size=(n, 28, 28, 1), dtype=np.uint8)
-  labels = (np.arange(n) % num_classes).astype(np.int64)
-  return images, labels
+def synthetic():
+  """The shared synthetic dataset's training split (tests/synthetic.py)."""
+  return synthetic_data.load_split("mnist", "train")
 
 
-def mnist_head(n=512):
-  from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
-  images, labels = reader.load_split("mnist", "train")
-  return images[:n], labels[:n]
+def synthetic_splits():
+  """What `tests/synthetic.py`'s train command reads: both splits."""
+  return {split: synthetic_data.load_split("mnist", split)
+          for split in ("train", "test")}
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_blow_up_keeps_a_last_good_checkpoint_that_samples_finite_images(
                       lambda count: jnp.where(count < 2, 1e-3, 1e6))
   config = tiny_config(num_train_steps=8, checkpoint_every_steps=1)
   with pytest.raises(train.NonFiniteLossError, match="not") as err:
-    train.train_and_evaluate(config, workdir, dataset=mnist_head())
+    train.train_and_evaluate(config, workdir, dataset=synthetic())
   _, _, variables, step = checkpoints.load_model(workdir)
   assert step >= 2
   assert f"(step {step}) in" in str(err.value)
@@ -360,6 +359,7 @@ def test_full_disk_and_permission_messages():
   assert line == "error: config.batch_size: bad"
 
 
+@pytest.mark.data
 def test_damaged_tfds_record_is_named_with_the_fix(tmp_path):
   from cign_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
@@ -386,7 +386,7 @@ def test_reader_in_a_loop_beside_a_training(tmp_path):
   workdir = str(tmp_path / "live")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
   proc = subprocess.Popen(
-      [sys.executable, "-m", "cign_jax.main",
+      [sys.executable, SYNTHETIC_MAIN,
        f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}"] +
       [f"--config.{k}={v}" for k, v in overrides.items()],
       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -406,7 +406,8 @@ def test_reader_in_a_loop_beside_a_training(tmp_path):
   assert proc.returncode == 0, stderr[-3000:]
   assert reads > 0
   reference = str(tmp_path / "undisturbed")
-  train.train_and_evaluate(tiny_config(**overrides), reference)
+  train.train_and_evaluate(tiny_config(**overrides), reference,
+                           dataset=synthetic_splits())
   _, _, live, live_step = checkpoints.load_model(workdir)
   _, _, undisturbed, step = checkpoints.load_model(reference)
   assert live_step == step == 8

@@ -19,6 +19,7 @@ from cign_jax import utils
 from cign_jax import validation
 from cign_jax.configs import quick
 from cign_jax.data import reader
+import synthetic  # tests/synthetic.py
 
 CACHE = utils.enable_compilation_cache()
 
@@ -31,11 +32,11 @@ def tiny_config(**overrides):
 
 @pytest.fixture(scope="module")
 def small_data():
-  train_x, train_y = reader.load_split("mnist", "train")
-  test_x, test_y = reader.load_split("mnist", "test")
-  # 64 training images: an epoch is 8 steps of 8.
-  return {"train": (train_x[:64], train_y[:64]),
-          "test": (test_x[:20], test_y[:20])}
+  """The synthetic dataset (tests/synthetic.py): 64 training images (an
+  epoch is 8 steps of 8) and 20 test images drawn apart from them."""
+  train_x, train_y = synthetic.dataset(seed=0)
+  test_x, test_y = synthetic.dataset(seed=1)
+  return {"train": (train_x, train_y), "test": (test_x[:20], test_y[:20])}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +180,7 @@ def uninterrupted(tmp_path_factory, small_data):
   return workdir
 
 
-def test_best_checkpoint_is_the_lowest_val_loss(uninterrupted):
+def test_best_checkpoint_is_the_lowest_val_loss(uninterrupted, small_data):
   best, history, stored = _best_files(uninterrupted)
   assert [r["step"] for r in history] == [8, 16, 24]
   losses_by_step = {r["step"]: r["val_loss"] for r in history}
@@ -195,9 +196,8 @@ def test_best_checkpoint_is_the_lowest_val_loss(uninterrupted):
   config, model, variables, step = checkpoints.load_model(uninterrupted,
                                                           checkpoint="best")
   assert step == lowest
-  test = reader.load_split("mnist", "test")
-  again = validation.validation_loss(model, variables, test[0][:20],
-                                     test[1][:20], config,
+  test_x, test_y = small_data["test"]
+  again = validation.validation_loss(model, variables, test_x, test_y, config,
                                      epoch=lowest // 8)
   np.testing.assert_allclose(again["val_loss"], losses_by_step[lowest],
                              rtol=1e-5)
