@@ -85,10 +85,16 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
   ema = None
   if config.ema_decay > 0:
     ema = jax.tree_util.tree_map(jnp.copy, variables["params"])
-  return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           tx=make_optimizer(config, total_steps),
-                           ema_params=ema)
+  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                            batch_stats=variables["batch_stats"],
+                            tx=make_optimizer(config, total_steps),
+                            ema_params=ema)
+  # The step as a strong int32 array, as a restored checkpoint has it (flax
+  # starts from the Python int 0, a weakly typed int32 in the step's
+  # signature): a resumed run then runs the program a fresh run compiled,
+  # and loads it from the persistent compilation cache instead of compiling
+  # another.
+  return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def ema_decay_at(step, ema_decay: float):
