@@ -11,22 +11,26 @@ as 1, 2, 3", SC 2011), is written as plain uint32 element-wise operations on
 the element's index, so XLA fuses it into the dropout multiply itself: no
 bits are materialised, and the cost falls to a small fraction.
 
-The mask of an array of shape S with key k keeps element i (row-major flat
-index) when
+The mask of an array of shape S with key k and stream n keeps element i
+(row-major flat index) when
 
-    threefry2x32_20(k, (i, 0))[0] < round(keep_prob * 2^32),
+    threefry2x32_20(k, (i, n))[0] < round(keep_prob * 2^32),
 
 so P(keep) equals keep_prob to within 2^-33 (JAX's float-based bernoulli is
 within 2^-23), and decisions are independent across elements and across keys
-as far as Threefry's statistical quality goes (it passes TestU01's BigCrush;
+and streams as far as Threefry's statistical quality goes (it passes TestU01's BigCrush;
 JAX uses it by default). `tests/test_dropout.py` checks the generator against
 the Random123 known-answer vectors and `jax.extend.random.threefry_2x32`, and
 the masks' rate, independence and determinism.
 
-The key words come from the layer's JAX key (any implementation) through
-`jax.random.bits`, so each layer and forward call gets its own stream, as
-with `jax.random.bernoulli`. Counters are the global element index, so a mask
-does not depend on how the array is sharded over devices.
+The two key words are the JAX key itself when it is a Threefry key (JAX's
+default; `key_words`), else two words drawn from it with `jax.random.bits`.
+A CIGN half-network draws one key per forward call and gives each of its
+dropout layers its own stream n (its layer index), so every layer and
+forward call gets its own mask, as with `jax.random.bernoulli`, without a
+key derivation (`jax.random.fold_in`) per layer. Counters are the global
+element index, so a mask does not depend on how the array is sharded over
+devices.
 """
 
 from __future__ import annotations
@@ -77,31 +81,66 @@ def keep_threshold(keep_prob: float) -> int:
   return int(min(round(keep_prob * 2.0**32), 2**32 - 1))
 
 
-def element_bits(key, shape):
+def key_words(key) -> jax.Array:
+  """The two uint32 Threefry key words (2,) of a JAX key.
+
+  A threefry2x32 key, typed (`jax.random.key`) or raw (uint32 (2,)), is its
+  own two words: no computation. Keys of other implementations ('rbg', ...)
+  draw two words with `jax.random.bits`. The words of a Threefry key are not
+  drawn from it because on CPU each `jax.random` call is a rolled loop that
+  XLA copies out round by round: taking them as they are cut the compile of
+  the tiny train step (configs/quick.py:tiny, 63 dropout calls) from 20.2 s
+  to 16.3 s and its copies from 661 to 472 (2-core CPU, XLA backend
+  optimisation level 0, 2026-11-29).
+  """
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if str(jax.random.key_impl(key)) == "threefry2x32":
+      return jax.random.key_data(key)
+    return jax.random.bits(key, (2,), jnp.uint32)
+  key = jnp.asarray(key)
+  if key.shape != (2,) or key.dtype != jnp.uint32:
+    raise ValueError(f"a raw key must be a Threefry key, uint32 of shape (2,); "
+                     f"got {key.dtype} {tuple(key.shape)} (or pass a typed "
+                     "key from jax.random.key)")
+  return key
+
+
+def element_bits(key, shape, stream: int = 0):
   """uint32 Threefry bits, one per element of `shape`, from a JAX key.
 
-  Counter of element i is (i, 0), i its row-major flat index; the key words
-  are two uint32 drawn from `key`.
+  Counter of element i is (i, stream), i its row-major flat index; the key
+  words are `key_words(key)`. Distinct streams of one key are independent
+  (Threefry is a keyed bijection of the 64-bit counter), so the layers of a
+  network can draw from one key, each with its own stream.
   """
   size = int(np.prod(shape))
   if size >= 2**32:
     raise ValueError(f"an array of {size} elements is too large for 32-bit "
                      "element counters")
-  words = jax.random.bits(key, (2,), jnp.uint32)
+  words = key_words(key)
   index = lax.iota(jnp.uint32, size).reshape(shape) if shape else (
       jnp.uint32(0))
-  bits, _ = threefry2x32_20(words[0], words[1], index, jnp.uint32(0))
+  bits, _ = threefry2x32_20(words[0], words[1], index,
+                            jnp.uint32(_check_stream(stream)))
   return bits
 
 
-def keep_mask(key, keep_prob: float, shape):
+def _check_stream(stream: int) -> int:
+  if not 0 <= int(stream) < 2**32:
+    raise ValueError(f"stream must be in [0, 2^32), got {stream}")
+  return int(stream)
+
+
+def keep_mask(key, keep_prob: float, shape, stream: int = 0):
   """Boolean mask, True with probability keep_prob, independently per element."""
-  return element_bits(key, shape) < jnp.uint32(keep_threshold(keep_prob))
+  return element_bits(key, shape, stream) < jnp.uint32(
+      keep_threshold(keep_prob))
 
 
-def dropout(x, rate: float, key):
+def dropout(x, rate: float, key, stream: int = 0):
   """PyTorch's nn.Dropout in training: zero with probability `rate`, scale
-  the rest by 1 / (1 - rate)."""
+  the rest by 1 / (1 - rate); the mask is `keep_mask(key, 1 - rate, x.shape,
+  stream)`."""
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
   if rate == 0.0:
@@ -109,7 +148,7 @@ def dropout(x, rate: float, key):
   # The barrier makes XLA compute the mask once (1 byte per element) instead
   # of fusing the 20 Threefry rounds into every consumer of the activation
   # (the next BatchNorm's reductions, the backward pass, ...).
-  keep = lax.optimization_barrier(keep_mask(key, 1.0 - rate, x.shape))
+  keep = lax.optimization_barrier(keep_mask(key, 1.0 - rate, x.shape, stream))
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
                    jnp.zeros((), x.dtype))
 

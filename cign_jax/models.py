@@ -301,6 +301,12 @@ class _Half(nn.Module):
       embedding = embed(labels)
       if self.channel_conv == "per_class":
         table = embed(jnp.arange(self.num_classes))
+    # One dropout key per group for this forward call; layer i masks with
+    # stream i of it (no key derivation per layer).
+    keys = None
+    if train and self.dropout_rate > 0:
+      keys = [self.make_rng(dropout_stream(g))
+              for g in range(1 if groups is None else len(groups))]
     bn_index = 0
     for i, (features, (k, s, p)) in enumerate(zip(self.channels, self.layout),
                                               start=1):
@@ -327,8 +333,8 @@ class _Half(nn.Module):
               x, embedding)
           y = conv(x)
       if self._dropout_in(i) and self.dropout_rate > 0:
-        y = Dropout(self.dropout_rate)(y, deterministic=not train,
-                                       groups=groups)
+        y = Dropout(self.dropout_rate, stream=i)(
+            y, deterministic=not train, groups=groups, keys=keys)
       x = self._activation(i, y)
     return x
 
@@ -379,6 +385,11 @@ class Dropout(nn.Module):
   `jax.random.bernoulli` cost about 12 ns per element on CPU, for threefry
   and 'rbg' keys alike: over a second of CPU time per CIGN train step).
 
+  `stream`: the mask's Threefry stream (`cign_jax.dropout.element_bits`);
+  `keys`: the keys to draw from, one per group (the half-networks draw them
+  once per forward call for all their layers, each layer with its own
+  stream); without them the layer draws its own from the RNG streams.
+
   `groups`: the batch concatenates several forward calls' batches of these
   sizes; group g draws its mask from the stream `dropout_stream(g)` with
   element indices counted within the group, so each group gets exactly the
@@ -386,32 +397,42 @@ class Dropout(nn.Module):
   computation for the whole batch).
   """
   rate: float
+  stream: int = 0
 
   @nn.compact
   def __call__(self, x, deterministic: bool,
-               groups: Optional[Sequence[int]] = None):
+               groups: Optional[Sequence[int]] = None,
+               keys: Optional[Sequence[jax.Array]] = None):
     if deterministic or self.rate == 0.0:
       return x
-    if groups is None or len(groups) == 1:
-      return dropout_lib.dropout(x, self.rate, self.make_rng("dropout"))
+    num_groups = 1 if groups is None else len(groups)
+    if keys is None:
+      keys = [self.make_rng(dropout_stream(g)) for g in range(num_groups)]
+    if len(keys) != num_groups:
+      raise ValueError(f"Dropout: {len(keys)} keys for {num_groups} groups; "
+                       "pass one key per group")
+    if num_groups == 1:
+      return dropout_lib.dropout(x, self.rate, keys[0], self.stream)
     check_groups(groups, x.shape[0])
-    keys = [self.make_rng(dropout_stream(g)) for g in range(len(groups))]
-    words = jnp.stack([jax.random.bits(k, (2,), jnp.uint32) for k in keys])
-    sizes = np.asarray(groups)
+    words = [dropout_lib.key_words(k) for k in keys]
     per_image = int(np.prod(x.shape[1:]))
     if max(groups) * per_image >= 2**32:
       raise ValueError(f"a group of {max(groups)} x {x.shape[1:]} elements is "
                        "too large for 32-bit element counters")
     row_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    group_of_row = np.repeat(np.arange(len(groups)), sizes)
-    first_row = np.repeat(np.cumsum(sizes) - sizes, sizes)
+
+    def per_row(word):  # group g's key word on each of its rows
+      return jnp.concatenate([jnp.broadcast_to(w[word], (n,))
+                              for w, n in zip(words, groups)]).reshape(
+                                  row_shape)
+
+    first_row = np.repeat(np.cumsum(groups) - np.asarray(groups), groups)
     row_in_group = (np.arange(x.shape[0]) - first_row).astype(np.uint32)
-    k0 = words[group_of_row, 0].reshape(row_shape)
-    k1 = words[group_of_row, 1].reshape(row_shape)
     inner = jax.lax.iota(jnp.uint32, per_image).reshape((1,) + x.shape[1:])
     index = (jnp.asarray(row_in_group).reshape(row_shape) *
              jnp.uint32(per_image) + inner)
-    bits, _ = dropout_lib.threefry2x32_20(k0, k1, index, jnp.uint32(0))
+    bits, _ = dropout_lib.threefry2x32_20(per_row(0), per_row(1), index,
+                                          jnp.uint32(self.stream))
     threshold = dropout_lib.keep_threshold(1.0 - self.rate)
     keep = jax.lax.optimization_barrier(bits < jnp.uint32(threshold))
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cign_jax import config as config_lib
+from cign_jax import dropout as dropout_lib
 from cign_jax import losses
 from cign_jax import models
 from cign_jax import ops
@@ -193,20 +194,30 @@ def test_grouped_batchnorm_equals_separate_calls():
       np.arange(1.0, 5.0) + np.arange(4.0) - 1, rtol=1e-4, atol=1e-4)
 
 
-def test_grouped_dropout_masks_equal_separate_calls():
-  drop = models.Dropout(0.5)
+@pytest.mark.parametrize("stream", [0, 3])
+def test_grouped_dropout_masks_equal_separate_calls(stream):
+  drop = models.Dropout(0.5, stream=stream)
   x = jnp.ones((7, 3, 2, 5), jnp.float32)
   keys = jax.random.split(jax.random.key(3), 3)
   sizes = (2, 4, 1)
   y = drop.apply({}, x, deterministic=False, groups=sizes,
                  rngs={models.dropout_stream(g): keys[g] for g in range(3)})
+  # With the keys passed in (as the half-networks pass them), group g's mask
+  # is keep_mask of its key and the layer's stream.
+  y_keys = drop.apply({}, x, deterministic=False, groups=sizes,
+                      keys=list(keys))
   start = 0
   for g, n in enumerate(sizes):
     want = drop.apply({}, x[start:start + n], deterministic=False,
                       rngs={"dropout": keys[g]})
     np.testing.assert_array_equal(y[start:start + n], want)
+    keep = dropout_lib.keep_mask(keys[g], 0.5, (n, 3, 2, 5), stream)
+    np.testing.assert_array_equal(np.asarray(y_keys[start:start + n]) != 0,
+                                  np.asarray(keep))
     start += n
   assert 0.2 < float(jnp.mean(y == 0)) < 0.8
+  with pytest.raises(ValueError, match="2 keys for 3 groups"):
+    drop.apply({}, x, deterministic=False, groups=sizes, keys=list(keys[:2]))
 
 
 def test_groups_must_add_up():

@@ -76,9 +76,37 @@ def test_masks_differ_across_keys_and_repeat_for_one_key():
   # p^2 + q^2 = 0.745 of the time.
   agree = np.mean(a == b)
   assert abs(agree - (0.85**2 + 0.15**2)) < 0.01, agree
-  # Any key implementation works (the key words come from jax.random.bits).
+  # Any key implementation works (an 'rbg' key's words come from
+  # jax.random.bits; a Threefry key is its own words).
   c = np.asarray(mask(jax.random.key(0, impl="rbg")))
   assert abs(c.mean() - 0.85) < 0.01
+  np.testing.assert_array_equal(
+      np.asarray(dropout.key_words(jax.random.key(5))),
+      np.asarray(jax.random.key_data(jax.random.key(5))))
+  raw = jax.random.PRNGKey(5)  # a raw uint32 (2,) Threefry key
+  np.testing.assert_array_equal(np.asarray(dropout.key_words(raw)),
+                                np.asarray(raw))
+  with pytest.raises(ValueError, match="uint32 of shape \\(2,\\)"):
+    dropout.key_words(np.zeros(4, np.uint32))
+
+
+def test_streams_of_one_key_are_independent():
+  """Stream n of a key is counter word n: its bits are Threefry's on
+  (i, n), and two streams' masks agree only as independent masks do."""
+  shape = (64, 7, 7, 8)
+  key = jax.random.key(0)
+  bits = np.asarray(dropout.element_bits(key, shape, stream=7))
+  words = np.asarray(jax.random.key_data(key))
+  index = np.arange(np.prod(shape), dtype=np.uint32)
+  want = jax_random.threefry_2x32(words, np.stack(
+      [index, np.full_like(index, 7)]))[0]
+  np.testing.assert_array_equal(bits.ravel(), np.asarray(want))
+  a = np.asarray(dropout.keep_mask(key, 0.85, shape, stream=1))
+  b = np.asarray(dropout.keep_mask(key, 0.85, shape, stream=2))
+  agree = np.mean(a == b)
+  assert abs(agree - (0.85**2 + 0.15**2)) < 0.01, agree
+  with pytest.raises(ValueError, match="stream must be in"):
+    dropout.keep_mask(key, 0.85, shape, stream=-1)
 
 
 def test_dropout_values_and_gradient():
