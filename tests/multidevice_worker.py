@@ -33,10 +33,12 @@ def _configure_xla():
     flags += f" --xla_force_host_platform_device_count={NUM_DEVICES}"
   # Compiling the step dominates these checks' time; XLA's CPU code
   # generation without LLVM's optimisations compiles it about a third faster.
-  # The HLO, and so the sharding these checks are about, is the same.
+  # The HLO, and so the sharding these checks are about, is the same. (The
+  # flags are those of the test processes, tests/conftest.py, so that a
+  # one-device step compiled here is a persistent-cache hit there and back:
+  # the device count is not part of the cache key.)
   if "xla_backend_optimization_level" not in flags:
-    flags += (" --xla_backend_optimization_level=0"
-              " --xla_llvm_disable_expensive_passes=true")
+    flags += " --xla_backend_optimization_level=0"
   os.environ["XLA_FLAGS"] = flags.strip()
   os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU ones
 

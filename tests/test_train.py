@@ -13,6 +13,7 @@ import pytest
 
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
+from cign_jax import sharding
 from cign_jax.data import reader
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
@@ -240,13 +241,22 @@ def test_parameter_average_recursion():
   config = tiny_config(ema_decay=0.9)
   state = train_step_lib.create_train_state(config)
   assert state.ema_params is not None
-  step = jax.jit(train_step_lib.make_train_step(config))
+  # The training loop's compiled step, placed as the loop places it (the
+  # program the next test's runs compile; the compilation cache shares it).
+  mesh = sharding.create_mesh(config)
+  step = train.compile_train_step(config, mesh)
+  batch = sharding.data_sharding(mesh)
   rs = np.random.RandomState(0)
-  images = rs.uniform(-1, 1, (4, 28, 28, 1)).astype(np.float32)
-  labels = np.arange(4, dtype=np.int32)
+  images = sharding.put_global_batch(
+      rs.uniform(-1, 1, (config.batch_size, 28, 28, 1)).astype(np.float32),
+      batch)
+  labels = sharding.put_global_batch(
+      np.arange(config.batch_size, dtype=np.int32) % 10, batch)
+  key = sharding.put_replicated(jax.random.key(0), mesh)
   expected = jax.tree_util.tree_map(np.asarray, state.params)
+  state = sharding.put_replicated(state, mesh)
   for t in range(3):
-    state, metrics = step(state, images, labels, jax.random.key(0))
+    state, metrics = step(state, images, labels, key)
     assert float(metrics["finite"]) == 1.0
     d = min(0.9, (1 + t) / (10 + t))
     expected = jax.tree_util.tree_map(
