@@ -25,6 +25,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# benchmarks/config_overrides.py, beside this script
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -69,12 +72,7 @@ def main():
   from cign_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config_file(args.config)
-  if args.passes:
-    config.loss.passes = args.passes
-  if args.channel_conv:
-    config.model.channel_conv = args.channel_conv
-  if args.batch_size:
-    config.batch_size = args.batch_size
+  config_overrides.apply(config, args)
   config = config_lib.validate(config)
   b = config.batch_size
   x = np.zeros((b, 28, 28, 1), np.float32)

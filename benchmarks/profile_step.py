@@ -28,6 +28,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# benchmarks/config_overrides.py, beside this script
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def read_xplane_events(trace_dir):
@@ -72,12 +75,7 @@ def main():
   from cign_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config_file(args.config)
-  if args.batch_size:
-    config.batch_size = args.batch_size
-  if args.passes:
-    config.loss.passes = args.passes
-  if args.channel_conv:
-    config.model.channel_conv = args.channel_conv
+  given = config_overrides.apply(config, args)
   config = config_lib.validate(config)
   b = config.batch_size
   rs = np.random.RandomState(0)
@@ -98,9 +96,7 @@ def main():
   wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
   totals, counts = read_xplane_events(trace_dir)
 
-  flags = "".join(f" --{k}={v}" for k, v in (
-      ("batch_size", args.batch_size), ("passes", args.passes),
-      ("channel_conv", args.channel_conv)) if v)
+  flags = config_overrides.command_line(given)
   print(f"# python benchmarks/profile_step.py --config={args.config} "
         f"--steps={args.steps}{flags}")
   print(f"# jax {jax.__version__} on {jax.default_backend()}; batch {b}; "

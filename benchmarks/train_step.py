@@ -50,6 +50,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# benchmarks/config_overrides.py, beside this script
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 # The PyTorch port of the step (a test oracle) lives with the tests.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 # Before torch (and its OpenMP runtime) loads; see the module docstring.
@@ -345,20 +348,7 @@ def main():
         f"XLA formulations ({native_conv.unavailable_reason()})"))
   for path in paths:
     config = config_lib.load_config_file(path)
-    if args.batch_size:
-      config.batch_size = args.batch_size
-    if args.latent_dim:
-      config.model.latent_dim = args.latent_dim
-    if args.intermediate_dim:
-      config.model.intermediate_dim = args.intermediate_dim
-    if args.compute_dtype:
-      config.compute_dtype = args.compute_dtype
-    if args.matmul_precision:
-      config.matmul_precision = args.matmul_precision
-    if args.passes:
-      config.loss.passes = args.passes
-    if args.channel_conv:
-      config.model.channel_conv = args.channel_conv
+    config_overrides.apply(config, args)
     config = config_lib.validate(config)
     name = os.path.splitext(os.path.basename(path))[0]
     if args.forward_only:
