@@ -32,6 +32,7 @@ if TESTS not in sys.path:
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cign_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cign_jax.configs import quick  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # One persistent compilation cache for every test (and, through
 # $JAX_COMPILATION_CACHE_DIR, their subprocesses and the pytest-xdist
@@ -41,6 +42,16 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = utils.enable_compilation_cache()
 
 # The script that trains on the synthetic dataset in a subprocess.
 SYNTHETIC_MAIN = os.path.join(TESTS, "synthetic.py")
+
+
+def tiny_config(**overrides):
+  """The tests' configuration, `configs/quick.py:tiny`, with overrides by
+  dotted name (`tiny_config(**{"model.latent_dim": 3}, num_train_steps=2)`).
+  Tests that keep to it share its compiled train step (the persistent
+  compilation cache above)."""
+  config = quick.get_config("tiny")
+  config.update_from_flattened_dict(overrides)
+  return config
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,12 @@ from cign_jax import sampling
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
-from cign_jax.configs import quick
 from conftest import SYNTHETIC_MAIN
+from conftest import tiny_config
 import synthetic as synthetic_data  # tests/synthetic.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = utils.enable_compilation_cache()
-
-
-def tiny_config(**overrides):
-  config = quick.get_config("tiny")
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 def synthetic():

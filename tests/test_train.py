@@ -20,18 +20,13 @@ from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
 from conftest import SYNTHETIC_MAIN
+from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = quick.get_config("tiny").num_train_steps
 
 # Every jit in this file and its subprocesses shares one compilation cache.
 CACHE = utils.enable_compilation_cache()
-
-
-def tiny_config(**overrides):
-  config = quick.get_config("tiny")
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 def _main_cmd(workdir, *extra):

@@ -17,17 +17,11 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax import validation
-from cign_jax.configs import quick
+from conftest import tiny_config
 from cign_jax.data import reader
 import synthetic  # tests/synthetic.py
 
 CACHE = utils.enable_compilation_cache()
-
-
-def tiny_config(**overrides):
-  config = quick.get_config("tiny")
-  config.update_from_flattened_dict(overrides)
-  return config
 
 
 @pytest.fixture(scope="module")
