@@ -17,11 +17,12 @@ The mask of an array of shape S with key k and stream n keeps element i
     threefry2x32_20(k, (i, n))[0] < round(keep_prob * 2^32),
 
 so P(keep) equals keep_prob to within 2^-33 (JAX's float-based bernoulli is
-within 2^-23), and decisions are independent across elements and across keys
-and streams as far as Threefry's statistical quality goes (it passes TestU01's BigCrush;
-JAX uses it by default). `tests/test_dropout.py` checks the generator against
-the Random123 known-answer vectors and `jax.extend.random.threefry_2x32`, and
-the masks' rate, independence and determinism.
+within 2^-23), and decisions are independent across elements, keys and
+streams as far as Threefry's statistical quality goes (it passes TestU01's
+BigCrush; JAX uses it by default). `tests/test_dropout.py` checks the
+generator against the Random123 known-answer vectors and
+`jax.extend.random.threefry_2x32`, and the masks' rate, independence and
+determinism.
 
 The two key words are the JAX key itself when it is a Threefry key (JAX's
 default; `key_words`), else two words drawn from it with `jax.random.bits`.
@@ -86,12 +87,10 @@ def key_words(key) -> jax.Array:
 
   A threefry2x32 key, typed (`jax.random.key`) or raw (uint32 (2,)), is its
   own two words: no computation. Keys of other implementations ('rbg', ...)
-  draw two words with `jax.random.bits`. The words of a Threefry key are not
-  drawn from it because on CPU each `jax.random` call is a rolled loop that
-  XLA copies out round by round: taking them as they are cut the compile of
-  the tiny train step (configs/quick.py:tiny, 63 dropout calls) from 20.2 s
-  to 16.3 s and its copies from 661 to 472 (2-core CPU, XLA backend
-  optimisation level 0, 2026-11-29).
+  draw two words with `jax.random.bits`. (Drawing them from a Threefry key
+  too would add a `jax.random` call per layer, a rolled loop that XLA's CPU
+  backend unrolls into a copy per round: docs/performance.md, "Dropout keys
+  without a derivation per layer".)
   """
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     if str(jax.random.key_impl(key)) == "threefry2x32":
