@@ -120,11 +120,12 @@ def element_bits(key, shape, stream: int = 0):
   index = lax.iota(jnp.uint32, size).reshape(shape) if shape else (
       jnp.uint32(0))
   bits, _ = threefry2x32_20(words[0], words[1], index,
-                            jnp.uint32(_check_stream(stream)))
+                            jnp.uint32(check_stream(stream)))
   return bits
 
 
-def _check_stream(stream: int) -> int:
+def check_stream(stream: int) -> int:
+  """`stream` as an int, checked to fit the 32-bit counter word."""
   if not 0 <= int(stream) < 2**32:
     raise ValueError(f"stream must be in [0, 2^32), got {stream}")
   return int(stream)
@@ -144,10 +145,19 @@ def dropout(x, rate: float, key, stream: int = 0):
     raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
   if rate == 0.0:
     return x
+  return drop_by_bits(x, rate, element_bits(key, x.shape, stream))
+
+
+def drop_by_bits(x, rate: float, bits):
+  """x with the elements whose uint32 `bits` are at or above the keep
+  threshold of 1 - rate zeroed, the rest scaled by 1 / (1 - rate): the
+  masking step of `dropout`, for bits drawn elsewhere (the grouped
+  `models.Dropout`)."""
   # The barrier makes XLA compute the mask once (1 byte per element) instead
   # of fusing the 20 Threefry rounds into every consumer of the activation
   # (the next BatchNorm's reductions, the backward pass, ...).
-  keep = lax.optimization_barrier(keep_mask(key, 1.0 - rate, x.shape, stream))
+  keep = lax.optimization_barrier(
+      bits < jnp.uint32(keep_threshold(1.0 - rate)))
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
                    jnp.zeros((), x.dtype))
 

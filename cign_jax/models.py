@@ -431,12 +431,10 @@ class Dropout(nn.Module):
     inner = jax.lax.iota(jnp.uint32, per_image).reshape((1,) + x.shape[1:])
     index = (jnp.asarray(row_in_group).reshape(row_shape) *
              jnp.uint32(per_image) + inner)
-    bits, _ = dropout_lib.threefry2x32_20(per_row(0), per_row(1), index,
-                                          jnp.uint32(self.stream))
-    threshold = dropout_lib.keep_threshold(1.0 - self.rate)
-    keep = jax.lax.optimization_barrier(bits < jnp.uint32(threshold))
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype),
-                     jnp.zeros((), x.dtype))
+    bits, _ = dropout_lib.threefry2x32_20(
+        per_row(0), per_row(1), index,
+        jnp.uint32(dropout_lib.check_stream(self.stream)))
+    return dropout_lib.drop_by_bits(x, self.rate, bits)
 
 
 class IdempotentNetwork(nn.Module):
