@@ -28,6 +28,7 @@ from; `model_from_config` builds either.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -542,11 +543,17 @@ def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
 
 def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):
   """Initial variables (PyTorch's init distributions), jitted: run eagerly
-  the init dispatches thousands of small ops and takes most of a minute."""
+  the init dispatches thousands of small ops and takes most of a minute.
+  The model is a static argument (modules compare by their fields), so
+  equal networks share one compiled init."""
+  return _jitted_init(model, key, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jitted_init(model, key, batch_size):
   x = jnp.zeros((batch_size, 28, 28, model.image_channels), jnp.float32)
   labels = jnp.zeros((batch_size,), jnp.int32)
-  return jax.jit(lambda k: model.init({"params": k}, x, labels,
-                                      train=False))(key)
+  return model.init({"params": key}, x, labels, train=False)
 
 
 def check_labels(labels, num_classes: int, num_images: Optional[int] = None):

@@ -15,10 +15,12 @@ jitted with these shardings. BatchNorm means are taken over the global batch
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
@@ -35,6 +37,7 @@ from cign_jax import sharding
 from cign_jax import train_step as train_step_lib
 from cign_jax import validation
 from cign_jax.data import reader
+from cign_jax.kernels import native_conv
 
 # Fields that may change when a run is resumed (how long / how often).
 RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
@@ -53,6 +56,78 @@ def compile_train_step(config, mesh):
   repl, batch = sharding.replicated(mesh), sharding.data_sharding(mesh)
   return jax.jit(step, in_shardings=(repl, batch, batch, repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+class StepProgram(NamedTuple):
+  """The network, optimiser and jitted step of a run (`step_program`)."""
+  model: Any
+  tx: Any
+  step_fn: Any
+
+
+# The step programs of this process's runs, most recently used last.
+_STEP_PROGRAMS: "collections.OrderedDict[Any, StepProgram]" = (
+    collections.OrderedDict())
+_STEP_PROGRAMS_KEPT = 4
+_STEP_PROGRAMS_LOCK = threading.Lock()
+
+
+def step_signature(config, mesh, total_steps: int):
+  """Everything the compiled train step depends on: the network, the loss,
+  the optimiser (and the run's length, which a cosine schedule reads), the
+  training noise, the parameter average, the batch, the precision, the mesh,
+  and whether the C++ conv kernels are used (chosen when the step is
+  traced). Not the seed (the step's key is an argument), nor how long or
+  how often a run logs, samples, evaluates or saves."""
+  parts = {
+      "model": config.model.to_dict(), "loss": config.loss.to_dict(),
+      "optimizer": config.optimizer.to_dict(),
+      "schedule_steps": (None if config.optimizer.lr_schedule == "constant"
+                         else int(total_steps)),
+      "train_noise_std": config.data.train_noise_std,
+      "ema_decay": config.ema_decay, "batch_size": config.batch_size,
+      "compute_dtype": config.compute_dtype,
+      "matmul_precision": config.matmul_precision,
+  }
+  return (json.dumps(parts, sort_keys=True, default=repr), mesh,
+          native_conv.available())
+
+
+def step_program(config, mesh, total_steps: int) -> StepProgram:
+  """The model, optimiser and jitted step for `config` on `mesh`, the same
+  objects for every run of this process with the same `step_signature`.
+
+  jax.jit keeps a traced and compiled step per argument structure, and the
+  train state's structure holds the network's `apply` and the optimiser,
+  which compare by identity; a new run builds new ones, so without this it
+  would trace its step again and load it from the persistent compilation
+  cache: a second tiny test run took 6.9 s that way and takes 1.1 s with
+  this (2-core CPU, 2026-11-29; docs/performance.md). So a second run in
+  the same process (a notebook's resumed run, runs over seeds, the tests)
+  starts its first step at once. The last few programs are kept, with
+  their compiled executables. `forget_step_programs` drops them.
+  """
+  key = step_signature(config, mesh, total_steps)
+  with _STEP_PROGRAMS_LOCK:
+    program = _STEP_PROGRAMS.get(key)
+    if program is None:
+      program = StepProgram(
+          model=models.model_from_config(config),
+          tx=train_step_lib.make_optimizer(config, total_steps),
+          step_fn=compile_train_step(config, mesh))
+      _STEP_PROGRAMS[key] = program
+      while len(_STEP_PROGRAMS) > _STEP_PROGRAMS_KEPT:
+        _STEP_PROGRAMS.popitem(last=False)
+    _STEP_PROGRAMS.move_to_end(key)
+    return program
+
+
+def forget_step_programs():
+  """Drops the step programs `step_program` keeps, so that the next run
+  builds its network, optimiser and step from the code as it is now (after
+  a module was reloaded or patched in a running process)."""
+  with _STEP_PROGRAMS_LOCK:
+    _STEP_PROGRAMS.clear()
 
 
 def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
@@ -246,9 +321,10 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
            evaluator, t_begin, time_limit_seconds):
   """The training loop of `train_and_evaluate`, once every check passed and
   the run's lock is held."""
-  model = models.model_from_config(config)
+  program = step_program(config, mesh, total_steps)
+  model = program.model
   state = train_step_lib.create_train_state(config, model=model,
-                                           total_steps=total_steps)
+                                           tx=program.tx)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state = checkpoints.restore(mngr, state)
@@ -272,7 +348,7 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
                  config.best_metric, evaluations.best[config.best_metric])
   state = sharding.put_replicated(state, mesh)
   base_key = sharding.put_replicated(jax.random.key(config.seed), mesh)
-  step_fn = compile_train_step(config, mesh)
+  step_fn = program.step_fn
   batch_sharding = sharding.data_sharding(mesh)
 
   writer = metric_writers.create_default_writer(

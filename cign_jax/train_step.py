@@ -76,8 +76,14 @@ def make_optimizer(config: ml_collections.ConfigDict,
 
 
 def create_train_state(config: ml_collections.ConfigDict, key=None,
-                       model=None, total_steps=None) -> TrainState:
-  """Initialises parameters (PyTorch's init distributions) and AdamW state."""
+                       model=None, total_steps=None, tx=None) -> TrainState:
+  """Initialises parameters (PyTorch's init distributions) and AdamW state.
+
+  `model` and `tx` default to the config's network and optimiser; a caller
+  that passes the same objects again gets states whose static parts (the
+  network's `apply`, the optimiser) are equal, so a jitted step traced for
+  one state runs the others without tracing again (`train.py`).
+  """
   model = model or models.model_from_config(config)
   if key is None:
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
@@ -87,7 +93,8 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
     ema = jax.tree_util.tree_map(jnp.copy, variables["params"])
   state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                             batch_stats=variables["batch_stats"],
-                            tx=make_optimizer(config, total_steps),
+                            tx=(make_optimizer(config, total_steps)
+                                if tx is None else tx),
                             ema_params=ema)
   # The step as a strong int32 array, as a restored checkpoint has it (flax
   # starts from the Python int 0, a weakly typed int32 in the step's

@@ -58,3 +58,17 @@ def tiny_config(**overrides):
 def synthetic_dataset():
   """(images uint8 (64, 28, 28, 1), labels int32 (64,)): `tests/synthetic.py`."""
   return synthetic.dataset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_step_programs(request):
+  """A test that monkeypatches the library gets, and leaves, no train step
+  built from other code than its own: `train.step_program` keeps a
+  process's compiled steps by config, not by the code that built them."""
+  if "monkeypatch" not in request.fixturenames:
+    yield
+    return
+  from cign_jax import train  # pylint: disable=g-import-not-at-top
+  train.forget_step_programs()
+  yield
+  train.forget_step_programs()

@@ -92,6 +92,35 @@ def test_same_seed_same_run_other_seed_other_run(uninterrupted, tmp_path, synthe
              for a, b in zip(_leaves(again)[1], _leaves(other)[1]))
 
 
+def test_runs_of_one_process_share_their_step_program(uninterrupted, tmp_path,
+                                                     synthetic_dataset):
+  """A second run whose config differs only in what the step does not read
+  (seed, length, logging, checkpoints) reuses the first run's network,
+  optimiser and jitted step, and that step is not traced again (the states
+  of both runs have one structure); a change the step reads gets its own."""
+  mesh = sharding.create_mesh(tiny_config())
+  steps = train_step_lib.total_train_steps
+  first = train.step_program(tiny_config(), mesh, NUM_STEPS)
+  assert train.step_program(
+      tiny_config(seed=5, num_train_steps=3, log_every_steps=1,
+                  checkpoint_every_steps=1), mesh, 3) is first
+  traced = first.step_fn._cache_size()  # pylint: disable=protected-access
+  train.train_and_evaluate(tiny_config(seed=5, num_train_steps=3),
+                           str(tmp_path / "again"), dataset=synthetic_dataset)
+  assert first.step_fn._cache_size() == traced  # pylint: disable=protected-access
+  for other in (tiny_config(**{"optimizer.learning_rate": 2e-3}),
+                tiny_config(**{"model.dropout_rate": 0.2}),
+                tiny_config(**{"loss.num_mismatch_labels": 1}),
+                tiny_config(ema_decay=0.9), tiny_config(batch_size=4)):
+    assert train.step_program(other, mesh, steps(other)) is not first
+  # A cosine schedule reads the run's length.
+  cosine = tiny_config(**{"optimizer.lr_schedule": "cosine"})
+  assert (train.step_program(cosine, mesh, 6) is not
+          train.step_program(cosine, mesh, 7))
+  train.forget_step_programs()
+  assert train.step_program(tiny_config(), mesh, NUM_STEPS) is not first
+
+
 def test_resume_equals_uninterrupted(uninterrupted, tmp_path, synthetic_dataset):
   _, reference = uninterrupted
   workdir = str(tmp_path / "resumed")
