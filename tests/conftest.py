@@ -8,27 +8,16 @@ Inception weights are marked `@pytest.mark.data` (markers: setup.cfg);
 import os
 import sys
 
-# XLA's LLVM back end at optimisation level 0, in this process and in the
-# subprocesses the tests start (they inherit the environment), before JAX
-# starts its backend. The suite is dominated by compiling train-step-sized
-# programs that then run a few steps on tiny data: level 0 cut the compile of
-# the tiny train step from 45 s to 28 s and of its initialisation from 15 s to
-# 4 s (2-core machine shared with a test run, 2026-11-28). Results are
-# compared only between programs compiled under the same flags; rounding can
-# differ from the default level's in the last bits (one float32 comparison of
-# two formulations moved by 2e-6), which the float32 tolerances allow for.
-# CIGN_JAX_TEST_XLA_OPT=1 keeps XLA's default level.
-if os.environ.get("CIGN_JAX_TEST_XLA_OPT", "0") != "1":
-  os.environ["XLA_FLAGS"] = " ".join(
-      [f for f in os.environ.get("XLA_FLAGS", "").split()
-       if not f.startswith("--xla_backend_optimization_level")] +
-      ["--xla_backend_optimization_level=0"])
-
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
 if TESTS not in sys.path:
   sys.path.insert(0, TESTS)
+
+# Faster CPU compiles, in this process and the subprocesses the tests start
+# (they inherit the environment), before JAX starts its backend.
+import fast_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
+fast_compile.apply()
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 import synthetic  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cign_jax import utils  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -31,22 +31,21 @@ def _configure_xla():
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:
     flags += f" --xla_force_host_platform_device_count={NUM_DEVICES}"
-  # Compiling the step dominates these checks' time; XLA's CPU code
-  # generation without LLVM's optimisations compiles it about a third faster.
-  # The HLO, and so the sharding these checks are about, is the same. (The
-  # flags are those of the test processes, tests/conftest.py, so that a
-  # one-device step compiled here is a persistent-cache hit there and back:
-  # the device count is not part of the cache key.)
-  if "xla_backend_optimization_level" not in flags:
-    flags += " --xla_backend_optimization_level=0"
   os.environ["XLA_FLAGS"] = flags.strip()
+  # Compiling the step dominates these checks' time: the test processes'
+  # flags (tests/fast_compile.py), already set when pytest starts this, so
+  # that a one-device step compiled here is a persistent-cache hit there and
+  # back (the device count is not part of the cache key). The HLO, and so
+  # the sharding these checks are about, is the same.
+  fast_compile.apply()
   os.environ["JAX_PLATFORMS"] = "cpu"  # the simulated devices are CPU ones
 
 
 if __name__ == "__main__":
-  _configure_xla()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
+  import fast_compile  # tests/fast_compile.py, beside this script
+  _configure_xla()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import concurrent.futures

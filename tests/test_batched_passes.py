@@ -261,7 +261,8 @@ def test_per_class_channel_conv_equals_concatenation(train):
   (_, y_got), g_got = out(split)
   # float32 through ten layers summed in another order: within 1e-5 of the
   # output's largest magnitude (an absolute 2e-6 was crossed by 2.2e-6 on
-  # one of 4704 values when XLA's back end ran at level 0, tests/conftest.py).
+  # one of 4704 values under the test processes' XLA flags,
+  # tests/fast_compile.py).
   _assert_trees_close({"f": y_got}, {"f": y_want}, 1e-5, "output")
   _assert_trees_close(g_got, g_want, 1e-4, "gradient")
 
