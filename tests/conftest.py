@@ -51,13 +51,17 @@ def synthetic_dataset():
 
 @pytest.fixture(autouse=True)
 def _fresh_step_programs(request):
-  """A test that monkeypatches the library gets, and leaves, no train step
-  built from other code than its own: `train.step_program` keeps a
-  process's compiled steps by config, not by the code that built them."""
+  """A test that monkeypatches the library neither gets nor leaves a train
+  step built from other code than its own: `train.step_program` keeps a
+  process's compiled steps by config, not by the code that built them. The
+  steps kept before the test are put back after it (they were built from
+  the unpatched code), so the next test does not build them again."""
   if "monkeypatch" not in request.fixturenames:
     yield
     return
   from cign_jax import train  # pylint: disable=g-import-not-at-top
+  kept = dict(train._STEP_PROGRAMS)  # pylint: disable=protected-access
   train.forget_step_programs()
   yield
   train.forget_step_programs()
+  train._STEP_PROGRAMS.update(kept)  # pylint: disable=protected-access

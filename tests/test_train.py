@@ -263,12 +263,15 @@ def test_parameter_average_recursion():
   ema_t = d_t ema_{t-1} + (1 - d_t) params_t, d_t = min(decay,
   (1 + t) / (10 + t)), ema_{-1} = the initial parameters; evaluation uses it."""
   config = tiny_config(ema_decay=0.9)
-  state = train_step_lib.create_train_state(config)
-  assert state.ema_params is not None
-  # The training loop's compiled step, placed as the loop places it (the
-  # program the next test's runs compile; the compilation cache shares it).
+  # The training loop's network, optimiser and jitted step, placed as the
+  # loop places them (the program the next test's runs use: the process
+  # keeps it).
   mesh = sharding.create_mesh(config)
-  step = train.compile_train_step(config, mesh)
+  program = train.step_program(config, mesh, config.num_train_steps)
+  state = train_step_lib.create_train_state(config, model=program.model,
+                                           tx=program.tx)
+  assert state.ema_params is not None
+  step = program.step_fn
   batch = sharding.data_sharding(mesh)
   rs = np.random.RandomState(0)
   images = sharding.put_global_batch(
