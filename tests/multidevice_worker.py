@@ -79,13 +79,16 @@ TERMS = losses.LOSS_TERMS
 # BatchNorm statistics ~1e-7 relative, gradients (read from AdamW's moments)
 # up to ~1e-4 of their leaf's largest element, parameters ~1e-7 after a first
 # step and ~2e-6 after a second (AdamW divides by sqrt(nu), which magnifies
-# the differences of elements with small second moments). (At
+# the differences of elements with small second moments); the filter
+# network's output up to 2.1e-5 of its largest element and its gradient up
+# to 2.2e-4 of a leaf's. (At
 # latent_dim 2 / intermediate_dim 4, BatchNorm over 8 near-equal values
 # amplifies the rounding to ~1e-3 of the gradients and flips AdamW steps;
-# hence 4 / 8.) The tolerances leave >= 5x headroom and stay far below what
+# hence 4 / 8.) The tolerances leave >= 4x headroom and stay far below what
 # a sharding error causes: other dropout masks (or noise) change the losses
 # by ~1-6% and the gradients by more than their own size.
 LOSS_RTOL = 1e-5        # relative, per loss term
+OUTPUT_RTOL = 1e-4      # of the largest |value| (a network's output)
 STATS_RTOL = 1e-5       # of the leaf's largest |value| (batch_stats)
 GRAD_RTOL = 1e-3        # of the leaf's largest |value| (AdamW's mu and nu)
 PARAM_ATOL = 1e-5       # absolute: 1% of an AdamW step (~lr = 1e-3)
@@ -303,9 +306,15 @@ def main(out_dir):
       states[conditioning, dtype] = (
           config, host(train_step_lib.create_train_state(config)))
   t0 = time.time()
+  # The train steps these checks run: channel conditioning's in float32 on
+  # 1 and 4 devices and in bfloat16 on 4. (Filter conditioning's sharding
+  # is checked on its network's forward and backward pass, a program a
+  # fraction of a step's size: compiling steps is most of this script's
+  # time.)
   jobs = [(c, m, st, batches[0]) for (cond, dtype), (c, st) in states.items()
+          if cond == "channel"
           for m in ((runner.mesh1, runner.mesh4) if dtype == "float32" else
-                    (runner.mesh4,) if cond == "channel" else ())]
+                    (runner.mesh4,))]
   try:
     runner.precompile(jobs, log=lambda m: print(f"{m} after "
                                                 f"{time.time() - t0:.1f} s"))
@@ -367,8 +376,53 @@ def main(out_dir):
     return one_vs_four("channel")
 
   @check
-  def filter_one_vs_four_devices():
-    return one_vs_four("filter")
+  def filter_network_one_vs_four_devices():
+    """The filter-conditioned network in training mode (per-sample filters
+    from the labels, BatchNorm over the global batch, dropout) and the
+    gradient of a loss of its output on 4 devices equal 1 device's: what
+    filter conditioning adds to the sharding of the step checked above."""
+    config, state0 = states["filter", "float32"]
+    model = models.model_from_config(config)
+    x, c = batches[0]
+
+    def loss_and_grad(params, batch_stats, x, c, key):
+      def loss(p):
+        y, updated = model.apply(
+            {"params": p, "batch_stats": batch_stats}, x, c, train=True,
+            rngs={"dropout": key}, mutable=["batch_stats"])
+        return jnp.mean(jnp.abs(y - x)), (y, updated["batch_stats"])
+      (value, (y, stats)), grads = jax.value_and_grad(
+          loss, has_aux=True)(params)
+      return value, y, stats, grads
+
+    out, hlo = {}, ""
+    for mesh in (runner.mesh1, runner.mesh4):
+      repl = sharding_lib.replicated(mesh)
+      data = sharding_lib.data_sharding(mesh)
+      fn = jax.jit(loss_and_grad,
+                   in_shardings=(repl, repl, data, data, repl),
+                   out_shardings=(repl, data, repl, repl))
+      args = (sharding_lib.put_replicated(state0.params, mesh),
+              sharding_lib.put_replicated(state0.batch_stats, mesh),
+              sharding_lib.put_global_batch(x, data),
+              sharding_lib.put_global_batch(c, data),
+              sharding_lib.put_replicated(jax.random.key(config.seed), mesh))
+      compiled = fn.lower(*args).compile()
+      if mesh.size > 1:
+        hlo = compiled.as_text()
+      out[mesh.size] = host(compiled(*args))
+    assert "all-reduce" in hlo, "the 4-device program has no all-reduce"
+    (l1, y1, s1, g1), (l4, y4, s4, g4) = out[1], out[NUM_DEVICES]
+    compare("filter loss ", {"": l4}, {"": l1}, LOSS_RTOL)
+    compare("filter output ", {"": y4}, {"": y1}, OUTPUT_RTOL, 1e-9,
+            leaf_scale=True)
+    compare("filter batch_stats", flat(s4), flat(s1), STATS_RTOL, 1e-9,
+            leaf_scale=True)
+    compare("filter gradient", flat(g4), flat(g1), GRAD_RTOL, 1e-12,
+            leaf_scale=True)
+    return (f"max relative difference: gradient "
+            f"{max_rel_diff(flat(g4), flat(g1)):.2g}, output "
+            f"{max_rel_diff({'': y4}, {'': y1}):.2g}")
 
   @check
   def checkpoints_across_device_counts():

@@ -74,9 +74,12 @@ def test_dropout_masks_sharding_invariant(worker):
   _expect(worker, "dropout_masks_sharding_invariant")
 
 
-@pytest.mark.parametrize("conditioning", ["channel", "filter"])
-def test_step_on_four_devices_equals_one_device(worker, conditioning):
-  _expect(worker, f"{conditioning}_one_vs_four_devices")
+def test_step_on_four_devices_equals_one_device(worker):
+  _expect(worker, "channel_one_vs_four_devices")
+
+
+def test_filter_network_on_four_devices_equals_one_device(worker):
+  _expect(worker, "filter_network_one_vs_four_devices")
 
 
 def test_checkpoints_across_device_counts(worker):
