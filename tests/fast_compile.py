@@ -6,8 +6,9 @@ a few steps on tiny data. Measured on 2 cores (2026-11-28/29):
   the compile of the tiny train step from 45 s to 28 s and of its
   initialisation from 15 s to 4 s (machine shared with a test run);
 - `--xla_cpu_use_fusion_emitters=false` (XLA's older elemental code for
-  fused loops) cut it from 12.8 s to 10.5 s more, and two of the batched-
-  passes equivalence tests from 84.6 s to 71.1 s.
+  fused loops), on top of level 0, cut the tiny train step's compile from
+  12.8 s to 10.5 s (nothing else running), and two of the batched-passes
+  equivalence tests from 84.6 s to 71.1 s.
 Results are compared only between programs compiled under the same flags;
 rounding can differ from the default flags' in the last bits (one float32
 comparison of two formulations moved by 2e-6), which the float32 tolerances
