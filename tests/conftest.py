@@ -5,6 +5,7 @@ Inception weights are marked `@pytest.mark.data` (markers: setup.cfg);
 `pytest -m "not data"` runs the rest with no network and an empty cache.
 """
 
+import contextlib
 import os
 import sys
 
@@ -49,6 +50,22 @@ def synthetic_dataset():
   return synthetic.dataset()
 
 
+@contextlib.contextmanager
+def step_programs_put_back(clear: bool):
+  """The train steps this process keeps (`train.step_program`) are the same
+  after the block as before it (those built in it are dropped); with
+  `clear`, none is kept during the block."""
+  from cign_jax import train  # pylint: disable=g-import-not-at-top
+  kept = dict(train._STEP_PROGRAMS)  # pylint: disable=protected-access
+  if clear:
+    train.forget_step_programs()
+  try:
+    yield
+  finally:
+    train.forget_step_programs()
+    train._STEP_PROGRAMS.update(kept)  # pylint: disable=protected-access
+
+
 @pytest.fixture(autouse=True)
 def _fresh_step_programs(request):
   """A test that monkeypatches the library neither gets nor leaves a train
@@ -59,9 +76,5 @@ def _fresh_step_programs(request):
   if "monkeypatch" not in request.fixturenames:
     yield
     return
-  from cign_jax import train  # pylint: disable=g-import-not-at-top
-  kept = dict(train._STEP_PROGRAMS)  # pylint: disable=protected-access
-  train.forget_step_programs()
-  yield
-  train.forget_step_programs()
-  train._STEP_PROGRAMS.update(kept)  # pylint: disable=protected-access
+  with step_programs_put_back(clear=True):
+    yield

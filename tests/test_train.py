@@ -20,6 +20,7 @@ from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.configs import quick
 from conftest import SYNTHETIC_MAIN
+from conftest import step_programs_put_back
 from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,25 +101,29 @@ def test_runs_of_one_process_share_their_step_program(uninterrupted, tmp_path,
   of both runs have one structure); a change the step reads gets its own."""
   mesh = sharding.create_mesh(tiny_config())
   steps = train_step_lib.total_train_steps
-  first = train.step_program(tiny_config(), mesh, NUM_STEPS)
-  assert train.step_program(
-      tiny_config(seed=5, num_train_steps=3, log_every_steps=1,
-                  checkpoint_every_steps=1), mesh, 3) is first
-  traced = first.step_fn._cache_size()  # pylint: disable=protected-access
-  train.train_and_evaluate(tiny_config(seed=5, num_train_steps=3),
-                           str(tmp_path / "again"), dataset=synthetic_dataset)
-  assert first.step_fn._cache_size() == traced  # pylint: disable=protected-access
-  for other in (tiny_config(**{"optimizer.learning_rate": 2e-3}),
-                tiny_config(**{"model.dropout_rate": 0.2}),
-                tiny_config(**{"loss.num_mismatch_labels": 1}),
-                tiny_config(ema_decay=0.9), tiny_config(batch_size=4)):
-    assert train.step_program(other, mesh, steps(other)) is not first
-  # A cosine schedule reads the run's length.
-  cosine = tiny_config(**{"optimizer.lr_schedule": "cosine"})
-  assert (train.step_program(cosine, mesh, 6) is not
-          train.step_program(cosine, mesh, 7))
-  train.forget_step_programs()
-  assert train.step_program(tiny_config(), mesh, NUM_STEPS) is not first
+  # (The programs built here are dropped after the test, and the tiny
+  # config's, which the next tests use, is put back.)
+  with step_programs_put_back(clear=False):
+    first = train.step_program(tiny_config(), mesh, NUM_STEPS)
+    assert train.step_program(
+        tiny_config(seed=5, num_train_steps=3, log_every_steps=1,
+                    checkpoint_every_steps=1), mesh, 3) is first
+    traced = first.step_fn._cache_size()  # pylint: disable=protected-access
+    train.train_and_evaluate(tiny_config(seed=5, num_train_steps=3),
+                             str(tmp_path / "again"),
+                             dataset=synthetic_dataset)
+    assert first.step_fn._cache_size() == traced  # pylint: disable=protected-access
+    for other in (tiny_config(**{"optimizer.learning_rate": 2e-3}),
+                  tiny_config(**{"model.dropout_rate": 0.2}),
+                  tiny_config(**{"loss.num_mismatch_labels": 1}),
+                  tiny_config(ema_decay=0.9), tiny_config(batch_size=4)):
+      assert train.step_program(other, mesh, steps(other)) is not first
+    # A cosine schedule reads the run's length.
+    cosine = tiny_config(**{"optimizer.lr_schedule": "cosine"})
+    assert (train.step_program(cosine, mesh, 6) is not
+            train.step_program(cosine, mesh, 7))
+    train.forget_step_programs()
+    assert train.step_program(tiny_config(), mesh, NUM_STEPS) is not first
 
 
 def test_resume_equals_uninterrupted(uninterrupted, tmp_path, synthetic_dataset):
