@@ -89,8 +89,11 @@ def step_signature(config, mesh, total_steps: int):
       "compute_dtype": config.compute_dtype,
       "matmul_precision": config.matmul_precision,
   }
-  return (json.dumps(parts, sort_keys=True, default=repr), mesh,
-          native_conv.available())
+  # The kernels are asked about only where the step's convolutions would use
+  # them (`ops`: CPU), so that a GPU run does not build them.
+  native = (native_conv.available() if jax.default_backend() == "cpu"
+            else None)
+  return json.dumps(parts, sort_keys=True, default=repr), mesh, native
 
 
 def step_program(config, mesh, total_steps: int) -> StepProgram:

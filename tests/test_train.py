@@ -126,6 +126,23 @@ def test_runs_of_one_process_share_their_step_program(uninterrupted, tmp_path,
     assert train.step_program(tiny_config(), mesh, NUM_STEPS) is not first
 
 
+def test_step_signature_leaves_the_cpu_kernels_alone_elsewhere(monkeypatch):
+  """On a GPU (or any backend but CPU) the step's convolutions are XLA's, so
+  the step's signature must not build or load the C++ CPU kernels."""
+  from cign_jax.kernels import native_conv  # pylint: disable=g-import-not-at-top
+  mesh = sharding.create_mesh(tiny_config())
+
+  def refuse():
+    raise AssertionError("the C++ kernels were asked for off the CPU")
+
+  monkeypatch.setattr(native_conv, "available", refuse)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert train.step_signature(tiny_config(), mesh, NUM_STEPS)[2] is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  with pytest.raises(AssertionError, match="off the CPU"):
+    train.step_signature(tiny_config(), mesh, NUM_STEPS)
+
+
 def test_resume_equals_uninterrupted(uninterrupted, tmp_path, synthetic_dataset):
   _, reference = uninterrupted
   workdir = str(tmp_path / "resumed")
