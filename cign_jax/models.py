@@ -563,6 +563,11 @@ def check_labels(labels, num_classes: int, num_images: Optional[int] = None):
     raise ValueError(f"labels must be a vector, got shape {labels.shape}")
   if num_images is not None and labels.shape[0] != num_images:
     raise ValueError(f"got {labels.shape[0]} labels for {num_images} images")
+  if labels.dtype == bool or not (np.issubdtype(labels.dtype, np.integer) or
+                                  np.issubdtype(labels.dtype, np.floating)):
+    # Booleans and strings are not class indices, though numpy would cast.
+    raise ValueError(f"labels must be integer class indices, got an array of "
+                     f"dtype {labels.dtype}")
   if not np.issubdtype(labels.dtype, np.integer):
     if labels.size and not np.all(labels == np.round(labels)):
       raise ValueError("labels must be integers")
@@ -581,6 +586,9 @@ def check_images(images, image_channels: int = 1):
   if images.ndim != 4 or images.shape[1:] != (28, 28, image_channels):
     raise ValueError(f"wrong image shape {images.shape}: expected (N, 28, 28) "
                      f"or (N, 28, 28, {image_channels})")
+  if images.shape[0] == 0:
+    raise ValueError(f"no images: got shape {images.shape}; expected at least "
+                     "one")
   run_dir.check_finite(images, "the images")
   if images.size and (images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6):
     raise ValueError(f"images must be in [-1, 1], got range [{images.min()}, "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
+import zlib
 from typing import Optional, Sequence
 
 import jax
@@ -165,20 +167,33 @@ def _parse_labels(labels) -> list:
   return out
 
 
-def open_npz(path: str, flag: str):
-  """np.load of an .npz given by `flag`, with errors that name the flag."""
-  if os.path.getsize(path) == 0:
+_ZIP_MAGIC = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def open_npz(path: str, flag: str) -> dict:
+  """The arrays of an .npz given by `flag`, read whole (so a damaged member
+  fails here, not at first use), with errors that name the flag and file."""
+  with open(path, "rb") as f:
+    head = f.read(len(_NPY_MAGIC))
+  if not head:
     raise ValueError(f"{flag} file {path} is empty; expected an .npz written "
                      "by numpy.savez with an 'images' array")
+  if head == _NPY_MAGIC:
+    raise ValueError(f"{flag} file {path} holds a single array (.npy), not an "
+                     ".npz with named arrays ('images', 'labels')")
+  if not head.startswith(_ZIP_MAGIC):
+    raise ValueError(f"{flag} file {path} is not an .npz (it does not start "
+                     "as a zip archive does); expected one written by "
+                     "numpy.savez with an 'images' array")
   try:
-    data = np.load(path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
-    raise ValueError(f"{flag} file {path} is not a readable .npz ({e}); "
-                     "expected one written by numpy.savez") from None
-  if not hasattr(data, "files"):
-    raise ValueError(f"{flag} file {path} holds a single array, not an .npz "
-                     "with named arrays ('images', 'labels')")
-  return data
+    with np.load(path, allow_pickle=False) as data:
+      return {name: data[name] for name in data.files}
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile,
+          zlib.error) as e:
+    raise ValueError(f"{flag} file {path} cannot be read as an .npz ({e}); "
+                     "expected a whole one written by numpy.savez, without "
+                     "object arrays") from None
 
 
 def sample_to_file(workdir: str, out: str,
@@ -220,18 +235,18 @@ def sample_to_file(workdir: str, out: str,
   if inputs is not None:
     if not os.path.isfile(inputs):
       raise FileNotFoundError(f"--inputs file not found: {inputs}")
-    with open_npz(inputs, "--inputs") as f:
-      if "images" not in f:
-        raise ValueError(f"{inputs} has no 'images' array (found: "
-                         f"{', '.join(f.files)})")
-      x = models.check_images(f["images"], model.image_channels)
-      if "labels" in f:
-        y = models.check_labels(f["labels"], model.num_classes, x.shape[0])
-      elif model.conditioning == "none":
-        y = np.zeros((x.shape[0],), np.int32)
-      else:
-        raise ValueError(f"{inputs} has no 'labels' array, which a "
-                         f"{model.conditioning}-conditioned model needs")
+    arrays = open_npz(inputs, "--inputs")
+    if "images" not in arrays:
+      raise ValueError(f"{inputs} has no 'images' array (found: "
+                       f"{', '.join(arrays) or 'no arrays'})")
+    x = models.check_images(arrays["images"], model.image_channels)
+    if "labels" in arrays:
+      y = models.check_labels(arrays["labels"], model.num_classes, x.shape[0])
+    elif model.conditioning == "none":
+      y = np.zeros((x.shape[0],), np.int32)
+    else:
+      raise ValueError(f"{inputs} has no 'labels' array, which a "
+                       f"{model.conditioning}-conditioned model needs")
     images = project(model, variables, x, y, applications)
     rows = np.stack([x, images])[:, :min(len(x), 16)]
     labels_out = y

@@ -137,12 +137,52 @@ def _unknown_config_key(argv) -> Optional[str]:
   return None
 
 
+def _config_file_values(argv):
+  """The values given to --config (`--config=F` or `--config F`)."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      yield arg[len("--config="):]
+    elif arg == "--config" and i + 1 < len(argv):
+      yield argv[i + 1]
+
+
+def _missing_config_file(argv) -> Optional[str]:
+  """For a --config naming no file: a message naming it. ml_collections
+  defers that error to the config's first use, and then names neither the
+  flag nor the path."""
+  if "config" not in flags.FLAGS:
+    return None
+  for value in _config_file_values(argv):
+    path = value.split(":", 1)[0]
+    if not os.path.isfile(path):
+      what = "is a directory" if os.path.isdir(path) else "does not exist"
+      return (f"error: --config={value}: the config file {path!r} {what}; "
+              "give a Python file with get_config(), such as "
+              "configs/quick.py (a path relative to the current directory, "
+              f"{os.getcwd()}, or absolute)")
+  return None
+
+
+def _flag_error_line(error: flags.Error) -> str:
+  """The one line for a bad flag. ml_collections embeds the traceback of a
+  config file's failing get_config() in the message; its last line is the
+  cause."""
+  lines = [l for l in str(error).strip().splitlines() if l.strip()]
+  if len(lines) > 1 and any(l.startswith("Traceback") for l in lines):
+    head = lines[0].split(": Error whilst parsing config file", 1)[0]
+    return f"error: {head}: {lines[-1].strip()} (see --help)"
+  return f"error: {lines[0] if lines else error} (see --help)"
+
+
 def _parse_flags(argv):
   """absl's flag parsing, with a plain line for a bad flag."""
+  line = _missing_config_file(argv)
+  if line is not None:
+    _exit_with(line, 2)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _exit_with(f"error: {e} (see --help)", 2)
+    _exit_with(_flag_error_line(e), 2)
   except Exception as e:  # pylint: disable=broad-except
     line = _unknown_config_key(argv)
     if line is None:

@@ -142,12 +142,12 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
   if samples is not None:
     if not os.path.isfile(samples):
       raise FileNotFoundError(f"--samples file not found: {samples}")
-    with sampling.open_npz(samples, "--samples") as f:
-      for key in ("images", "labels"):
-        if key not in f:
-          raise ValueError(f"{samples} has no '{key}' array (found: "
-                           f"{', '.join(f.files)})")
-      images, labels = f["images"], f["labels"]
+    arrays = sampling.open_npz(samples, "--samples")
+    for key in ("images", "labels"):
+      if key not in arrays:
+        raise ValueError(f"{samples} has no '{key}' array (found: "
+                         f"{', '.join(arrays) or 'no arrays'})")
+    images, labels = arrays["images"], arrays["labels"]
     out = out or os.path.dirname(os.path.abspath(samples))
     meta["samples"] = samples
     dataset = dataset or "mnist"
