@@ -358,7 +358,9 @@ def test_full_disk_and_permission_messages():
 def test_damaged_tfds_record_is_named_with_the_fix(tmp_path):
   from cign_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
-  source = prepare.version_dir("mnist", prepare.default_data_dir(""))
+  # Prepared here (a no-op when already there): on a fresh machine no other
+  # test need have run before this one in its worker.
+  source = prepare.version_dir("mnist", prepare.ensure_prepared("mnist"))
   data_dir = str(tmp_path / "tfds")
   target = prepare.version_dir("mnist", data_dir)
   shutil.copytree(source, target)
