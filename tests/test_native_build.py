@@ -3,11 +3,14 @@
 Loading runs a library's constructors inside the process, so the cache is
 checked like a private directory: the tests plant libraries (one that
 writes a marker file when loaded) where the kernels would be found and
-expect them refused. Tests that load the real kernels run in subprocesses,
+expect them refused, and damage a built cache (a truncated or replaced
+library, a lost record) and expect a rebuild before anything unverified is
+loaded. Tests that load the real kernels run in subprocesses,
 so that each starts from an unloaded state and an abort shows as a crash
 (a negative return code) instead of taking pytest down.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -46,9 +49,8 @@ def result(**kw):
 """
 
 
-def _run(script, cache, **env_extra):
-  """Runs `script` (after _PREAMBLE) in a fresh Python with the kernel cache
-  at `cache`; returns (process, the dict it passed to result())."""
+def _env(cache, **env_extra):
+  """The environment of a fresh Python with the kernel cache at `cache`."""
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
       p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
@@ -58,15 +60,28 @@ def _run(script, cache, **env_extra):
                "CIGN_JAX_NATIVE_TEST_FAIL_CHUNK", *native_conv.TUNING_ENV]:
     env.pop(name, None)
   env.update({k: str(v) for k, v in env_extra.items()})
-  proc = subprocess.run(
-      [sys.executable, "-c", _PREAMBLE + textwrap.dedent(script)], env=env,
-      capture_output=True, text=True, timeout=900, check=False)
+  return env
+
+
+def _result(proc):
+  """The dict a finished `_run` script passed to result(), checking that it
+  exited cleanly."""
   found = [line for line in proc.stdout.splitlines()
            if line.startswith("RESULT ")]
   assert proc.returncode == 0 and found, (
       f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n"
       f"{proc.stderr[-6000:]}")
-  return proc, json.loads(found[-1][len("RESULT "):])
+  return json.loads(found[-1][len("RESULT "):])
+
+
+def _run(script, cache, **env_extra):
+  """Runs `script` (after _PREAMBLE) in a fresh Python with the kernel cache
+  at `cache`; returns (process, the dict it passed to result())."""
+  proc = subprocess.run(
+      [sys.executable, "-c", _PREAMBLE + textwrap.dedent(script)],
+      env=_env(cache, **env_extra), capture_output=True, text=True,
+      timeout=900, check=False)
+  return proc, _result(proc)
 
 
 def _script(path, text):
@@ -89,6 +104,50 @@ def kernel_cache(tmp_path_factory):
                 "why=native_conv.unavailable_reason())", cache)
   assert out["ok"], out["why"]
   return cache
+
+
+@pytest.fixture
+def cache_copy(kernel_cache, tmp_path):
+  """A copy of kernel_cache for one test to damage (modes kept)."""
+  cache = tmp_path / "cache_copy"
+  shutil.copytree(kernel_cache, cache, symlinks=True)
+  return cache
+
+
+def _key_dir(cache):
+  (key_dir,) = _library_dirs(cache)
+  return key_dir
+
+
+def _replace_file(path, data, mode=0o755):
+  """Replaces `path` by a new file holding `data`, as `head -c N lib >
+  lib.tmp && mv lib.tmp lib` would: same owner, another inode."""
+  with open(f"{path}.tmp", "wb") as f:
+    f.write(data)
+  os.chmod(f"{path}.tmp", mode)
+  os.replace(f"{path}.tmp", path)
+
+
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _record_for(data, key):
+  """A build record that vouches for the library bytes `data`."""
+  return json.dumps({"key": key, "size": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()})
+
+
+def _assert_recorded(key_dir):
+  """The cached library is the one its build record describes (hashed
+  here); the record was written for this key directory."""
+  data = _read(os.path.join(key_dir, native_conv.LIBRARY_NAME))
+  with open(os.path.join(key_dir, native_conv.RECORD_NAME),
+            encoding="utf-8") as f:
+    record = json.load(f)
+  assert record == json.loads(_record_for(data, os.path.basename(key_dir)))
+  return data
 
 
 @pytest.fixture
@@ -201,19 +260,23 @@ def test_build_runs_a_cxx_wrapper_on_the_hashed_bytes(tmp_path):
   assert stat.S_IMODE(os.stat(key_dir).st_mode) == 0o700
   lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
   assert stat.S_IMODE(os.stat(lib).st_mode) == 0o755
-  assert os.listdir(key_dir) == [native_conv.LIBRARY_NAME]
+  record = os.path.join(key_dir, native_conv.RECORD_NAME)
+  assert stat.S_IMODE(os.stat(record).st_mode) == 0o644
+  assert sorted(os.listdir(key_dir)) == sorted(
+      [native_conv.LIBRARY_NAME, native_conv.RECORD_NAME, "lock"])
+  _assert_recorded(key_dir)
 
 
-def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
-  """A truncated library is removed and built again (once); temporaries an
-  interrupted build left long ago are removed, a concurrent build's kept."""
-  cache = tmp_path / "cache"
-  _, out = _run("result(ok=native_conv.available())", cache)
-  assert out["ok"]
-  (key_dir,) = _library_dirs(cache)
+def test_a_truncated_library_is_rebuilt_not_loaded(cache_copy):
+  """A library cut to its first 5000 bytes (valid ELF headers, so loading it
+  would crash the process with SIGBUS) and replaced by a rename is caught
+  by its build record before loading: the process goes on, warns naming the
+  file, rebuilds it once and runs the kernels. Temporaries an interrupted
+  build left long ago are removed, a concurrent build's kept."""
+  key_dir = _key_dir(cache_copy)
   lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
-  with open(lib, "r+b") as f:
-    f.truncate(100)
+  good = _read(lib)
+  _replace_file(lib, good[:5000])
   old = time.time() - 2 * 86400
   for name in ("tmpk2j3_x.so", "tmpbuild_old"):
     path = os.path.join(key_dir, name)
@@ -225,13 +288,154 @@ def test_a_cached_library_that_does_not_load_is_rebuilt(tmp_path):
   open(os.path.join(key_dir, "tmpbusy.so"), "wb").close()
   proc, out = _run("ok = native_conv.available()\n" + _LAX_CHECK +
                    "result(ok=ok, why=native_conv.unavailable_reason(), "
-                   "lax_error=lax_error)\n", cache)
+                   "lax_error=lax_error)\n", cache_copy)
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
+  assert f"{lib} is 5000 bytes" in proc.stderr
   assert "rebuilding them once" in proc.stderr
-  assert os.path.getsize(lib) > 100
+  assert len(_assert_recorded(key_dir)) > 5000
   assert sorted(os.listdir(key_dir)) == sorted(
-      [native_conv.LIBRARY_NAME, "tmpbusy.so"])
+      [native_conv.LIBRARY_NAME, native_conv.RECORD_NAME, "lock",
+       "tmpbusy.so"])
+
+
+def test_a_replaced_library_is_not_loaded(cache_copy, tmp_path):
+  """Another library of the same size, owner and mode put in the kernels'
+  place fails its record's SHA-256: it is never loaded (its constructor
+  would write a marker file), and the kernels are rebuilt and used."""
+  key_dir = _key_dir(cache_copy)
+  lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
+  good = _read(lib)
+  marker = tmp_path / "planted_library_ran"
+  planted = _read(_planted_library(tmp_path, marker))
+  assert len(planted) < len(good)
+  planted += b"\0" * (len(good) - len(planted))  # ELF ignores a tail
+  _replace_file(lib, planted)
+  proc, out = _run("ok = native_conv.available()\n" + _LAX_CHECK +
+                   "result(ok=ok, why=native_conv.unavailable_reason(), "
+                   "lax_error=lax_error)\n", cache_copy)
+  assert not marker.exists(), "the replaced library was loaded"
+  assert out["ok"], out["why"]
+  assert out["lax_error"] < 1e-4
+  assert f"the SHA-256 of {lib} differs" in proc.stderr
+  assert _assert_recorded(key_dir) != planted
+
+
+def test_a_library_without_the_kernels_is_rebuilt(cache_copy, tmp_path):
+  """A library that matches its record but lacks the kernels' symbols (as
+  a broken build would leave) is rebuilt once, not left to make every later
+  run fall back to XLA."""
+  key_dir = _key_dir(cache_copy)
+  lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
+  planted = _read(_planted_library(tmp_path, tmp_path / "marker"))
+  _replace_file(lib, planted)
+  _replace_file(os.path.join(key_dir, native_conv.RECORD_NAME),
+                _record_for(planted, os.path.basename(key_dir)).encode(),
+                0o644)
+  proc, out = _run("ok = native_conv.available()\n" + _LAX_CHECK +
+                   "result(ok=ok, why=native_conv.unavailable_reason(), "
+                   "lax_error=lax_error)\n", cache_copy)
+  assert out["ok"], out["why"]
+  assert out["lax_error"] < 1e-4
+  assert f"{lib} lacks CignConvForward" in proc.stderr
+  assert _assert_recorded(key_dir) != planted
+
+
+def test_a_library_without_its_record_is_rebuilt(cache_copy):
+  """A library with no build record (as a crash between renaming the
+  library into place and writing its record leaves) is rebuilt with a
+  warning naming it, and then has its record."""
+  key_dir = _key_dir(cache_copy)
+  lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
+  os.unlink(os.path.join(key_dir, native_conv.RECORD_NAME))
+  proc, out = _run("ok = native_conv.available()\n" + _LAX_CHECK +
+                   "result(ok=ok, why=native_conv.unavailable_reason(), "
+                   "lax_error=lax_error)\n", cache_copy)
+  assert out["ok"], out["why"]
+  assert out["lax_error"] < 1e-4
+  assert f"{lib} has no build record" in proc.stderr
+  _assert_recorded(key_dir)
+
+
+@pytest.mark.parametrize("damage", [
+    "missing", "not_json", "other_key", "wrong_size", "wrong_sha256",
+    "not_an_object"])
+def test_a_library_failing_its_record_is_not_verified(damage, cache_copy):
+  """The check before loading reads the record beside the library and
+  rejects every way it can fail to vouch for the bytes, naming the file
+  (these are rebuilt, as the tests above show)."""
+  key_dir = _key_dir(cache_copy)
+  key = os.path.basename(key_dir)
+  lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
+  record_path = os.path.join(key_dir, native_conv.RECORD_NAME)
+  good = json.loads(_record_for(_read(lib), key))
+  record = {
+      "missing": None, "not_json": "{size: 1",
+      "other_key": json.dumps(dict(good, key="0123456789abcdef")),
+      "wrong_size": json.dumps(dict(good, size=good["size"] + 1)),
+      "wrong_sha256": json.dumps(dict(good, sha256="0" * 64)),
+      "not_an_object": json.dumps([good])}[damage]
+  if record is None:
+    os.unlink(record_path)
+  else:
+    _replace_file(record_path, record.encode(), 0o644)
+  fd = os.open(key_dir, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    with pytest.raises(native_conv.NativeBuildError) as info:
+      native_conv._verified_library(fd, lib, key)
+  finally:
+    os.close(fd)
+  assert isinstance(info.value, native_conv._StaleLibrary)
+  assert lib in str(info.value)
+  # The undamaged record passes, and gives back the library's bytes.
+  _replace_file(record_path, json.dumps(good).encode(), 0o644)
+  fd = os.open(key_dir, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    assert native_conv._verified_library(fd, lib, key) == _read(lib)
+  finally:
+    os.close(fd)
+
+
+def test_the_loaded_library_is_a_private_copy(cache_copy):
+  """What gets loaded is a private copy of the verified bytes: truncating
+  the cached file in place after loading (which would make a mapping of it
+  raise SIGBUS at the next kernel call) does not disturb the process."""
+  lib = os.path.join(_key_dir(cache_copy), native_conv.LIBRARY_NAME)
+  _, out = _run(f"ok = native_conv.available()\nos.truncate({lib!r}, 5000)\n"
+                + _LAX_CHECK + "result(ok=ok, lax_error=lax_error)\n",
+                cache_copy)
+  assert out["ok"]
+  assert out["lax_error"] < 1e-4
+
+
+def test_concurrent_first_uses_build_once(tmp_path):
+  """Two processes that find the cache empty at once build the library
+  once between them (the second waits on the directory's lock, then loads
+  the first one's build) and neither warns: no library is left beside
+  another build's record."""
+  log = tmp_path / "compiles.log"
+  wrapper = _script(tmp_path / "wrap", f"""\
+      case " $* " in *" -shared "*) echo compile >> {log};; esac
+      exec "$@"
+      """)
+  cache = tmp_path / "cache"
+  script = _PREAMBLE + "ok = native_conv.available()\n" + _LAX_CHECK + (
+      "result(ok=ok, why=native_conv.unavailable_reason(), "
+      "lax_error=lax_error)\n")
+  env = _env(cache, CXX=f"{wrapper} {CXX}")
+  procs = [subprocess.Popen([sys.executable, "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for _ in range(2)]
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=900)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout,
+                                       stderr)
+    out = _result(done)
+    assert out["ok"], out["why"]
+    assert out["lax_error"] < 1e-4
+    assert "cign_jax:" not in stderr, stderr
+  assert log.read_text().splitlines() == ["compile"]
+  _assert_recorded(_key_dir(cache))
 
 
 def _alive(pid):
@@ -264,7 +468,7 @@ def test_a_hung_compile_times_out_and_is_ended(tmp_path, fresh_state,
     time.sleep(0.1)
   assert not _alive(pid), "the compiler's child survived the timeout"
   (key_dir,) = _library_dirs(fresh_state)
-  assert os.listdir(key_dir) == []
+  assert os.listdir(key_dir) == ["lock"]
 
 
 # --- who may load ------------------------------------------------------------
@@ -301,10 +505,13 @@ def _can_give_away(tmp_path):
 
 @pytest.mark.parametrize("case", [
     "foreign_directory", "foreign_library", "world_writable_directory",
-    "group_writable_library", "symlinked_library"])
+    "group_writable_library", "symlinked_library", "symlinked_key_directory",
+    "symlinked_native_directory"])
 def test_a_planted_library_is_refused(case, tmp_path, fresh_state, caplog):
   """A library in the kernel cache that another user owns or could have
-  written (or a link) is never loaded: a warning says why and XLA's
+  written, or that is reached through a link (to the library, or to a
+  directory of this user's on the way to it), is never loaded, even with a
+  build record that vouches for it: a warning names it and XLA's
   convolutions take over."""
   if case.startswith("foreign") and not _can_give_away(tmp_path):
     pytest.skip("giving a file to uid 65534 needs root, with that uid mapped "
@@ -315,7 +522,19 @@ def test_a_planted_library_is_refused(case, tmp_path, fresh_state, caplog):
   cache = fresh_state
   native = cache / "native"
   key_dir = native / spec.key
-  key_dir.mkdir(parents=True)
+  # A private directory of this user's where a link may lead.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir(mode=0o700)
+  real_native = elsewhere if case == "symlinked_native_directory" else native
+  real_key_dir = (elsewhere / spec.key if case == "symlinked_key_directory"
+                  else real_native / spec.key)
+  real_key_dir.mkdir(mode=0o700, parents=True)
+  cache.mkdir(exist_ok=True)
+  if case == "symlinked_native_directory":
+    native.symlink_to(elsewhere)
+  elif case == "symlinked_key_directory":
+    native.mkdir(mode=0o700, parents=True)
+    key_dir.symlink_to(real_key_dir)
   os.chmod(cache, 0o777)  # a shared cache others can write to
   lib = key_dir / native_conv.LIBRARY_NAME
   if case == "symlinked_library":
@@ -323,6 +542,8 @@ def test_a_planted_library_is_refused(case, tmp_path, fresh_state, caplog):
   else:
     shutil.copy(planted, lib)
     lib.chmod(0o755)
+  (key_dir / native_conv.RECORD_NAME).write_text(
+      _record_for(_read(planted), spec.key))
   if case == "foreign_directory":
     for path in (native, key_dir, lib):
       os.chown(path, 65534, 65534)
@@ -336,8 +557,10 @@ def test_a_planted_library_is_refused(case, tmp_path, fresh_state, caplog):
     assert not native_conv.available()
   reason = native_conv.unavailable_reason()
   assert "refusing to load" in reason, reason
-  if case == "symlinked_library":
-    assert "symbolic link" in reason
+  if case.startswith("symlinked"):
+    link = {"symlinked_library": lib, "symlinked_key_directory": key_dir,
+            "symlinked_native_directory": native}[case]
+    assert f"{link} is a symbolic link" in reason
   elif case.startswith("foreign"):
     assert "belongs to uid 65534" in reason
   else:

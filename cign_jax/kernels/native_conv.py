@@ -3,10 +3,11 @@
 `cign_jax/kernels/native/conv_kernels.cc` computes each pass of a shared-kernel
 convolution as im2col patches times the kernel matrix, building the patches
 in blocks of at least 256 rows (about 1 MiB) and multiplying each block with
-OpenBLAS's sgemm (the `scipy-openblas32` wheel), on XLA's thread pool. XLA's own CPU code either
-materialises the whole patch array (its copy ran at about 1.3 GB/s, 4-5x the
-cost of the product) or, for its native convolutions, ran some of CIGN's
-passes up to 10x slower (docs/performance.md).
+OpenBLAS's sgemm (the `scipy-openblas32` wheel), on XLA's thread pool.
+XLA's own CPU code either materialises the whole patch array (its copy ran
+at about 1.3 GB/s, 4-5x the cost of the product) or, for its native
+convolutions, ran some of CIGN's passes up to 10x slower
+(docs/performance.md).
 
 The library is compiled on first use with the system's C++ compiler
 (`$CXX`, split like a shell command so that a wrapper such as "ccache g++"
@@ -15,16 +16,22 @@ it hashed, within $CIGN_JAX_NATIVE_BUILD_TIMEOUT seconds (default 300).
 It is cached in `<cache>/native/<key>/` (`cign_jax.utils.cache_root()`,
 directories created 0700), keyed by the source, the jaxlib and OpenBLAS
 versions and paths, the whole compile command and the CPU (every feature
-line of /proc/cpuinfo and the flags the compiler resolves -march=native to).
-It is loaded only if it is a regular file (not a link) owned by this user
-or root and not writable by group or others, in directories likewise
-owned and not group/other-writable: the checks are made on the opened file,
-which is what gets loaded (through /proc/self/fd). A cached library that
-does not load is rebuilt once. It is registered with XLA as three FFI
-targets. `available()` says whether that worked; where it did not (no
-compiler, no OpenBLAS wheel, an unsafe cache, `CIGN_JAX_NATIVE_CONV=0`),
-`cign_jax.ops` logs a warning with the reason and uses its XLA formulations
-instead: the same results up to rounding, about 1.5x slower train steps.
+line of /proc/cpuinfo and the flags the compiler resolves -march=native to),
+beside a build record (`RECORD_NAME`: its key, size and SHA-256) that the
+builder writes after the library, each atomically. Each directory below the
+cache root is opened from its parent's descriptor without following a link,
+and it, the library and the record must be owned by this user or root and
+not writable by group or others (checked on the opened files). The library
+is read once, checked against its record, and those bytes are loaded from a
+private unlinked copy (through /proc/self/fd). A library that fails its
+record (truncated, replaced, no record) or does not load or lacks a symbol
+is rebuilt once, under a lock file in its directory; an unsafe cache (a
+link, another user's file) is refused. The library is registered with
+XLA as three FFI targets. `available()` says whether that worked; where it
+did not (no compiler, no OpenBLAS wheel, an unsafe cache,
+`CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops` logs a warning with the reason
+and uses its XLA formulations instead: the same results up to rounding,
+about 1.5x slower train steps.
 
 The kernels' tuning knobs (`TUNING_ENV`: block size, minimum rows per block,
 chunks per thread, memory for the kernel gradient's partial sums) are
@@ -50,11 +57,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import secrets
 import shlex
 import shutil
 import signal
@@ -74,9 +83,16 @@ from cign_jax import utils
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
                       "conv_kernels.cc")
 LIBRARY_NAME = "libcign_conv_kernels.so"
+# Beside the library: its key, size and SHA-256, written by the builder.
+RECORD_NAME = "libcign_conv_kernels.json"
+_LOCK_NAME = "lock"
+_MAX_LIBRARY_BYTES = 1 << 28
+_MAX_RECORD_BYTES = 4096
 _TARGETS = {"cign_conv_forward": "CignConvForward",
             "cign_conv_input_grad": "CignConvInputGrad",
             "cign_conv_kernel_grad": "CignConvKernelGrad"}
+# What a loaded library must export to be used.
+_SYMBOLS = ("cign_native_init",) + tuple(_TARGETS.values())
 ENV_SWITCH = "CIGN_JAX_NATIVE_CONV"
 BUILD_TIMEOUT_ENV = "CIGN_JAX_NATIVE_BUILD_TIMEOUT"
 # The kernels' tuning knobs (read by conv_kernels.cc) and their largest
@@ -95,6 +111,7 @@ _CPU_FIELDS = frozenset((
     "cpu part", "cpu revision", "isa", "isa-ext", "uarch", "mmu", "cpu",
     "platform", "machine", "cpu model", "ase"))
 _CPUINFO = "/proc/cpuinfo"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Marks the places of the source and output files in a compile command.
 _SOURCE_ARG, _OUTPUT_ARG = "<source>", "<output>"
 
@@ -112,7 +129,16 @@ class UnsafeCacheError(NativeBuildError):
 
 
 class _LoadError(NativeBuildError):
-  """A library that passed the checks did not load (truncated, corrupt)."""
+  """A library that matched its record did not load, or lacks a symbol."""
+
+
+class _StaleLibrary(NativeBuildError):
+  """A cached library that does not match its build record (or has none):
+  it is rebuilt, never loaded."""
+
+
+class _NotBuilt(_StaleLibrary):
+  """There is no cached library yet."""
 
 
 class BuildSpec(NamedTuple):
@@ -233,45 +259,144 @@ def _check_owner_and_mode(st: os.stat_result, path: str, what: str) -> None:
         f"remove it, or point CIGN_JAX_CACHE at a directory of your own")
 
 
-def _private_dir(*parts: str) -> str:
-  """<cache_root>/<parts>, each part created 0700 and checked."""
-  path = utils.cache_root()
-  os.makedirs(path, exist_ok=True)
-  for part in parts:
-    path = os.path.join(path, part)
-    try:
-      os.mkdir(path, 0o700)
-    except FileExistsError:
-      pass
-    st = os.stat(path)
-    if not stat.S_ISDIR(st.st_mode):
-      raise NativeBuildError(f"{path} is not a directory")
-    _check_owner_and_mode(st, path, "directory")
-  return path
+def _link_refused(path: str) -> UnsafeCacheError:
+  """The refusal of a link in the cache (it could lead anywhere)."""
+  return UnsafeCacheError(
+      f"refusing to load from the kernel cache: {path} is a symbolic link "
+      f"(none is followed below the cache root); remove it so that the "
+      f"kernels are rebuilt there")
 
 
-def _remove_stale_temporaries(directory: str, timeout: float) -> None:
-  """Removes tmp* entries that an interrupted build left (older than a build
-  may take, so a concurrent build's files stay)."""
+def _open_private_dir(parent_fd: int, name: str, path: str) -> int:
+  """A descriptor of directory `name` in parent_fd (created 0700 if missing),
+  opened without following a link and checked as opened, so that later
+  steps cannot be redirected by a path that changed since the check."""
+  with contextlib.suppress(FileExistsError):
+    os.mkdir(name, 0o700, dir_fd=parent_fd)
+  st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+  if stat.S_ISLNK(st.st_mode):
+    raise _link_refused(path)
+  if not stat.S_ISDIR(st.st_mode):
+    raise NativeBuildError(f"{path} is not a directory; remove it so that "
+                           f"the kernels can be cached there")
+  try:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+  except OSError as e:
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # made a link since the stat
+      raise _link_refused(path) from e
+    raise
+  try:
+    _check_owner_and_mode(os.fstat(fd), path, "directory")
+  except BaseException:
+    os.close(fd)
+    raise
+  return fd
+
+
+@contextlib.contextmanager
+def _key_directory(key: str):
+  """Yields (descriptor, path) of <cache_root>/native/<key>, each directory
+  below the root opened by `_open_private_dir` from its parent's
+  descriptor. The root itself may be a link (~/.cache often is)."""
+  root = utils.cache_root()
+  os.makedirs(root, exist_ok=True)
+  fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+  try:
+    path = root
+    for part in ("native", key):
+      path = os.path.join(path, part)
+      fds.append(_open_private_dir(fds[-1], part, path))
+    yield fds[-1], path
+  finally:
+    for fd in fds:
+      os.close(fd)
+
+
+@contextlib.contextmanager
+def _exclusive(dir_fd: int, path: str, wait: float):
+  """Holds an exclusive lock on <dir>/lock, so that one process at a time
+  checks, builds and loads the library there (two builders could otherwise
+  leave one's library beside the other's record); after `wait` seconds, or
+  on a file system without locks, goes on without it, which costs at most
+  a rebuild since nothing unverified is loaded."""
+  lock_path = os.path.join(path, _LOCK_NAME)
+  try:
+    fd = os.open(_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
+                 os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      raise _link_refused(lock_path) from e
+    raise NativeBuildError(f"cannot open {lock_path}: {e}") from e
+  try:
+    deadline = time.monotonic() + wait
+    while True:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          logging.warning("cign_jax: %s has been locked for over %.0fs; "
+                          "going on without the lock", lock_path, wait)
+          break
+        time.sleep(0.2)
+      except OSError:
+        break
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _remove_stale_temporaries(dir_fd: int, path: str, timeout: float) -> None:
+  """Removes tmp* entries that an interrupted writer left (older than a build
+  may take, so that a concurrent unlocked writer's files stay)."""
   cutoff = time.time() - timeout - 60
-  for name in os.listdir(directory):
+  for name in os.listdir(dir_fd):
     if not name.startswith("tmp"):
       continue
-    path = os.path.join(directory, name)
     try:
-      if os.lstat(path).st_mtime > cutoff:
+      st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+      if st.st_mtime > cutoff:
         continue
-      if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+      if stat.S_ISDIR(st.st_mode):  # a build directory of older versions
+        shutil.rmtree(os.path.join(path, name), ignore_errors=True)
       else:
-        os.unlink(path)
+        os.unlink(name, dir_fd=dir_fd)
     except OSError:
       pass
 
 
-def _build(spec: BuildSpec, lib_path: str, timeout: float) -> None:
-  """Compiles spec.source into lib_path (mode 0755, by atomic rename)."""
-  work = tempfile.mkdtemp(prefix="tmp", dir=os.path.dirname(lib_path))
+def _write_all(fd: int, data: bytes) -> None:
+  """Writes all of `data` (os.write may write part of it)."""
+  view = memoryview(data)
+  while view:
+    view = view[os.write(fd, view):]
+
+
+def _write_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+  """Writes `name` in dir_fd atomically: a temporary, synced, then renamed
+  over it, so that a reader (or a crash) sees the old file or the new one."""
+  temp = f"tmp{secrets.token_hex(8)}"
+  fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+               os.O_CLOEXEC, mode, dir_fd=dir_fd)
+  try:
+    try:
+      os.fchmod(fd, mode)  # whatever the umask
+      _write_all(fd, data)
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temp, dir_fd=dir_fd)
+    raise
+
+
+def _compile(spec: BuildSpec, timeout: float) -> bytes:
+  """Compiles spec.source and returns the library's bytes. It is built in a
+  private temporary directory, not at a path in the cache, which another
+  user could redirect if the cache root is shared."""
+  work = tempfile.mkdtemp(prefix="cign_jax_build")
   try:
     src = os.path.join(work, os.path.basename(SOURCE))
     out = os.path.join(work, LIBRARY_NAME)
@@ -295,42 +420,170 @@ def _build(spec: BuildSpec, lib_path: str, timeout: float) -> None:
     if proc.returncode != 0:
       raise NativeBuildError(f"compiling {SOURCE} failed "
                              f"({shlex.join(cmd)}):\n{err[-4000:]}")
-    # Readable by all, writable only by the owner, before it is visible.
-    os.chmod(out, 0o755)
-    os.replace(out, lib_path)  # atomic: a concurrent build leaves one file
+    try:
+      with open(out, "rb") as f:
+        return f.read()
+    except OSError as e:
+      raise NativeBuildError(f"{shlex.join(cmd)} wrote no library: {e}") \
+          from e
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _open_library(path: str) -> ctypes.CDLL:
-  """Loads `path` if it is a regular file of this user's (or root's) that
-  group and others cannot write; the checks are made on the opened file,
-  and that file is what gets loaded."""
+def _build(spec: BuildSpec, dir_fd: int, timeout: float) -> None:
+  """Compiles the library into dir_fd (mode 0755) with its build record.
+
+  The library is renamed into place first and its record last, each
+  atomically: after a crash in between, the new library sits beside the
+  old record or none, which the check before loading rejects (a rebuild).
+  """
+  data = _compile(spec, timeout)
+  record = {"key": spec.key, "size": len(data),
+            "sha256": hashlib.sha256(data).hexdigest()}
+  _write_file(dir_fd, LIBRARY_NAME, data, 0o755)
+  _write_file(dir_fd, RECORD_NAME, json.dumps(record).encode(), 0o644)
+  os.fsync(dir_fd)  # the renames too
+
+
+def _read_cached(dir_fd: int, name: str, path: str, what: str,
+                 limit: int) -> Optional[bytes]:
+  """The bytes of `name` in dir_fd if it is a regular file (not a link)
+  owned by this user or root that group and others cannot write, checked
+  on the opened file; None if it is missing.
+
+  Raises:
+    _StaleLibrary: it is longer than `limit` bytes.
+    UnsafeCacheError: it fails the checks.
+  """
   try:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    # O_NONBLOCK: a FIFO planted here must not hang the open.
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
+                 os.O_CLOEXEC, dir_fd=dir_fd)
+  except FileNotFoundError:
+    return None
   except OSError as e:
     if e.errno == errno.ELOOP:
-      raise UnsafeCacheError(
-          f"refusing to load from the kernel cache: {path} is a symbolic "
-          f"link; remove it to rebuild the library") from e
+      raise _link_refused(path) from e
     raise NativeBuildError(f"cannot open {path}: {e}") from e
   try:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
       raise UnsafeCacheError(f"refusing to load from the kernel cache: "
                              f"{path} is not a regular file")
-    _check_owner_and_mode(st, path, "library")
-    try:
-      lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
-    except OSError as e:
-      raise _LoadError(f"{path} does not load: {e}") from e
+    _check_owner_and_mode(st, path, what)
+    chunks, size = [], 0
+    while size <= limit:
+      chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+      if not chunk:
+        break
+      chunks.append(chunk)
+      size += len(chunk)
+  finally:
+    os.close(fd)
+  if size > limit:
+    raise _StaleLibrary(f"{path} is larger than {limit} bytes")
+  return b"".join(chunks)
+
+
+def _verified_library(dir_fd: int, path: str, key: str) -> bytes:
+  """The cached library's bytes, read once and checked against its build
+  record (key, size and SHA-256): these bytes, not the file, get loaded.
+
+  Raises:
+    _NotBuilt: there is no library.
+    _StaleLibrary: its record is missing or invalid, or does not match.
+    UnsafeCacheError: the library or its record fails `_read_cached`.
+  """
+  data = _read_cached(dir_fd, LIBRARY_NAME, path, "library",
+                      _MAX_LIBRARY_BYTES)
+  if data is None:
+    raise _NotBuilt(f"{path} is not built")
+  record_path = os.path.join(os.path.dirname(path), RECORD_NAME)
+  raw = _read_cached(dir_fd, RECORD_NAME, record_path, "build record",
+                     _MAX_RECORD_BYTES)
+  if raw is None:
+    raise _StaleLibrary(f"{path} has no build record ({record_path} is "
+                        f"missing)")
+  try:
+    record = json.loads(raw)
+    size, digest = record["size"], record["sha256"]
+    valid = (record["key"] == key and isinstance(size, int) and
+             isinstance(digest, str))
+  except (ValueError, KeyError, TypeError):
+    valid = False
+  if not valid:
+    raise _StaleLibrary(f"the build record {record_path} of {path} is not "
+                        f"valid (not JSON with this key, a size and a "
+                        f"SHA-256)")
+  if len(data) != size:
+    raise _StaleLibrary(f"{path} is {len(data)} bytes, its build record "
+                        f"{record_path} says {size}")
+  if hashlib.sha256(data).hexdigest() != digest:
+    raise _StaleLibrary(f"the SHA-256 of {path} differs from its build "
+                        f"record {record_path}")
+  return data
+
+
+def _load_bytes(data: bytes, dir_fd: int, path: str) -> ctypes.CDLL:
+  """Loads the verified bytes of the library at `path` from a private copy.
+
+  The copy is an unlinked file in dir_fd (the library's own file system,
+  so executable wherever the cache is), loaded through /proc/self/fd:
+  loading the cached file after hashing it would load whatever it holds by
+  then, and a mapped file truncated later would crash the process (SIGBUS).
+  """
+  temp = f"tmp{secrets.token_hex(8)}.so"
+  fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+               os.O_CLOEXEC, 0o700, dir_fd=dir_fd)
+  try:
+    os.unlink(temp, dir_fd=dir_fd)
+    _write_all(fd, data)
   except BaseException:
     os.close(fd)
     raise
-  # The descriptor stays open: the dynamic loader knows the library by this
-  # /proc path, and would hand it back for another file opened later under
-  # the same descriptor number.
+  try:
+    lib = ctypes.CDLL(f"/proc/self/fd/{fd}")
+  except OSError as e:
+    os.close(fd)
+    raise _LoadError(f"{path} does not load: {e}") from e
+  # From here the descriptor stays open: the dynamic loader knows the
+  # library by this /proc path, and would hand it back for another file
+  # opened later under the same descriptor number.
+  missing = [name for name in _SYMBOLS if not hasattr(lib, name)]
+  if missing:
+    raise _LoadError(f"{path} lacks {', '.join(missing)}")
   return lib
+
+
+def _load_cached(spec: BuildSpec, timeout: float) -> ctypes.CDLL:
+  """Loads the library from the cache, building it if it is missing, and
+  rebuilding it (once) if it fails its record or does not load."""
+  with _key_directory(spec.key) as (dir_fd, key_dir), \
+      _exclusive(dir_fd, key_dir, 2 * timeout + 60):
+    path = os.path.join(key_dir, LIBRARY_NAME)
+    _remove_stale_temporaries(dir_fd, key_dir, timeout)
+    built = False
+    try:
+      data = _verified_library(dir_fd, path, spec.key)
+    except _NotBuilt:
+      built = True
+    except _StaleLibrary as e:
+      logging.warning("cign_jax: the cached C++ conv kernels are not the ones "
+                      "built (%s); rebuilding them once", e)
+      built = True
+    if built:
+      _build(spec, dir_fd, timeout)
+      data = _verified_library(dir_fd, path, spec.key)
+    try:
+      return _load_bytes(data, dir_fd, path)
+    except _LoadError as e:
+      if built:
+        raise
+      logging.warning("cign_jax: the cached C++ conv kernels do not load "
+                      "(%s); rebuilding them once", e)
+    _build(spec, dir_fd, timeout)
+    return _load_bytes(_verified_library(dir_fd, path, spec.key), dir_fd,
+                       path)
 
 
 def _load() -> None:
@@ -348,22 +601,7 @@ def _load() -> None:
   except ImportError as e:
     raise NativeBuildError("the scipy-openblas32 wheel is not installed") from e
   spec = _build_spec(compiler, timeout)
-  key_dir = _private_dir("native", spec.key)
-  lib_path = os.path.join(key_dir, LIBRARY_NAME)
-  _remove_stale_temporaries(key_dir, timeout)
-  built = not os.path.lexists(lib_path)
-  if built:
-    _build(spec, lib_path, timeout)
-  try:
-    lib = _open_library(lib_path)
-  except _LoadError as e:
-    if built:
-      raise
-    logging.warning("cign_jax: the cached C++ conv kernels do not load "
-                    "(%s); rebuilding them once", e)
-    os.unlink(lib_path)
-    _build(spec, lib_path, timeout)
-    lib = _open_library(lib_path)
+  lib = _load_cached(spec, timeout)
   lib.cign_native_init()
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib,
