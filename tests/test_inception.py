@@ -163,3 +163,60 @@ def test_max_features_argument():
     inception.FIDInceptionV3().init(jax.random.PRNGKey(0),
                                     np.zeros((1, 299, 299, 3), np.float32),
                                     max_features=100)
+
+
+def _flip_byte(path, offset):
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+
+
+def _assert_same_variables(a, b):
+  flat_a = jax.tree_util.tree_leaves_with_path(a)
+  flat_b = jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+  for (_, x), (_, y) in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_damaged_converted_weights_are_converted_again(
+    archive_path, variables, tmp_path, damage):
+  """The converted weights file, damaged in the cache, is never read as
+  numbers: it is converted again from the (checked) archive."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  shutil.copy(archive_path, tmp_path / inception.ARCHIVE_NAME)
+  inception.load_variables(cache_dir=tmp_path)
+  converted = tmp_path / inception.PARAMS_NAME
+  good = converted.read_bytes()
+  if damage == "truncated":
+    _truncate(converted)
+  else:  # inside the tensor data, past the zip and .npy headers
+    _flip_byte(converted, len(good) // 2)
+  _assert_same_variables(inception.load_variables(cache_dir=tmp_path),
+                         variables)
+  assert converted.read_bytes() == good  # rewritten whole
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_damaged_weight_archive_is_a_named_error(archive_path, tmp_path,
+                                                 damage):
+  import shutil  # pylint: disable=import-outside-toplevel
+  archive = tmp_path / inception.ARCHIVE_NAME
+  shutil.copy(archive_path, archive)
+  if damage == "truncated":
+    _truncate(archive)
+  else:
+    _flip_byte(archive, archive.stat().st_size // 2)
+  with pytest.raises(ValueError, match="SHA1 .* differs") as err:
+    inception.load_variables(cache_dir=tmp_path)
+  assert str(archive) in str(err.value)
+  assert "delete the file" in str(err.value)
+  assert not (tmp_path / inception.PARAMS_NAME).exists()
