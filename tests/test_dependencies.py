@@ -149,3 +149,18 @@ def test_the_checker_sees_known_imports():
   assert "os" not in imports and "cign_jax" not in imports
   assert "orbax-checkpoint" in _distributions(imports)["orbax"]
   assert "importlib-resources" in _run_time_only()
+
+
+def test_suite_collects_without_the_torch_extra():
+  """`pip install -e ".[test]"` has no PyTorch: every test module still
+  imports, the PyTorch cross-checks skipping themselves."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  code = ("import sys; sys.modules['torch'] = None; import pytest; "
+          "sys.exit(pytest.main(['-q', '--collect-only', '-p', "
+          "'no:cacheprovider', sys.argv[1]]))")
+  result = subprocess.run([sys.executable, "-c", code,
+                           os.path.join(ROOT, "tests")],
+                          cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "error" not in result.stdout.splitlines()[-1].lower()
