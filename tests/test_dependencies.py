@@ -89,7 +89,8 @@ def _distributions(imports: dict[str, str]) -> dict[str, set[str]]:
 
 def test_setup_cfg_is_the_metadata_and_pyproject_only_the_build():
   install, extras = _setup_cfg()
-  assert "jax" in install and set(extras) == {"cuda", "tf", "torch", "test"}
+  assert "jax" in install and set(extras) == {
+      "cuda", "cuda12", "cuda13", "tf", "torch", "test"}
   with open(os.path.join(ROOT, "pyproject.toml")) as f:
     pyproject = f.read()
   assert "[project]" not in pyproject and "[build-system]" in pyproject
@@ -125,7 +126,14 @@ def test_every_declared_dependency_is_used():
 
 def test_extras():
   install, extras = _setup_cfg()
-  assert extras["cuda"] == ["jax"]  # jax[cuda13]: the CUDA plugin only
+  # jax[cuda12] / jax[cuda13]: the CUDA plugin only; `cuda` is CUDA 12.
+  assert extras["cuda"] == extras["cuda12"] == extras["cuda13"] == ["jax"]
+  parser = configparser.ConfigParser()
+  parser.read(SETUP_CFG)
+  declared = parser["options.extras_require"]
+  for name, cuda in (("cuda", "cuda12"), ("cuda12", "cuda12"),
+                     ("cuda13", "cuda13")):
+    assert f"jax[{cuda}]" in declared[name], name
   assert extras["tf"] == ["tensorflow-cpu"]
   assert extras["torch"] == ["torch"]
   assert "tensorflow" not in install and "tensorflow-cpu" not in install
