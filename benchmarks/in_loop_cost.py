@@ -70,13 +70,14 @@ def main(_):
           (f"validation loss, {len(test_y)} test images (from {n})", t_val)]
   eval_config = config.copy_and_resolve_references()
   eval_config.eval_samples_per_label = FLAGS.samples_per_label
+  eval_config.eval_metrics = ("label_accuracy",)
   acc = in_loop.InLoopEvaluator(eval_config)
   rows.append((f"label accuracy, {FLAGS.samples_per_label} per label",
                _time(lambda: acc(model, variables, 0)["label_accuracy"])))
   if FLAGS.fid_per_class:
     fid_config = config.copy_and_resolve_references()
-    fid_config.eval_fid_sizes = (64,)
-    fid_config.eval_fid_samples_per_class = FLAGS.fid_per_class
+    fid_config.eval_metrics = ("fid64",)
+    fid_config.eval_samples_per_label = FLAGS.fid_per_class
     fid_eval = in_loop.InLoopEvaluator(fid_config, (test_x, test_y))
     rows.append((f"FID64 per class, {FLAGS.fid_per_class} per class",
                  _time(lambda: fid_eval(model, variables, 0)["fid64"])))

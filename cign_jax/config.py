@@ -29,8 +29,6 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 LOSS_PASSES = ("auto", "sequential", "batched")
 CHANNEL_CONVS = ("auto", "concat", "per_class")
-# Inception feature sizes FID can be computed at (cign_jax.evaluation.fid).
-FID_FEATURE_SIZES = (64, 192, 768, 2048)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -118,17 +116,26 @@ def base_config() -> ml_collections.ConfigDict:
   # Test images in the validation loss (the five terms in eval mode, as the
   # original): -1 all of the test split, 0 no validation loss.
   config.eval_num_examples = -1
-  # Label accuracy of this many samples per label (fixed noise) with the
-  # library's classifier; 0: off (cign_jax.evaluation.in_loop).
+  # In-loop metrics (cign_jax.evaluation.in_loop): this many samples per
+  # label (fixed noise), scored by every metric of eval_metrics, per class
+  # against as many of the first test images of the class; 0: none.
   config.eval_samples_per_label = 0
-  # Per-class FID during training at these feature sizes (e.g. (64,)), with
-  # this many samples per class against as many test images; () = off.
+  # Metric names of cign_jax.evaluation's registry (a module each in
+  # cign_jax/evaluation/metrics/): 'label_accuracy', 'fid64' ... 'fid2048',
+  # 'precision', 'recall', 'density', 'coverage', 'kid', 'spread',
+  # 'duplicates', ... The default is the cheap one (docs/performance.md has
+  # what each costs).
+  config.eval_metrics = ("label_accuracy",)
+  # Retired: in-loop FID is 'fidN' in eval_metrics, on eval_samples_per_label
+  # samples. Kept so that the config.json of older runs still loads;
+  # eval_fid_sizes must stay ().
   config.eval_fid_sizes = ()
   config.eval_fid_samples_per_class = 1000
   config.eval_noise_seed = 4321  # the fixed noise of in-loop evaluation
   # The checkpoint kept as "best" (WORKDIR/best/): 'val_loss' (lowest, the
-  # original's choice), 'label_accuracy' (highest), 'fidN' (lowest mean
-  # per-class FID at N features), or '' for none.
+  # original's choice), a name of eval_metrics (the way its metric module
+  # declares better, e.g. highest 'label_accuracy', lowest 'fid64'), or ''
+  # for none.
   config.best_metric = "val_loss"
 
   # Parallelism and precision.
@@ -242,45 +249,49 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def computed_metrics(config: ml_collections.ConfigDict) -> tuple:
   """The metrics a run with this config computes at its evaluation points
-  (the values `best_metric` may take, besides '')."""
+  (the values `best_metric` may take, besides ''): 'val_loss' and the
+  names of eval_metrics."""
   names = []
   if config.eval_num_examples != 0:
     names.append("val_loss")
   if config.eval_samples_per_label > 0:
-    names.append("label_accuracy")
-  names.extend(f"fid{int(s)}" for s in config.eval_fid_sizes)
+    names.extend(str(n) for n in config.eval_metrics)
   return tuple(names)
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict):
+  # Which names exist, what each needs and which way it is better are the
+  # metric modules' to say: cign_jax.evaluation.in_loop checks those when it
+  # builds the evaluator (the core does not import cign_jax.evaluation).
   for key in ("eval_every_epochs", "eval_every_steps",
               "eval_samples_per_label"):
     _check(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
   _check(config.eval_num_examples >= -1, "eval_num_examples",
          f"must be -1 (all), 0 (none) or a count, got "
          f"{config.eval_num_examples}")
-  sizes = tuple(int(s) for s in config.eval_fid_sizes)
-  bad = [s for s in sizes if s not in FID_FEATURE_SIZES]
-  _check(not bad, "eval_fid_sizes",
-         f"unknown FID feature size(s) {bad}; available: {FID_FEATURE_SIZES}")
-  if sizes:
-    n = config.eval_fid_samples_per_class
-    _check(n >= max(sizes), "eval_fid_samples_per_class",
-           f"{n} samples per class are too few for FID at {max(sizes)} "
-           f"features (the covariance would be singular); FID sizes these "
-           f"samples allow: "
-           f"{tuple(s for s in FID_FEATURE_SIZES if s <= n) or 'none'}")
-  if config.eval_samples_per_label > 0 or sizes:
+  names = config.eval_metrics
+  _check(isinstance(names, (tuple, list)) and
+         all(isinstance(n, str) and n for n in names), "eval_metrics",
+         f"must be a tuple of metric names, got {names!r}")
+  repeated = sorted({n for n in names if list(names).count(n) > 1})
+  _check(not repeated, "eval_metrics", f"lists {repeated} more than once")
+  sizes = tuple(config.eval_fid_sizes)
+  _check(not sizes, "eval_fid_sizes",
+         f"retired; list "
+         f"{tuple(f'fid{int(s)}' for s in sizes)} in config.eval_metrics "
+         f"instead (computed on config.eval_samples_per_label samples per "
+         f"label) and leave eval_fid_sizes = ()")
+  if config.eval_samples_per_label > 0:
     _check(config.model.conditioning != "none", "eval_samples_per_label",
-           "label accuracy and per-class FID need a conditional model; this "
-           "config is unconditional (model.conditioning = 'none')")
+           "in-loop metrics are per class and need a conditional model; "
+           "this config is unconditional (model.conditioning = 'none')")
   available = computed_metrics(config)
   _check(config.best_metric == "" or config.best_metric in available,
          "best_metric",
          f"{config.best_metric!r} is not computed by this run; it computes "
          f"{available or 'nothing'} ('val_loss' needs eval_num_examples != 0, "
-         f"'label_accuracy' eval_samples_per_label > 0, 'fidN' N in "
-         f"eval_fid_sizes; '' keeps no best checkpoint)")
+         f"the names of eval_metrics eval_samples_per_label > 0; '' keeps no "
+         f"best checkpoint)")
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:

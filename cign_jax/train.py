@@ -396,8 +396,7 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
         if isinstance(v, (int, float)) and v is not None})
     parts = [f"{k} {v:.4f}" for k, v in metrics.items()
              if k != "epoch" and isinstance(v, float)
-             and (k in ("val_loss", "label_accuracy") or k.startswith("fid")
-                  or k.startswith("val_loss_"))]
+             and (k.startswith("val_loss") or k in config.eval_metrics)]
     best = evaluations.best
     if best is not None:
       parts.append(f"best {config.best_metric} {best[config.best_metric]:.4f}"

@@ -45,14 +45,26 @@ from cign_jax import train_step as train_step_lib
 from cign_jax.data import reader
 
 EVALUATIONS_FILE = "evaluations.json"
-# Metrics where lower is better; every other one is higher-better.
-_LOWER_IS_BETTER_PREFIXES = ("val_loss", "fid")
 # Folded into the seed so validation's draws differ from training's.
 _VALIDATION_STREAM = 0x7A11D
+# {metric: lower is better (True / False), or None: ranks nothing}, as the
+# metric modules of cign_jax.evaluation declare them (`declare_directions`,
+# called by its registry when it loads them).
+_DIRECTIONS: Dict[str, Optional[bool]] = {}
+
+
+def declare_directions(directions: Dict[str, Optional[bool]]) -> None:
+  """Records which way each named metric is better (the evaluation's
+  registry declares its metrics here; the core does not import it)."""
+  _DIRECTIONS.update(directions)
 
 
 def lower_is_better(metric: str) -> bool:
-  return metric.startswith(_LOWER_IS_BETTER_PREFIXES)
+  """The validation losses and declared lower-better metrics: True; any
+  other metric (one of an evaluator of your own) counts as higher-better."""
+  if metric.startswith("val_loss"):
+    return True
+  return bool(_DIRECTIONS.get(metric, False))
 
 
 def is_better(metric: str, value: float, best: Optional[float]) -> bool:

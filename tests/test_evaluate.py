@@ -1,5 +1,7 @@
 """The evaluate command on samples whose answer is known: real test digits
-with their own labels (good FID, high accuracy) and with swapped labels."""
+with their own labels (good FID, high accuracy, as varied as the data),
+with swapped labels, and one digit repeated (collapse: FID still small,
+recall and coverage near 0, all near-duplicates)."""
 
 import json
 import os
@@ -13,14 +15,17 @@ from cign_jax.evaluation import evaluate
 N = 70  # per class: above the 64 features of FID64
 
 
-def _real_samples(tmp_path, swap: bool):
+def _real_samples(tmp_path, swap: bool, collapse: bool = False):
   images, labels = reader.load_split("mnist", "test")
   out_images, out_labels = [], []
   for label in (0, 1):
     idx = np.flatnonzero(labels == label)[-N:]  # not the first N: those are
-    out_images.append(reader.to_model_range(images[idx]))  # the reference
+    if collapse:  # the reference
+      idx = np.repeat(idx[:1], N)
+    out_images.append(reader.to_model_range(images[idx]))
     out_labels.append(np.full(N, 1 - label if swap else label))
-  path = str(tmp_path / ("swapped.npz" if swap else "real.npz"))
+  path = str(tmp_path / ("swapped.npz" if swap else
+                         "collapsed.npz" if collapse else "real.npz"))
   np.savez(path, images=np.concatenate(out_images),
            labels=np.concatenate(out_labels))
   return path
@@ -35,13 +40,43 @@ def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
   with open(tmp_path / "eval.json") as f:
     assert json.load(f)["fid"]["64"]["mean"] == good["fid"]["64"]["mean"]
   assert os.path.isfile(tmp_path / "confusion.png")
+  # Other digits of the class: about as precise, covering and varied as
+  # the reference itself, no near-duplicates, KID about 0.
+  m = good["metrics"]
+  assert m["precision"]["min"] >= 0.6 and m["recall"]["min"] >= 0.6
+  assert m["coverage"]["min"] >= 0.85
+  assert 0.8 <= m["spread"]["min"] <= m["spread"]["max"] <= 1.25
+  assert m["duplicates"]["max"] <= 0.05
+  assert abs(m["kid"]["mean"]) < 0.01
   bad = evaluate.run(samples=_real_samples(tmp_path, swap=True),
                      feature_sizes=[64])
   assert bad["label_accuracy"]["accuracy"] <= 0.03
   assert bad["label_accuracy"]["confusion"][0][1] >= N - 2
   assert bad["fid"]["64"]["min"] > 5 * good["fid"]["64"]["max"]
+  assert bad["metrics"]["precision"]["max"] <= 0.1
+  assert bad["metrics"]["coverage"]["max"] <= 0.1
+  assert bad["metrics"]["kid"]["min"] > 10 * abs(m["kid"]["mean"])
   table = evaluate.format_table(good)
   assert "FID64" in table and "label accuracy" in table
+  assert "| recall (k=3) |" in table and "| near-duplicates |" in table
+
+
+@pytest.mark.data
+def test_collapse_is_seen(tmp_path):
+  """One digit repeated per class: FID64 stays below that of the wrong
+  class, while recall, coverage and the near-duplicate share say it."""
+  report = evaluate.run(samples=_real_samples(tmp_path, swap=False,
+                                              collapse=True),
+                        metrics=["fid64", "recall", "coverage", "spread",
+                                 "duplicates"])
+  m = report["metrics"]
+  assert m["fid64"]["max"] < 1.0
+  assert m["recall"]["max"] <= 1 / N
+  assert m["coverage"]["max"] <= 0.1
+  assert m["spread"]["max"] < 0.01
+  assert m["duplicates"]["min"] == 1.0
+  assert "label_accuracy" not in report  # not asked for: no classifier
+  assert not os.path.exists(tmp_path / "confusion.png")
 
 
 @pytest.mark.data

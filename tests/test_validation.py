@@ -92,9 +92,13 @@ def test_is_better():
   assert validation.is_better("val_loss", 1.0, 2.0)
   assert not validation.is_better("val_loss", 2.0, 2.0)
   assert validation.is_better("label_accuracy", 0.9, 0.8)
-  assert validation.is_better("fid64", 0.1, 0.2)
   assert validation.is_better("label_accuracy", 0.1, None)
   assert not validation.is_better("val_loss", float("nan"), None)
+  # Declared ways round (the evaluation's registry declares its metrics'):
+  # an undeclared metric counts as higher-better.
+  assert validation.is_better("a_probe", 0.9, 0.8)
+  validation.declare_directions({"a_probe": True})
+  assert validation.is_better("a_probe", 0.8, 0.9)
 
 
 # --- Bad configs -------------------------------------------------------------
@@ -106,19 +110,26 @@ def test_best_metric_the_run_does_not_compute():
     config_lib.validate(tiny_config(best_metric="label_accuracy"))
   with pytest.raises(ValueError, match="'fid192' is not computed.*fid64"):
     config_lib.validate(tiny_config(best_metric="fid192",
-                                    eval_fid_sizes=(64,)))
+                                    eval_samples_per_label=100,
+                                    eval_metrics=("fid64",)))
   with pytest.raises(ValueError, match="'val_los' is not computed"):
     config_lib.validate(tiny_config(best_metric="val_los"))
+  # Any name of eval_metrics, once in-loop metrics are on.
+  config_lib.validate(tiny_config(best_metric="recall",
+                                  eval_samples_per_label=10,
+                                  eval_metrics=("recall",)))
 
 
-def test_fid_size_larger_than_the_samples_allow():
-  with pytest.raises(ValueError, match=r"eval_fid_samples_per_class: 100 "
-                     r"samples per class are too few for FID at 192 features"
-                     r".*allow: \(64,\)"):
-    config_lib.validate(tiny_config(eval_fid_sizes=(192,),
-                                    eval_fid_samples_per_class=100))
-  with pytest.raises(ValueError, match=r"unknown FID feature size\(s\) \[100\]"):
-    config_lib.validate(tiny_config(eval_fid_sizes=(100,)))
+def test_eval_metrics_form_and_the_retired_fid_sizes():
+  with pytest.raises(ValueError, match=r"eval_metrics: must be a tuple of "
+                     r"metric names"):
+    config_lib.validate(tiny_config(eval_metrics=("fid64", "")))
+  with pytest.raises(ValueError, match=r"eval_metrics: lists \['kid'\] more "
+                     r"than once"):
+    config_lib.validate(tiny_config(eval_metrics=("kid", "kid")))
+  with pytest.raises(ValueError, match=r"eval_fid_sizes: retired; list "
+                     r"\('fid64',\) in config.eval_metrics"):
+    config_lib.validate(tiny_config(eval_fid_sizes=(64,)))
 
 
 def test_val_loss_without_a_test_split(small_data, tmp_path):

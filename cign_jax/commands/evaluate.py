@@ -1,7 +1,9 @@
-"""Scores a model or a set of samples: per-class FID and label accuracy.
+"""Scores a model or a set of samples: per-class FID, label accuracy and
+the diversity metrics.
 
   python -m cign_jax.evaluate --workdir=DIR [--num_per_class=1000]
       [--applications=1] [--seed=0] [--checkpoint=best|latest|STEP]
+      [--metrics=fid64,label_accuracy,recall,...]
   python -m cign_jax.evaluate --samples=FILE.npz [--dataset=mnist] [--out=DIR]
 
 With --workdir it generates `num_per_class` samples per label from a
@@ -12,14 +14,21 @@ reused only for the same checkpoint (step and weights) and settings;
 with --samples it scores images made by anything else (`images` float in
 [-1, 1], (N, 28, 28[, 1]); `labels`).
 
-Per-class FID as the CIGN paper (Table 3): for each label, the dataset's test
-images of that label (up to 1000) against as many generated with it;
-mean/min/max over labels at 64, 192, 768 features (and 2048 when every class
-has at least 2048 samples). Label accuracy: the library's classifier
-(`cign_jax.evaluation.classifier`, trained once per dataset and cached) on the samples,
-against the requested labels: overall, per label, and the confusion matrix.
-Writes eval.json and confusion.png to the output directory (DIR by default)
-and prints a table shaped like the paper's Table 3.
+Every metric is per class: for each label, the dataset's test images of that
+label (up to 1000) against as many generated with it; mean/min/max over
+labels. By default (--metrics names others, from
+`cign_jax.evaluation.registry`): per-class FID as the CIGN paper (Table 3)
+at 64, 192, 768 features (and 2048 when every class has at least 2048
+samples); label accuracy, the library's classifier
+(`cign_jax.evaluation.classifier`, trained once per dataset and cached) on
+the samples against the requested labels: overall, per label, and the
+confusion matrix; and on the FID Inception's 2048-d features, improved
+precision and recall (k = 3), density and coverage (k = 5), KID, the
+within-class spread and the share of near-duplicates. memorisation_ratio
+and memorised (an Inception pass over the training split) only when named.
+Writes eval.json (and confusion.png with label accuracy) to the output
+directory (DIR by default) and prints a table shaped like the paper's
+Table 3.
 """
 
 import os
@@ -49,6 +58,10 @@ def _define_flags():
                       "the best when the run keeps one, else the latest).")
   flags.DEFINE_list("feature_sizes", None, "FID feature sizes (default: 64, "
                     "192, 768 and 2048 when there are enough samples).")
+  flags.DEFINE_list("metrics", None, "Metric names (default: per-class FID "
+                    "at --feature_sizes, label_accuracy, precision, recall, "
+                    "density, coverage, kid, kid_std, spread, duplicates; "
+                    "also memorisation_ratio, memorised).")
 
 
 def main(argv):
@@ -56,12 +69,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   report = evaluate.run(FLAGS.workdir, FLAGS.samples, FLAGS.out, FLAGS.dataset,
                FLAGS.num_per_class, FLAGS.applications, FLAGS.seed,
-               FLAGS.feature_sizes, checkpoint=FLAGS.checkpoint)
+               FLAGS.feature_sizes, checkpoint=FLAGS.checkpoint,
+               metrics=FLAGS.metrics)
   print(evaluate.format_table(report))
   out = FLAGS.out or FLAGS.workdir or os.path.dirname(
       os.path.abspath(FLAGS.samples))
-  print(f"wrote {os.path.join(out, 'eval.json')} and "
-        f"{os.path.join(out, 'confusion.png')}")
+  written = [os.path.join(out, "eval.json")]
+  if "label_accuracy" in report:
+    written.append(os.path.join(out, "confusion.png"))
+  print(f"wrote {' and '.join(written)}")
 
 
 def run():

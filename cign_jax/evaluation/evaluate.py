@@ -1,13 +1,15 @@
-"""Scoring a run or a set of samples: per-class FID and label accuracy.
+"""Scoring a run or a set of samples with the registry's metrics.
 
 `run` is what `python -m cign_jax.evaluate` does (the command's docstring,
 `cign_jax/commands/evaluate.py`, has its usage): it generates or reads the
-samples, scores them with `evaluate_samples` (per-class FID as the CIGN
-paper's Table 3, through `cign_jax.evaluation.fid`, and label accuracy with
-the library's classifier) and writes eval.json and confusion.png.
-`generate_for_eval` draws the samples from a checkpoint of a run; they are
-cached in DIR/eval_samples.npz, keyed on the checkpoint's step and weights
-and on the settings. `format_table` prints the report like Table 3.
+samples, scores them with `evaluate_samples` (the metrics of
+`cign_jax.evaluation.registry` through `cign_jax.evaluation.scoring`: by
+default per-class FID as the CIGN paper's Table 3, label accuracy with the
+library's classifier, and the diversity metrics) and writes eval.json and
+confusion.png. `generate_for_eval` draws the samples from a checkpoint of a
+run; they are cached in DIR/eval_samples.npz, keyed on the checkpoint's
+step and weights and on the settings. `format_table` prints the report
+like Table 3.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import jax
@@ -28,6 +30,11 @@ from cign_jax import sampling
 from cign_jax.data import reader
 from cign_jax.evaluation import classifier
 from cign_jax.evaluation import fid
+from cign_jax.evaluation import registry
+from cign_jax.evaluation import scoring
+
+# The paper's protocol: at most this many samples per class on each side.
+MAX_PER_CLASS = 1000
 
 def generate_for_eval(workdir: str, num_per_class: int, applications: int,
                       seed: int, checkpoint=None, loaded=None):
@@ -66,76 +73,150 @@ def _read_cache(path: str, key: str):
     return None
 
 
+def default_metrics(feature_sizes=None, smallest: Optional[int] = None
+                    ) -> Tuple[List[str], List[str]]:
+  """(names, notes): per-class FID at `feature_sizes` (default 64, 192, 768,
+  and 2048 when the smallest class, `smallest` samples, has at least 2048),
+  label accuracy, and the diversity metrics (`registry.DIVERSITY`)."""
+  notes = []
+  if feature_sizes is None:
+    sizes = [64, 192, 768]
+    if smallest is not None and smallest >= 2048:
+      sizes.append(2048)
+    else:
+      notes.append(f"FID2048 skipped: the smallest class has {smallest} "
+                   "samples per side, fewer than 2048 features (pass "
+                   "feature sizes with 2048 to require it)")
+  else:
+    sizes = sorted(set(int(s) for s in feature_sizes))
+    bad = [s for s in sizes if s not in fid.FEATURE_SIZES]
+    if bad or not sizes:
+      raise ValueError(f"feature sizes must be among {fid.FEATURE_SIZES}, "
+                       f"got {tuple(feature_sizes)}")
+  return ([f"fid{s}" for s in sizes] + ["label_accuracy"] +
+          list(registry.DIVERSITY)), notes
+
+
 def evaluate_samples(images, labels, dataset: str = "mnist",
                      feature_sizes=None, progress: bool = True,
-                     real=None, clf=None) -> Dict[str, Any]:
-  """Per-class FID and label accuracy of samples in [-1, 1].
+                     real=None, clf=None, metrics=None,
+                     train=None) -> Dict[str, Any]:
+  """The registry's metrics of samples in [-1, 1], per class.
 
-  `real`: (images uint8, labels) of the test split (default: the dataset's,
-  through tensorflow-datasets); `clf`: the classifier (default: the cached
-  one of `dataset`)."""
+  Args:
+    images, labels: the samples and the labels they were drawn for.
+    dataset: the dataset of the real images (and the classifier).
+    feature_sizes: FID's Inception taps in the default list (see
+      `default_metrics`); ignored when `metrics` is given.
+    progress: progress bars for the Inception passes.
+    real: (images uint8, labels) of the test split (default: the dataset's,
+      through tensorflow-datasets).
+    clf: the classifier (default: the cached one of `dataset`).
+    metrics: metric names (default: `default_metrics`).
+    train: (images uint8, labels) of the training split, for metrics that
+      read it (default: the dataset's, loaded only then).
+
+  Returns:
+    The report written to eval.json: `metrics` {name: {mean, min, max,
+    per_class, better, title}} in the order computed ('mean' is the number
+    for all classes: for label accuracy, over all samples); `counts`
+    {label: samples per side}; and in the layout of earlier versions
+    `fid` {size: {mean, min, max, per_class}}, `fid_counts`, `fid_notes`,
+    `label_accuracy` {accuracy, per_label, confusion, num_samples} and
+    `classifier_test_accuracy` (when label accuracy was computed).
+  """
   images = models.check_images(images)
   labels = models.check_labels(labels, 10, images.shape[0])
-  if real is None:
-    real_images, real_labels = reader.load_split(dataset, "test")
-  else:
-    real_images, real_labels = real
   present = sorted(np.unique(labels).tolist())
-  sizes = None if feature_sizes is None else [int(s) for s in feature_sizes]
-  result = fid.per_class_fid(images, labels, real_images, real_labels,
-                             feature_sizes=sizes, dataset=dataset,
-                             split="test", labels=present, progress=progress)
-  clf = clf or classifier.load_or_train(dataset)
-  predicted = clf.predict(images)
-  accuracy = classifier.label_accuracy(predicted, labels)
-  return {
+  if real is None:
+    real = reader.load_split(dataset, "test")
+  real_labels = np.asarray(real[1])
+  notes: List[str] = []
+  if metrics is None:
+    smallest = min(min(int(np.sum(labels == c)), int(np.sum(real_labels == c)),
+                       MAX_PER_CLASS) for c in present)
+    names, notes = default_metrics(feature_sizes, smallest)
+  else:
+    names = [str(n) for n in metrics]
+  need = registry.needs(names)
+  if need.classifier:
+    clf = clf or classifier.load_or_train(dataset)
+  if need.train_features and train is None:
+    train = reader.load_split(dataset, "train")
+  result = scoring.score(
+      names, images, labels, real, labels=present,
+      max_per_class=MAX_PER_CLASS, classifier=clf, train=train,
+      store=scoring.FeatureStore(dataset, "test", progress=progress),
+      train_store=scoring.FeatureStore(dataset, "train", progress=progress))
+  report: Dict[str, Any] = {
       "dataset": dataset,
       "num_samples": int(images.shape[0]),
-      "fid": {str(s): {"mean": result.mean[s], "min": result.min[s],
-                       "max": result.max[s],
-                       "per_class": {str(k): v for k, v in
-                                     result.per_class[s].items()}}
-              for s in result.feature_sizes},
-      "fid_counts": {str(k): int(v) for k, v in result.counts.items()},
-      "fid_notes": list(result.notes),
-      "label_accuracy": accuracy,
-      "classifier_test_accuracy": clf.test_accuracy,
+      "metrics": {
+          name: {"mean": s.value, "min": s.min, "max": s.max,
+                 "per_class": {str(k): v for k, v in s.per_class.items()},
+                 "better": registry.direction(name),
+                 "title": registry.title(name)}
+          for name, s in result.summaries.items()},
+      "counts": {str(k): int(v) for k, v in result.counts.items()},
   }
+  fid_names = [n for n in names if registry.metric(n).module == "fid"]
+  if fid_names:
+    report["fid"] = {n[len("fid"):]: {k: report["metrics"][n][k] for k in
+                                      ("mean", "min", "max", "per_class")}
+                     for n in fid_names}
+    report["fid_counts"] = dict(report["counts"])
+    report["fid_notes"] = notes
+  if result.predicted is not None:
+    report["label_accuracy"] = classifier.label_accuracy(result.predicted,
+                                                         labels)
+    report["classifier_test_accuracy"] = clf.test_accuracy
+  report["notes"] = notes
+  return report
+
+
+def _number(value: float) -> str:
+  if value == 0 or abs(value) >= 1e-3:
+    return f"{value:.4f}"
+  return f"{value:.2e}"
 
 
 def format_table(report: Dict[str, Any]) -> str:
-  """The paper's Table 3 layout (mean / min / max per feature size) plus
-  label accuracy."""
+  """The paper's Table 3 layout (mean / min / max over classes) for every
+  metric of the report, with which way each is better."""
   lines = []
   if "step" in report:
     lines += [f"checkpoint: step {report['step']}"
               + (f" ({report['checkpoint']})" if report.get("checkpoint")
                  else ""), ""]
-  lines += ["| metric | mean | min | max |", "|---|---|---|---|"]
-  for size, r in report["fid"].items():
-    lines.append(f"| FID{size} | {r['mean']:.4f} | {r['min']:.4f} | "
-                 f"{r['max']:.4f} |")
-  acc = report["label_accuracy"]
-  per = [a for a in acc["per_label"] if a is not None]
-  lines.append(f"| label accuracy | {acc['accuracy']:.4f} | "
-               f"{min(per):.4f} | {max(per):.4f} |")
-  counts = sorted(set(report["fid_counts"].values()))
+  lines += ["| metric | mean | min | max | better |", "|---|---|---|---|---|"]
+  for r in report["metrics"].values():
+    lines.append(f"| {r['title']} | {_number(r['mean'])} | "
+                 f"{_number(r['min'])} | {_number(r['max'])} | "
+                 f"{r['better'] or 'neither'} |")
+  counts = sorted(set(report["counts"].values()))
   lines.append("")
-  lines.append(f"samples per class in FID: {', '.join(map(str, counts))}; "
-               f"classifier test accuracy "
-               f"{report['classifier_test_accuracy']:.4f}")
-  lines.extend(f"note: {n}" for n in report["fid_notes"])
+  line = f"samples per class (each side): {', '.join(map(str, counts))}"
+  if report.get("classifier_test_accuracy") is not None:
+    line += (f"; classifier test accuracy "
+             f"{report['classifier_test_accuracy']:.4f}")
+  lines.append(line)
+  lines.extend(f"note: {n}" for n in report.get("notes", []))
   return "\n".join(lines)
 
 
 def run(workdir: Optional[str] = None, samples: Optional[str] = None,
         out: Optional[str] = None, dataset: Optional[str] = None,
         num_per_class: int = 1000, applications: int = 1, seed: int = 0,
-        feature_sizes=None, checkpoint=None) -> Dict[str, Any]:
+        feature_sizes=None, checkpoint=None, metrics=None) -> Dict[str, Any]:
   """What `python -m cign_jax.evaluate` does; returns the report written to
   eval.json (with `step` and `checkpoint`, the reason it was chosen, when
   scoring a run: `checkpoint` is 'best', 'latest' or a step, default the
-  best when the run keeps one)."""
+  best when the run keeps one). `metrics`: names of the registry (default:
+  `default_metrics(feature_sizes)`); unknown names fail before any
+  sample is generated."""
+  if metrics is not None:
+    metrics = [str(m) for m in metrics]
+    registry.needs(metrics)
   if (workdir is None) == (samples is None):
     raise ValueError("give exactly one of --workdir and --samples")
   meta: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
@@ -177,11 +258,14 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
-  report = evaluate_samples(images, labels, dataset, feature_sizes)
+  chosen = {} if metrics is None else {"metrics": metrics}
+  report = evaluate_samples(images, labels, dataset, feature_sizes, **chosen)
   report.update(meta)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "eval.json"), "w") as f:
     json.dump(report, f, indent=2)
-  classifier.plot_confusion(np.asarray(report["label_accuracy"]["confusion"]),
-                            os.path.join(out, "confusion.png"))
+  if "label_accuracy" in report:
+    classifier.plot_confusion(
+        np.asarray(report["label_accuracy"]["confusion"]),
+        os.path.join(out, "confusion.png"))
   return report

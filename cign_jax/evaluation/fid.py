@@ -10,8 +10,8 @@ Protocol (`shared/reference/fid.md`):
    channels), resized to 299x299 bilinearly with half-pixel centres
    (PyTorch's `align_corners=False`) and no antialiasing, then mapped to
    [-1, 1] by 2x - 1.
-3. The FID Inception-v3 (`cign_jax.evaluation.inception`) gives features at 64, 192, 768
-   and 2048 dimensions.
+3. The FID Inception-v3 (`cign_jax.evaluation.inception`) gives features at
+   64, 192, 768 and 2048 dimensions.
 4. mu, sigma: mean and unbiased covariance of the features in float64;
    FID = |mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), with
    pytorch-fid's handling of a non-finite or complex square root.
@@ -42,6 +42,7 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
+from cign_jax.evaluation import distances
 from cign_jax.evaluation import inception
 
 FEATURE_SIZES = inception.FEATURE_SIZES
@@ -230,7 +231,7 @@ def fid_from_features(features1, features2) -> float:
 
 def _check_enough(n: int, size: int, what: str) -> None:
   if n < size:
-    raise ValueError(
+    raise distances.TooFewSamplesError(
         f"{what}: {n} samples is too few for FID at {size} features (the "
         f"covariance would be singular; need at least {size})")
 

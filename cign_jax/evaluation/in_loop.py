@@ -1,28 +1,31 @@
-"""Evaluation during training: label accuracy and per-class FID.
+"""Evaluation during training: the config's metrics at every evaluation point.
 
-At every evaluation point of the loop (`cign_jax.validation`), with the
-config's fixed noise (`config.eval_noise_seed`):
+At every evaluation point of the loop (`cign_jax.validation`), when
+`config.eval_samples_per_label` > 0: that many samples per label, drawn
+with the config's fixed noise (`config.eval_noise_seed`), scored by every
+metric named in `config.eval_metrics` (`cign_jax.evaluation.registry`),
+per class against as many of the first test images of the class. Each name
+gives `<name>` (the mean over classes; label accuracy's counts every
+sample), `<name>_min`, `<name>_max` and `<name>_<label>`; the loop records
+them in evaluations.json and writes them to TensorBoard as
+`eval/<name>...`, and `config.best_metric` may be any of the names (the
+way its metric declares better).
 
-- `config.eval_samples_per_label` > 0: that many samples per label, scored
-  by the library's classifier (`cign_jax.evaluation.classifier`, trained
-  once per dataset and cached): `label_accuracy` (overall),
-  `label_accuracy_min` (the weakest label) and `label_accuracy_<k>`.
-- `config.eval_fid_sizes` (e.g. (64,)): per-class FID as the paper's Table 3
-  (`eval_fid_samples_per_class` generated per label against as many of the
-  first test images of that label): `fid<N>` (mean over classes),
-  `fid<N>_min`, `fid<N>_max`.
-
-The core loop does not import this package: `train_and_evaluate` here
-builds the evaluator and passes it to `cign_jax.train.train_and_evaluate`.
+Features are extracted once per point and shared by the metrics; the test
+images' features are computed at the first point and kept (in memory, and
+on disk across runs).
 
 Cost (docs/performance.md, `benchmarks/in_loop_cost.py`): label accuracy
 of 100 samples per label is a forward pass of 1000 images and a classifier
-pass, about 0.1% of an epoch of `configs/quick.py` on a 2-core CPU;
-per-class FID64 on 100 samples per class already costs about 5.6% of an
-epoch there (the Inception network at 299x299 on every sample), and the
-paper's 1000 per class ten times that, so both are off by default
-(`eval_samples_per_label = 0`, `eval_fid_sizes = ()`); `quick.py` and
-`experiments/reproduce_table3.py` turn label accuracy on.
+pass, about 0.1% of an epoch of `configs/quick.py` on a 2-core CPU; any
+Inception-based metric (FID, precision / recall, KID, ...) runs the FID
+Inception at 299x299 on every sample, several percent of an epoch at 100
+per label, so the default is label accuracy alone
+(`eval_metrics = ('label_accuracy',)`, off while `eval_samples_per_label =
+0`); `quick.py` and `experiments/reproduce_table3.py` turn it on.
+
+The core loop does not import this package: `train_and_evaluate` here
+builds the evaluator and passes it to `cign_jax.train.train_and_evaluate`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,23 @@ from cign_jax import sampling
 from cign_jax import train
 from cign_jax.data import reader
 from cign_jax.evaluation import classifier as classifier_lib
-from cign_jax.evaluation import fid as fid_lib
+from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
+from cign_jax.evaluation import scoring
+
+
+def check_config(config: ml_collections.ConfigDict) -> registry.Needs:
+  """What `config_lib.validate` leaves to the metrics: every name of
+  `config.eval_metrics` is known, `eval_samples_per_label` is enough for
+  each, and `best_metric` ranks (a named error otherwise). Returns what the
+  metrics need together."""
+  names = tuple(config.eval_metrics)
+  need = registry.needs(names)
+  if config.eval_samples_per_label > 0:
+    registry.check_samples(names, int(config.eval_samples_per_label),
+                           "config.eval_samples_per_label")
+  registry.check_best_metric(config.best_metric, names)
+  return need
 
 
 class InLoopEvaluator:
@@ -46,46 +65,56 @@ class InLoopEvaluator:
 
   Args:
     config: the run's config (the eval_* fields, the dataset, clip_prior).
-    test: (images uint8, labels) of the test split for FID; None loads the
-      config's dataset.
+    test: (images uint8, labels) of the test split, the real images of the
+      metrics that read them; None loads the config's dataset when needed.
     classifier: a `classifier.Classifier`; None loads (or trains and caches)
-      the library's for the config's dataset.
+      the library's for the config's dataset, when a metric needs it.
     splits: ((train images, labels), (test images, labels)) to train that
       classifier on when none is cached (machines without
       tensorflow-datasets).
+    train_split: (images uint8, labels) of the training split for metrics
+      that read training images (memorisation); None: that of `splits`,
+      else the config's dataset.
   """
 
   def __init__(self, config: ml_collections.ConfigDict, test=None,
                classifier: Optional[classifier_lib.Classifier] = None,
-               splits=None):
+               splits=None, train_split=None):
     self.config = config
+    self.names = tuple(config.eval_metrics)
     self.num_classes = int(config.model.num_classes)
     self.samples_per_label = int(config.eval_samples_per_label)
-    self.fid_sizes = tuple(int(s) for s in config.eval_fid_sizes)
-    self.fid_per_class = int(config.eval_fid_samples_per_class)
     self.key = jax.random.key(int(config.eval_noise_seed))
+    need = check_config(config)
+    data = config.data
     self.classifier = None
-    if self.samples_per_label > 0:
+    if need.classifier:
       self.classifier = classifier or classifier_lib.load_or_train(
-          config.data.dataset, config.data.data_dir, splits=splits)
+          data.dataset, data.data_dir, splits=splits)
     self.test = None
-    if self.fid_sizes:
+    if need.real:
       if test is None:
-        test = reader.load_split(config.data.dataset, "test",
-                                 config.data.data_dir)
+        test = reader.load_split(data.dataset, "test", data.data_dir)
       images, labels = np.asarray(test[0]), np.asarray(test[1])
       counts = np.bincount(labels.astype(np.int64),
                            minlength=self.num_classes)
-      usable = min(int(counts.min()), self.fid_per_class)
-      if usable < max(self.fid_sizes):
-        allowed = tuple(s for s in config_lib.FID_FEATURE_SIZES
-                        if s <= usable)
-        raise ValueError(
-            f"config.eval_fid_sizes: FID at {max(self.fid_sizes)} features "
-            f"needs that many test images per class; the test split's "
+      usable = min(int(counts.min()), self.samples_per_label)
+      if usable < need.min_samples:
+        raise distances.TooFewSamplesError(
+            f"config.eval_metrics {self.names} need at least "
+            f"{need.min_samples} test images per class; the test split's "
             f"smallest class has {int(counts.min())} (label "
-            f"{int(counts.argmin())}); sizes it allows: {allowed or 'none'}")
+            f"{int(counts.argmin())})")
       self.test = (images, labels)
+    self.train = None
+    if need.train_features:
+      if train_split is None and splits is not None:
+        train_split = splits[0]
+      if train_split is None:
+        train_split = reader.load_split(data.dataset, "train", data.data_dir)
+      self.train = train_split
+    self.store = scoring.FeatureStore(data.dataset, "test")
+    self.train_store = scoring.FeatureStore(data.dataset, "train")
 
   def _samples(self, model, variables, per_label: int):
     labels = np.repeat(np.arange(self.num_classes, dtype=np.int32), per_label)
@@ -95,35 +124,20 @@ class InLoopEvaluator:
 
   def __call__(self, model, variables, step: int) -> Dict[str, Any]:
     del step  # the noise is fixed: every point is scored on the same draws
-    metrics: Dict[str, Any] = {}
-    n = max(self.samples_per_label,
-            self.fid_per_class if self.fid_sizes else 0)
-    images, labels = self._samples(model, variables, n)
-    if self.samples_per_label > 0:
-      keep = np.concatenate([np.arange(k * n, k * n + self.samples_per_label)
-                             for k in range(self.num_classes)])
-      predicted = self.classifier.predict(images[keep])
-      acc = classifier_lib.label_accuracy(predicted, labels[keep],
-                                          self.num_classes)
-      metrics["label_accuracy"] = acc["accuracy"]
-      per_label = [a for a in acc["per_label"] if a is not None]
-      metrics["label_accuracy_min"] = float(min(per_label))
-      for k, a in enumerate(acc["per_label"]):
-        metrics[f"label_accuracy_{k}"] = a
-    if self.fid_sizes:
-      result = fid_lib.per_class_fid(
-          images, labels, *self.test, feature_sizes=self.fid_sizes,
-          max_per_class=self.fid_per_class, dataset=self.config.data.dataset,
-          split="test", progress=False)
-      for s in self.fid_sizes:
-        metrics[f"fid{s}"] = result.mean[s]
-        metrics[f"fid{s}_min"] = result.min[s]
-        metrics[f"fid{s}_max"] = result.max[s]
-    return metrics
+    if not self.names or self.samples_per_label == 0:
+      return {}
+    images, labels = self._samples(model, variables, self.samples_per_label)
+    report = scoring.score(
+        self.names, images, labels, self.test,
+        labels=list(range(self.num_classes)),
+        max_per_class=self.samples_per_label, classifier=self.classifier,
+        train=self.train, store=self.store, train_store=self.train_store,
+        num_classes=self.num_classes)
+    return report.scalars()
 
 
 def needs_evaluator(config: ml_collections.ConfigDict) -> bool:
-  return config.eval_samples_per_label > 0 or bool(config.eval_fid_sizes)
+  return config.eval_samples_per_label > 0
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -137,7 +151,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     config: the run's config.
     workdir: the run directory.
     dataset: as `cign_jax.train.train_and_evaluate` takes it; its test split
-      (when given) also serves FID.
+      (when given) also gives the metrics their real images.
     time_limit_seconds: stop cleanly after this long (resumable).
     classifier: the label-accuracy classifier (default: the cached one).
 
@@ -145,14 +159,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     The final TrainState.
   """
   config = config_lib.validate(config)
+  check_config(config)
   evaluator = None
   if needs_evaluator(config):
-    splits = test = None
+    splits = test = train_split = None
     if dataset is not None:
       train_split, test = train.split_dataset(dataset)
       if test is not None:
         splits = (train_split, test)
-    evaluator = InLoopEvaluator(config, test, classifier, splits)
+    evaluator = InLoopEvaluator(config, test, classifier, splits, train_split)
   return train.train_and_evaluate(config, workdir, dataset,
                                   evaluator=evaluator,
                                   time_limit_seconds=time_limit_seconds)

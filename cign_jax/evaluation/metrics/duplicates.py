@@ -15,8 +15,21 @@ from __future__ import annotations
 import numpy as np
 
 from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
 
 PERCENTILE = 1.0
+FEATURES = 2048  # the FID Inception's pool features
+
+NAMES = {"duplicates": registry.LOWER}
+TITLES = {"duplicates": "near-duplicates"}
+NEEDS = registry.Needs(features=(FEATURES,), real=True, min_samples=2)
+
+
+def compute(data, names):
+  del names
+  return {"duplicates": from_distances(
+      data.distances("real", "real", FEATURES),
+      data.distances("fake", "fake", FEATURES))}
 
 
 def _nearest_other(within: np.ndarray) -> np.ndarray:

@@ -32,10 +32,25 @@ from __future__ import annotations
 import numpy as np
 
 from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
 
 NUM_SUBSETS = 100
 MAX_SUBSET_SIZE = 1000
 SEED = 0
+FEATURES = 2048  # the FID Inception's pool features
+
+NAMES = {"kid": registry.LOWER, "kid_std": None}
+TITLES = {"kid": "KID", "kid_std": "KID std over subsets"}
+NEEDS = registry.Needs(features=(FEATURES,), real=True, min_samples=2)
+
+
+def compute(data, names):
+  del names
+  mean, std = from_inner_products(
+      data.inner("fake", "fake", FEATURES),
+      data.inner("real", "real", FEATURES),
+      data.inner("fake", "real", FEATURES), FEATURES)
+  return {"kid": mean, "kid_std": std}
 
 
 def _kernel(inner: np.ndarray, dim: int) -> np.ndarray:

@@ -23,8 +23,24 @@ from __future__ import annotations
 import numpy as np
 
 from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
 
 PERCENTILE = 1.0
+FEATURES = 2048  # the FID Inception's pool features
+
+NAMES = {"memorisation_ratio": None, "memorised": registry.LOWER}
+TITLES = {"memorisation_ratio": "memorisation ratio",
+          "memorised": "memorised"}
+NEEDS = registry.Needs(features=(FEATURES,), real=True,
+                       train_features=(FEATURES,), min_samples=1)
+
+
+def compute(data, names):
+  train = data.train_features(FEATURES)
+  out = from_nearest(
+      distances.nearest_distances(data.fake_features(FEATURES), train),
+      distances.nearest_distances(data.real_features(FEATURES), train))
+  return {n: out[n] for n in names}
 
 
 def from_nearest(fake_to_train: np.ndarray, test_to_train: np.ndarray,

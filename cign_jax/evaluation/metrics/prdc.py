@@ -28,9 +28,39 @@ from __future__ import annotations
 import numpy as np
 
 from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
 
 PR_K = 3
 DC_K = 5
+FEATURES = 2048  # the FID Inception's pool features
+
+NAMES = {"precision": registry.HIGHER, "recall": registry.HIGHER,
+         "density": registry.HIGHER, "coverage": registry.HIGHER}
+TITLES = {"precision": f"precision (k={PR_K})",
+          "recall": f"recall (k={PR_K})",
+          "density": f"density (k={DC_K})",
+          "coverage": f"coverage (k={DC_K})"}
+
+
+def NEEDS(names):  # pylint: disable=invalid-name
+  k = max(PR_K if n in ("precision", "recall") else DC_K for n in names)
+  return registry.Needs(features=(FEATURES,), real=True, min_samples=k + 1)
+
+
+def compute(data, names):
+  real_real = data.distances("real", "real", FEATURES)
+  fake_fake = data.distances("fake", "fake", FEATURES)
+  real_fake = data.distances("real", "fake", FEATURES)
+  out = {}
+  if {"precision", "recall"} & set(names):
+    out.update({n: v for n, v in from_distances(
+        real_real, fake_fake, real_fake, PR_K).items()
+                if n in ("precision", "recall")})
+  if {"density", "coverage"} & set(names):
+    out.update({n: v for n, v in from_distances(
+        real_real, fake_fake, real_fake, DC_K).items()
+                if n in ("density", "coverage")})
+  return out
 
 
 def from_distances(real_real: np.ndarray, fake_fake: np.ndarray,

@@ -14,6 +14,20 @@ from __future__ import annotations
 import numpy as np
 
 from cign_jax.evaluation import distances
+from cign_jax.evaluation import registry
+
+FEATURES = 2048  # the FID Inception's pool features
+
+NAMES = {"spread": None}
+TITLES = {"spread": "within-class spread"}
+NEEDS = registry.Needs(features=(FEATURES,), real=True, min_samples=2)
+
+
+def compute(data, names):
+  del names
+  return {"spread": from_distances(
+      data.distances("real", "real", FEATURES),
+      data.distances("fake", "fake", FEATURES))}
 
 
 def mean_pairwise(within: np.ndarray) -> float:
