@@ -4,7 +4,9 @@ Layout of a run directory (`--workdir`):
 
   WORKDIR/config.json          the run's config (every field)
   WORKDIR/checkpoints/<step>/  orbax checkpoints of {step, params,
-                               batch_stats, opt_state}, the last few kept
+                               batch_stats, opt_state} (item `default`) and
+                               the SHA-256 of those tensors (item
+                               `checksum`), the last few kept
   WORKDIR/best/<step>/         the best checkpoint by config.best_metric
                                (same format; cign_jax.validation)
   WORKDIR/best.json            its step, metric and value
@@ -12,7 +14,10 @@ Layout of a run directory (`--workdir`):
 
 Orbax writes each checkpoint to a temporary directory and renames it when
 complete, so a process killed while saving leaves the earlier checkpoints
-intact; unfinished temporaries are cleaned on the next start. The same format
+intact; unfinished temporaries are cleaned on the next start. The checksum is
+an item of the same save, so it is committed with the tensors: a step without
+one (left by earlier versions, which wrote it after the commit, when stopped
+between the two) is incomplete and is not restored. The same format
 is written by training and by `cign_jax.interop.convert` (PyTorch import, fresh
 optimiser state, step 0), and read by `sample` and `evaluate`.
 """
@@ -80,6 +85,31 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config_lib.validate(config)
 
 
+# The orbax items of a step: the tensors and their digest, saved together.
+# The tensors keep orbax's name for a single item, under which earlier
+# versions saved them, so that their steps still read.
+STATE_ITEM = "default"
+
+
+def _item_handlers():
+  return {STATE_ITEM: ocp.StandardCheckpointHandler(),
+          run_dir.CHECKSUM_ITEM: ocp.JsonCheckpointHandler(
+              filename=run_dir.CHECKSUM_FILE)}
+
+
+def _manager(directory: str, keep: Optional[int], create: bool,
+             read_only: bool) -> ocp.CheckpointManager:
+  if read_only:
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, cleanup_tmp_directories=False,
+        max_to_keep=None, save_interval_steps=0)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                           cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(directory, options=options,
+                               item_handlers=_item_handlers())
+
+
 def manager(workdir: str, keep: int = 3, create: bool = True,
             read_only: bool = False) -> ocp.CheckpointManager:
   """The run's checkpoint manager.
@@ -95,17 +125,8 @@ def manager(workdir: str, keep: int = 3, create: bool = True,
   Returns:
     An orbax CheckpointManager.
   """
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  if read_only:
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False,
-        max_to_keep=None, save_interval_steps=0)
-    return ocp.CheckpointManager(directory, options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return _manager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                  keep, create, read_only)
 
 
 def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
@@ -120,27 +141,60 @@ def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
 
 def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
          wait: bool = True):
+  """Saves `state` as the step it holds, with the digest of its tensors.
+
+  The digest is a second item of the same orbax save, so it is written into
+  the step's temporary directory and committed with the tensors by the
+  same rename: a step either has both or is not there (`restore` compares
+  the digest with what it reads back).
+
+  Args:
+    mngr: a writer's manager (`manager`, `best_manager`).
+    state: the state to save.
+    wait: wait until the step is committed (else it is committed in the
+      background; `mngr.wait_until_finished()` waits for it).
+  """
   step = int(jax.device_get(state.step))
   tree = state_tree(state)
-  mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
+  mngr.save(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardSave(tree),
+      run_dir.CHECKSUM_ITEM: ocp.args.JsonSave(
+          {"sha256": run_dir.tree_digest(tree)})}), force=True)
   if wait:
     mngr.wait_until_finished()
-    # The digest of what was saved, recorded once the step is complete;
-    # `restore` compares it with what it reads back.
-    if jax.process_index() == 0:
-      run_dir.write_digest(_step_dir(mngr, step), run_dir.tree_digest(tree))
 
 
 def _step_dir(mngr: ocp.CheckpointManager, step: int) -> str:
   return os.path.join(str(mngr.directory), str(step))
 
 
+class _IncompleteStep(CheckpointError):
+  """A step without its checksum: its save did not finish."""
+
+
+def _check_complete(mngr: ocp.CheckpointManager, step: int) -> str:
+  """The recorded digest of `step`; raises `_IncompleteStep` when there is
+  none."""
+  recorded = run_dir.read_digest(_step_dir(mngr, step))
+  if recorded is None:
+    raise _IncompleteStep(
+        f"it has no checksum ({run_dir.CHECKSUM_FILE}), which is saved "
+        "together with the tensors: its save did not finish (an earlier "
+        "cign_jax wrote the checksum after the tensors, and a run stopped "
+        "between the two leaves such a step), so it is not restored")
+  return recorded
+
+
 def _verified(mngr: ocp.CheckpointManager, step: int, target) -> Any:
   """Restores `step` onto `target` and checks it against its recorded
-  digest; raises on an unreadable or altered step."""
-  tree = mngr.restore(step, args=ocp.args.StandardRestore(target))
-  recorded = run_dir.read_digest(_step_dir(mngr, step))
-  if recorded is not None and recorded != run_dir.tree_digest(tree):
+  digest; raises on an incomplete, unreadable or altered step."""
+  recorded = _check_complete(mngr, step)
+  if recorded == "unreadable":
+    raise CheckpointError(f"its checksum file ({run_dir.CHECKSUM_FILE}) is "
+                          "damaged")
+  tree = mngr.restore(step, args=ocp.args.Composite(**{
+      STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+  if recorded != run_dir.tree_digest(tree):
     raise CheckpointError(
         "its tensors do not match the checksum recorded when it was saved "
         f"({run_dir.CHECKSUM_FILE})")
@@ -149,7 +203,8 @@ def _verified(mngr: ocp.CheckpointManager, step: int, target) -> Any:
 
 def _corrupt_step_error(mngr, step: int, target, cause: Exception
                         ) -> CheckpointError:
-  """One message for a corrupt step: which, why, the good steps, the fix."""
+  """One message for a corrupt or incomplete step: which, why, the good
+  steps, the fix."""
   good = []
   for other in sorted(mngr.all_steps(), reverse=True):
     if other == step:
@@ -168,8 +223,11 @@ def _corrupt_step_error(mngr, step: int, target, cause: Exception
            f"directory (training then resumes from step {good[0]}), or read "
            f"it with --step={good[0]} (sample)")
   else:
-    fix = "no other step there restores; train again in a new --workdir"
-  return CheckpointError(f"checkpoint of step {step} ({path}) is corrupt: "
+    fix = (f"no other step there restores; move {path} out of the "
+           "checkpoint directory to train from the start, or train again in "
+           "a new --workdir")
+  kind = "incomplete" if isinstance(cause, _IncompleteStep) else "corrupt"
+  return CheckpointError(f"checkpoint of step {step} ({path}) is {kind}: "
                          f"{reason}; {fix}")
 
 
@@ -221,7 +279,8 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
 
   target = jax.tree_util.tree_map(to_target, state_tree(state))
   try:
-    stored = mngr.item_metadata(step)
+    _check_complete(mngr, step)
+    stored = mngr.item_metadata(step)[STATE_ITEM]
   except Exception as e:  # pylint: disable=broad-except
     raise _corrupt_step_error(mngr, step, target, e) from None
   stored_tree = getattr(stored, "tree", stored)
@@ -304,16 +363,7 @@ def best_manager(workdir: str, create: bool = True,
   """The manager of WORKDIR/best/ (cign_jax.validation deletes what it no
   longer needs, so that a killed run always keeps its best); `read_only` as
   in `manager`."""
-  if read_only:
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False,
-        max_to_keep=None, save_interval_steps=0)
-    return ocp.CheckpointManager(best_dir(workdir), options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
-  options = ocp.CheckpointManagerOptions(max_to_keep=None, create=create,
-                                         cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(best_dir(workdir), options=options,
-                               item_handlers=ocp.StandardCheckpointHandler())
+  return _manager(best_dir(workdir), None, create, read_only)
 
 
 def _stored_steps(directory: str) -> list:

@@ -7,7 +7,10 @@
 - `atomic_savez`: an .npz written to a temporary file and renamed over the
   target, so a reader or a kill mid-write never sees half a file.
 - `tree_digest`: a SHA-256 over a tree's arrays (their dtypes, shapes and
-  bytes), stored beside each checkpoint step and compared on restore.
+  bytes), saved in each checkpoint step (`read_digest`) and compared on
+  restore.
+- `noting_sigterm`: SIGTERM sets a flag instead of ending the process, so
+  that a training can finish its step, save it and stop cleanly.
 - `check_finite`: refuses arrays holding NaN or Inf, with their count and
   the first position.
 """
@@ -20,7 +23,9 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
+import threading
 from typing import Any, Optional
 
 import jax
@@ -28,6 +33,8 @@ import numpy as np
 
 LOCK_FILE = "train.lock"
 CHECKSUM_FILE = "cign_checksum.json"
+# The checkpoint item (a folder of each step) that holds CHECKSUM_FILE.
+CHECKSUM_ITEM = "checksum"
 
 
 class RunLockedError(RuntimeError):
@@ -148,24 +155,95 @@ def tree_digest(tree: Any) -> str:
   return total.hexdigest()
 
 
-def write_digest(step_dir: str, digest: str):
-  """Records a finished checkpoint step's digest inside its directory."""
-  atomic_write_text(os.path.join(step_dir, CHECKSUM_FILE),
-                    json.dumps({"sha256": digest}))
-
-
 def read_digest(step_dir: str) -> Optional[str]:
-  """The recorded digest of a step, or None when the step has none (saved
-  before checksums were recorded, or by a run killed between the save and
-  the record)."""
-  path = os.path.join(step_dir, CHECKSUM_FILE)
+  """The recorded digest of a checkpoint step, or None when it has none.
+
+  A step holds it in its CHECKSUM_ITEM folder, written in the same atomic
+  commit as its tensors. Steps saved by earlier versions hold it in a file
+  beside their tensors, written after the commit (still accepted: its
+  presence shows the save finished); such a step without that file was
+  left by a run stopped between the two, and is incomplete.
+
+  Args:
+    step_dir: the folder of one step (`checkpoints/<step>`).
+
+  Returns:
+    The hex digest; "unreadable" when the file is damaged; None when the
+    step records none.
+  """
+  for path in (os.path.join(step_dir, CHECKSUM_ITEM, CHECKSUM_FILE),
+               os.path.join(step_dir, CHECKSUM_FILE)):
+    try:
+      with open(path) as f:
+        return json.load(f)["sha256"]
+    except FileNotFoundError:
+      continue
+    except (ValueError, KeyError, TypeError):
+      return "unreadable"
+  return None
+
+
+class _SigtermNote:
+  """The state of `noting_sigterm`: whether SIGTERM came, how many blocks
+  are open, and the handler they replaced."""
+
+  def __init__(self):
+    self.received = threading.Event()
+    self.depth = 0
+    self.previous = None
+    self.installed = False
+
+
+_SIGTERM = _SigtermNote()
+
+
+def _note_sigterm(signum, frame):
+  del signum, frame
+  # Only a flag: the training loop reads it at its next step boundary (a
+  # handler runs between two bytecodes of the main thread, possibly inside
+  # a save, where nothing else may be done safely).
+  _SIGTERM.received.set()
+
+
+@contextlib.contextmanager
+def noting_sigterm():
+  """Within the block, SIGTERM sets `sigterm_received()` instead of ending
+  the process.
+
+  Schedulers (preemptible VMs, SLURM's time limit) send SIGTERM and wait a
+  grace period before SIGKILL; the training loop then finishes its step,
+  saves a checkpoint of it and stops. Blocks nest: the outermost one (the
+  train command's, open before its slow start) installs the handler and
+  clears the flag, so a signal that came before the training began is still
+  seen by it; the handler in place before is put back when it ends. Nothing
+  is installed outside the main thread (Python runs handlers there only),
+  nor where SIGTERM is ignored (SIG_IGN: the parent's choice is kept).
+  """
+  outermost = _SIGTERM.depth == 0
+  if outermost:
+    _SIGTERM.received.clear()
+    _SIGTERM.installed = False
+    if threading.current_thread() is threading.main_thread():
+      previous = signal.getsignal(signal.SIGTERM)
+      if previous is not signal.SIG_IGN:
+        _SIGTERM.previous = previous
+        signal.signal(signal.SIGTERM, _note_sigterm)
+        _SIGTERM.installed = True
+  _SIGTERM.depth += 1
   try:
-    with open(path) as f:
-      return json.load(f)["sha256"]
-  except FileNotFoundError:
-    return None
-  except (ValueError, KeyError, TypeError):
-    return "unreadable"
+    yield
+  finally:
+    _SIGTERM.depth -= 1
+    if outermost and _SIGTERM.installed:
+      signal.signal(signal.SIGTERM, _SIGTERM.previous
+                    if _SIGTERM.previous is not None else signal.SIG_DFL)
+      _SIGTERM.installed = False
+      _SIGTERM.previous = None
+
+
+def sigterm_received() -> bool:
+  """Whether SIGTERM came within the open `noting_sigterm` blocks."""
+  return _SIGTERM.received.is_set()
 
 
 def check_finite(array, what: str):

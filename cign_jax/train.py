@@ -11,6 +11,12 @@ Data parallelism: a mesh over all devices (and hosts, once
 split over it, parameters and optimiser state are replicated, and the step is
 jitted with these shardings. BatchNorm means are taken over the global batch
 (XLA inserts the all-reduce), so N devices compute the same step as one.
+
+Stopping early: on SIGTERM (what preemptible VMs and SLURM's time limit send
+before SIGKILL) the loop finishes the step in flight, saves a checkpoint of
+it and raises `StoppedBySignal` (the train command prints its message and
+exits with 143); `time_limit_seconds` stops the same way and returns. With
+several processes, every one stops after the same step (`_StopAgreement`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -48,6 +55,81 @@ RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
 
 class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or Inf loss; the last good checkpoint is kept."""
+
+
+class StoppedBySignal(Exception):
+  """Training stopped on SIGTERM, its last step saved; the same call (or
+  command) resumes from there.
+
+  Attributes:
+    step: the step of the checkpoint to resume from; None when the signal
+      came before the first step of a run without a checkpoint.
+    exit_code: 143 (128 + SIGTERM), the exit status of a process ended by
+      SIGTERM, which schedulers read as "preempted" (SLURM requeues on it
+      with --requeue); the train command exits with it.
+  """
+
+  exit_code = 143
+
+  def __init__(self, step: Optional[int]):
+    self.step = step
+    if step is None:
+      message = ("stopped by SIGTERM before the first step; nothing to save; "
+                 "run the same command to start")
+    else:
+      message = (f"stopped by SIGTERM at step {step}; checkpoint saved; run "
+                 "the same command to resume")
+    super().__init__(message)
+
+
+# Why the loop stops before its last step, ordered: SIGTERM outranks the
+# time limit when processes disagree.
+_GO_ON, _OUT_OF_TIME, _SIGTERM = 0, 1, 2
+
+
+class _StopAgreement:
+  """Whether to stop, decided alike by every process.
+
+  Each process sees its own signals and clock; were one to stop while
+  another runs the next step, the other would wait forever in that step's
+  collectives. So with several processes the decision is the maximum of
+  every process's wish, taken by a one-number all-reduce over the mesh
+  that is dispatched after a step and read after the next one (it runs
+  behind the step in flight, so reading it does not wait for that step,
+  and the loop keeps one step queued): they stop one step after the wish,
+  all after the same step. A single process decides at once, at no cost.
+  """
+
+  def __init__(self, mesh):
+    self._mesh = mesh
+    self._several = jax.process_count() > 1
+    self._in_flight = None
+    if self._several:
+      self._max = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
+
+  def _reduce(self, wish: int):
+    # One value per device; each process fills its own devices' with its
+    # wish.
+    local = np.full((self._mesh.size,), wish, np.int32)
+    return self._max(sharding.put_global_batch(
+        local, sharding.data_sharding(self._mesh)))
+
+  @staticmethod
+  def _read(value) -> int:
+    return int(np.asarray(value.addressable_data(0)))
+
+  def now(self, wish: int) -> int:
+    """Everyone's decision on `wish`, waiting for the all-reduce (used
+    before the first step, when no step is queued)."""
+    return self._read(self._reduce(wish)) if self._several else wish
+
+  def after_step(self, wish: int) -> int:
+    """The decision after a step: the wish itself (one process), or
+    everyone's wishes given after the previous step (several)."""
+    if not self._several:
+      return wish
+    previous, self._in_flight = self._in_flight, self._reduce(wish)
+    return _GO_ON if previous is None else self._read(previous)
 
 
 def compile_train_step(config, mesh):
@@ -251,6 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   Raises:
     NonFiniteLossError: a NaN or Inf loss; the last good checkpoint is kept.
+    StoppedBySignal: SIGTERM came (while this call ran in the main thread,
+      or before it within an open `run_dir.noting_sigterm()` block): the
+      step in flight was finished and saved.
     ValueError: a config that does not fit the run or the devices.
   """
 
@@ -296,8 +381,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # ends, when the OS drops it).
   lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
-    return _train(config, workdir, mesh, batches, total_steps, val_split,
-                  evaluator, t_begin, time_limit_seconds)
+    with run_dir.noting_sigterm():
+      return _train(config, workdir, mesh, batches, total_steps, val_split,
+                    evaluator, t_begin, time_limit_seconds)
   finally:
     if lock is not None:
       lock.release()
@@ -404,7 +490,18 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
     logging.info("evaluation at step %d (epoch %.2f) | %s", done,
                  metrics["epoch"], " | ".join(parts))
 
-  stopped_early = False
+  stops = _StopAgreement(mesh)
+  # A signal that came before the loop (while restoring or loading): stop
+  # before running a step, the restored checkpoint (if any) being the one
+  # to resume from.
+  stopped = stops.now(_SIGTERM if run_dir.sigterm_received() else _GO_ON)
+  if stopped == _SIGTERM:
+    writer.flush()
+    evaluations.close()
+    latest = mngr.latest_step()
+    mngr.close()
+    raise StoppedBySignal(None if latest is None else start)
+  done = start
   for step in range(start, total_steps):
     x, c = batches.batch(step)
     state, metrics = step_fn(state, sharding.put_global_batch(x, batch_sharding),
@@ -441,25 +538,40 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
     if at_evaluation:
       check_pending()
       evaluate_point(done)
-    out_of_time = (time_limit_seconds is not None and done < total_steps and
-                   time.time() - t_begin >= time_limit_seconds)
+    if run_dir.sigterm_received():
+      wish = _SIGTERM
+    elif (time_limit_seconds is not None and
+          time.time() - t_begin >= time_limit_seconds):
+      wish = _OUT_OF_TIME
+    else:
+      wish = _GO_ON
+    # Every process takes part in the agreement at every step, the last
+    # included, so that they dispatch the same collectives.
+    stopped = stops.after_step(wish)
+    if done == total_steps:
+      stopped = _GO_ON  # the run is finished: nothing to stop
     if (done % config.checkpoint_every_steps == 0 or done == total_steps or
-        at_evaluation or out_of_time):
+        at_evaluation or stopped):
       check_pending()
       _check_samples_finite(config, model, state, done, mngr, workdir)
       checkpoints.save(mngr, state)
       evaluations.commit()
-    if out_of_time:
+    if stopped == _OUT_OF_TIME:
       logging.info("Time limit of %.0f s reached: stopped after step %d of "
                    "%d; the same command resumes from here",
                    time_limit_seconds, done, total_steps)
-      stopped_early = True
+    if stopped:
       break
 
   check_pending()
   writer.flush()
   evaluations.close()
-  if stopped_early:
+  if stopped == _SIGTERM:
+    mngr.close()
+    logging.info("SIGTERM: stopped after step %d of %d, its checkpoint "
+                 "saved", done, total_steps)
+    raise StoppedBySignal(done)
+  if stopped:
     mngr.close()
     return state
   if jax.process_index() == 0:

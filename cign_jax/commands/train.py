@@ -5,6 +5,12 @@
 
 Re-running the same command resumes from the latest checkpoint in DIR.
 
+On SIGTERM (a preemptible VM's or SLURM's notice before SIGKILL) the step in
+flight is finished and saved, and the command ends with the line `stopped by
+SIGTERM at step N; checkpoint saved; run the same command to resume` and
+exit status 143 (128 + 15, what schedulers expect of a process ended by
+SIGTERM; SLURM's --requeue then starts it again).
+
 All local devices are used. On several hosts, start the same command on every
 host with `--multihost` (or with JAX_COORDINATOR_ADDRESS set): it calls
 `jax.distributed.initialize()` before anything else, with the process count
@@ -22,6 +28,7 @@ from ml_collections import config_flags
 
 from cign_jax import commands
 from cign_jax import config as config_lib
+from cign_jax import run_dir
 from cign_jax import sharding
 from cign_jax import utils
 
@@ -53,6 +60,13 @@ class _QuietLibraries(logging_std.Filter):
 
 
 def main(argv):
+  # From the start: a SIGTERM during the slow start (JAX's backend, the
+  # classifier, the restore) stops the training before its first step.
+  with run_dir.noting_sigterm():
+    _main(argv)
+
+
+def _main(argv):
   logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -61,10 +75,16 @@ def main(argv):
   # Imported after jax.distributed.initialize(), which must come before
   # anything touches a device; the training modules are not needed for
   # --help or a flag error either.
+  from cign_jax import train  # pylint: disable=g-import-not-at-top
   from cign_jax.evaluation import in_loop  # pylint: disable=g-import-not-at-top
   config = config_lib.validate(FLAGS.config)
   logging.info("Config:\n%s", config)
-  in_loop.train_and_evaluate(config, FLAGS.workdir)
+  try:
+    in_loop.train_and_evaluate(config, FLAGS.workdir)
+  except train.StoppedBySignal as e:
+    # Not an error (no `error:`): the line, last on stderr, and the status
+    # of a process ended by SIGTERM.
+    commands._exit_with(str(e), e.exit_code)  # pylint: disable=protected-access
 
 
 def run():
