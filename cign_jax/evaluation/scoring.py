@@ -135,6 +135,9 @@ class FeatureStore:
     return out
 
 
+_SIDES = {"fake": "generated", "real": "real", "train": "training"}
+
+
 class ClassData:
   """What a metric's `compute` reads for one class.
 
@@ -155,17 +158,31 @@ class ClassData:
     self.real_images = real_images
     self.predicted = predicted
     self._features = features
+    self._checked: Dict[Tuple[str, int], np.ndarray] = {}
     self._inner: Dict[Tuple[str, str, int], np.ndarray] = {}
     self._distances: Dict[Tuple[str, str, int], np.ndarray] = {}
 
   def features(self, side: str, size: int) -> np.ndarray:
     """Features (float64, checked finite) of side 'fake', 'real' or
     'train' at an Inception tap the metric asked for."""
-    try:
-      return self._features[side][size]
-    except KeyError:
-      raise KeyError(f"class {self.label}: no {side} features at {size}; a "
-                     "metric reads only what its NEEDS asks for") from None
+    key = (side, size)
+    if key not in self._checked:
+      try:
+        raw = self._features[side][size]
+      except KeyError:
+        raise KeyError(f"class {self.label}: no {side} features at {size}; "
+                       "a metric reads only what its NEEDS asks for"
+                       ) from None
+      self._checked[key] = distances.check_features(
+          raw, f"{_SIDES.get(side, side)}, label {self.label} features")
+    return self._checked[key]
+
+  def release(self) -> None:
+    """Drops the float64 copies and shared matrices (kept per class only
+    while its metrics run)."""
+    self._checked.clear()
+    self._inner.clear()
+    self._distances.clear()
 
   def fake_features(self, size: int) -> np.ndarray:
     return self.features("fake", size)
@@ -340,12 +357,9 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
     start = 0
     for label in labels:
       n = counts[label]
-      features[label]["fake"] = {s: _checked(gen_feats[s][start:start + n],
-                                             f"generated, label {label}")
+      features[label]["fake"] = {s: gen_feats[s][start:start + n]
                                  for s in need.features}
-      features[label]["real"] = {s: _checked(real_feats[label][s],
-                                             f"real, label {label}")
-                                 for s in need.features}
+      features[label]["real"] = real_feats[label]
       start += n
   if need.train_features:
     train_store = train_store or FeatureStore(split="train")
@@ -359,9 +373,7 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
     train_feats = train_store.real(per, need.train_features,
                                    "training features")
     for label in labels:
-      features[label]["train"] = {
-          s: _checked(train_feats[label][s], f"training, label {label}")
-          for s in need.train_features}
+      features[label]["train"] = train_feats[label]
 
   values: Dict[str, Dict[Any, float]] = {name: {} for name in names}
   classes: Dict[Any, ClassData] = {}
@@ -380,9 +392,7 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
           raise KeyError(f"metric module {m.module} returned no {name!r} "
                          f"for label {label}")
         values[name][label] = float(got[name])
-    # Keep only what summaries read; the shared matrices go with the class.
-    data._inner.clear()  # pylint: disable=protected-access
-    data._distances.clear()  # pylint: disable=protected-access
+    data.release()  # one class's matrices in memory at a time
     classes[label] = data
 
   summaries = {}
@@ -397,6 +407,3 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
   return Report(summaries=summaries, counts=counts, generated=generated,
                 predicted=predicted)
 
-
-def _checked(features: np.ndarray, what: str) -> np.ndarray:
-  return distances.check_features(features, f"{what} features")
