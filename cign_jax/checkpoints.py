@@ -252,6 +252,21 @@ def _describe_mismatch(stored, target) -> Optional[str]:
   return None
 
 
+class CheckpointGoneError(CheckpointError):
+  """A step that was deleted while it was read: a training beside the
+  reader keeps only its latest steps, and replaces its best."""
+
+
+def _raise_if_gone(path: str, step: int) -> None:
+  """Raises `CheckpointGoneError` when a step whose read failed is no longer
+  there: then the failure says nothing of the checkpoint's health."""
+  if not os.path.isdir(path):
+    raise CheckpointGoneError(
+        f"checkpoint of step {step} ({path}) was deleted while it was read "
+        "(the training keeps only its latest steps and its best); read "
+        "again, or choose a step that is kept") from None
+
+
 def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
             step: Optional[int] = None) -> train_step_lib.TrainState:
   """Restores `step` (default: latest) into the structure, shapes and
@@ -282,6 +297,7 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
     _check_complete(mngr, step)
     stored = mngr.item_metadata(step)[STATE_ITEM]
   except Exception as e:  # pylint: disable=broad-except
+    _raise_if_gone(path, step)
     raise _corrupt_step_error(mngr, step, target, e) from None
   stored_tree = getattr(stored, "tree", stored)
   if isinstance(stored_tree, dict):
@@ -306,6 +322,7 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   try:
     tree = _verified(mngr, step, target)
   except Exception as e:  # pylint: disable=broad-except
+    _raise_if_gone(path, step)
     raise _corrupt_step_error(mngr, step, target, e) from None
   return state.replace(step=tree["step"], params=tree["params"],
                        batch_stats=tree["batch_stats"],
@@ -332,23 +349,62 @@ def load_model(workdir: str, step: Optional[int] = None,
     ({'params', 'batch_stats'}; the moving-average parameters when the run
     keeps them) and the step they are from.
   """
+  return load_chosen_model(
+      workdir, step if checkpoint is None and step is not None else
+      checkpoint)[1]
+
+
+# How often a reader chooses again when a training deletes the checkpoint
+# it chose while reading it (one save per step, a few kept, can do that
+# more than once in a row on a loaded machine).
+_READ_TRIES = 5
+
+
+def load_chosen_model(workdir: str, checkpoint=None):
+  """`load_model` that also says which checkpoint it read, and why.
+
+  A checkpoint chosen by rule (best, latest, or the default) that the
+  training deletes while it is read (it keeps only its latest steps and
+  replaces its best) is chosen again, so that the reason and the weights
+  returned are always of one checkpoint; a requested step is not replaced.
+
+  Args:
+    workdir: a run directory.
+    checkpoint: as `resolve_checkpoint`'s (a `ChosenCheckpoint` too).
+
+  Returns:
+    (chosen, (config, model, variables, step)): the `ChosenCheckpoint` read
+    and what `load_model` returns.
+  """
   config = load_config(workdir)
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise CheckpointError(f"no checkpoints in {workdir}")
-  chosen = resolve_checkpoint(workdir, step if checkpoint is None and
-                              step is not None else checkpoint)
+  by_rule = not isinstance(checkpoint, ChosenCheckpoint) and str(
+      "" if checkpoint is None else checkpoint).strip() in ("", "best",
+                                                             "latest")
   model = models.model_from_config(config)
   # Only the structure and shapes are needed: no initialisation is run.
-  state = jax.eval_shape(
+  shapes = jax.eval_shape(
       lambda: train_step_lib.create_train_state(config, model=model))
-  if chosen.directory == BEST_DIR:
-    mngr = best_manager(workdir, read_only=True)
-  else:
-    mngr = manager(workdir, read_only=True)
-  state = restore(mngr, state, chosen.step)
-  mngr.close()
-  return (config, model, train_step_lib.eval_variables(state),
-          int(np.asarray(state.step)))
+  for attempt in range(_READ_TRIES):
+    chosen = resolve_checkpoint(workdir, checkpoint)
+    if chosen.directory == BEST_DIR:
+      mngr = best_manager(workdir, read_only=True)
+    else:
+      mngr = manager(workdir, read_only=True)
+    try:
+      state = restore(mngr, shapes, chosen.step)
+    except CheckpointError:
+      gone = not os.path.isdir(os.path.join(workdir, chosen.directory,
+                                            str(chosen.step)))
+      if not (by_rule and gone) or attempt == _READ_TRIES - 1:
+        raise
+      continue
+    finally:
+      mngr.close()
+    return chosen, (config, model, train_step_lib.eval_variables(state),
+                    int(np.asarray(state.step)))
+  raise AssertionError("unreachable")
 
 
 # --- The best checkpoint and choosing a checkpoint --------------------------
@@ -414,6 +470,8 @@ def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
     CheckpointError: an unknown value, a step that is not stored, or 'best'
       in a run without a best checkpoint; the message lists what there is.
   """
+  if isinstance(checkpoint, ChosenCheckpoint):
+    return checkpoint
   latest = _stored_steps(os.path.join(workdir, CHECKPOINT_DIR))
   best = read_best(workdir)
 

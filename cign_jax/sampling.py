@@ -228,9 +228,8 @@ def sample_to_file(workdir: str, out: str,
     labels = _parse_labels(labels)
   if checkpoint is None and step is not None:
     checkpoint = step
-  chosen = checkpoints.resolve_checkpoint(workdir, checkpoint)
-  config, model, variables, step = checkpoints.load_model(
-      workdir, checkpoint=checkpoint)
+  chosen, (config, model, variables, step) = checkpoints.load_chosen_model(
+      workdir, checkpoint)
   num_classes = model.num_classes if model.conditioning != "none" else 1
   if inputs is not None:
     if not os.path.isfile(inputs):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cign_jax import checkpoints
+from cign_jax import run_dir
 from cign_jax import sampling
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
@@ -160,7 +161,6 @@ def test_resuming_with_fewer_steps_changes_nothing(run_copy):
 # One writer per run.
 
 def test_second_trainer_is_refused_naming_the_holder(run_copy):
-  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
   with run_dir.WorkdirLock(run_copy):
     with pytest.raises(run_dir.RunLockedError, match=f"pid {os.getpid()}"):
       train.train_and_evaluate(tiny_config(num_train_steps=8), run_copy,
@@ -173,7 +173,6 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "w")
   code = ("import sys, time; from cign_jax import run_dir; "
           f"run_dir.WorkdirLock({workdir!r}); print('held', flush=True); "
@@ -226,7 +225,6 @@ def test_missing_step_lists_the_steps(finished):
 def test_checksum_detects_altered_tensors(run_copy):
   """Tensors replaced by other finite values (a valid but different
   checkpoint under the recorded checksum) are refused."""
-  from cign_jax import run_dir  # pylint: disable=g-import-not-at-top
   step6 = os.path.join(run_copy, "checkpoints", "6")
   step4 = os.path.join(run_copy, "checkpoints", "4")
   shutil.rmtree(os.path.join(step6, "default"))
@@ -371,6 +369,44 @@ def test_damaged_tfds_record_is_named_with_the_fix(tmp_path):
     reader.load_split("mnist", "test", data_dir)
   assert record in str(err.value)
   assert "python -m cign_jax.data prepare mnist" in str(err.value)
+
+
+def test_a_checkpoint_deleted_while_read_is_chosen_again(run_copy,
+                                                         monkeypatch):
+  """The latest step, deleted (as a training deletes its oldest) between
+  being chosen and being read: the reader chooses again, and the step it
+  names is the step whose weights it returns."""
+  real_restore = checkpoints.restore
+  read = []
+
+  def restore_as_a_training_deletes(mngr, state, step=None):
+    if not read:
+      shutil.rmtree(os.path.join(run_copy, "checkpoints", str(step)))
+    read.append(step)
+    return real_restore(mngr, state, step)
+
+  monkeypatch.setattr(checkpoints, "restore", restore_as_a_training_deletes)
+  chosen, (_, _, variables, step) = checkpoints.load_chosen_model(run_copy)
+  assert read == [6, 4]
+  assert chosen.step == step == 4
+  monkeypatch.setattr(checkpoints, "restore", real_restore)
+  _, _, expected, _ = checkpoints.load_model(run_copy, checkpoint="4")
+  assert run_dir.tree_digest(variables) == run_dir.tree_digest(expected)
+
+
+def test_a_requested_step_deleted_while_read_is_named(run_copy, monkeypatch):
+  """A step asked for by number is not replaced by another; the error says
+  it was deleted, not that it is corrupt."""
+  real_restore = checkpoints.restore
+
+  def restore_as_a_training_deletes(mngr, state, step=None):
+    shutil.rmtree(os.path.join(run_copy, "checkpoints", str(step)))
+    return real_restore(mngr, state, step)
+
+  monkeypatch.setattr(checkpoints, "restore", restore_as_a_training_deletes)
+  with pytest.raises(checkpoints.CheckpointGoneError,
+                     match="step 4 .* was deleted while it was read"):
+    checkpoints.load_chosen_model(run_copy, "4")
 
 
 def test_reader_in_a_loop_beside_a_training(tmp_path):

@@ -15,8 +15,8 @@ with `images` (float in [-1, 1], (N, 28, 28) or (N, 28, 28, 1)) and
 
 from absl import app
 from absl import flags
+import numpy as np
 
-from cign_jax import checkpoints
 from cign_jax import commands
 from cign_jax import sampling
 
@@ -42,14 +42,16 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  chosen = checkpoints.resolve_checkpoint(
-      FLAGS.workdir, FLAGS.checkpoint if FLAGS.step is None else FLAGS.step)
   images, _ = sampling.sample_to_file(FLAGS.workdir, FLAGS.out, FLAGS.labels,
                              FLAGS.num_per_label, FLAGS.seed,
                              FLAGS.applications, FLAGS.inputs, FLAGS.step,
                              checkpoint=FLAGS.checkpoint)
+  # Which checkpoint, as written with the samples (a training beside this
+  # command may have saved a newer one since).
+  with np.load(FLAGS.out) as written:
+    step, reason = int(written["step"]), str(written["checkpoint"])
   print(f"wrote {images.shape[0]} images to {FLAGS.out} and "
-        f"{FLAGS.out[:-4]}.png from step {chosen.step}: {chosen.reason}")
+        f"{FLAGS.out[:-4]}.png from step {step}: {reason}")
 
 
 def run():

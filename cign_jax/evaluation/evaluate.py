@@ -233,8 +233,7 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     meta["samples"] = samples
     dataset = dataset or "mnist"
   else:
-    chosen = checkpoints.resolve_checkpoint(workdir, checkpoint)
-    loaded = checkpoints.load_model(workdir, checkpoint=checkpoint)
+    chosen, loaded = checkpoints.load_chosen_model(workdir, checkpoint)
     step = loaded[3]
     meta["checkpoint"] = chosen.reason
     # The cache holds samples of one checkpoint (its step and the digest of
@@ -258,8 +257,8 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
-  chosen = {} if metrics is None else {"metrics": metrics}
-  report = evaluate_samples(images, labels, dataset, feature_sizes, **chosen)
+  named = {} if metrics is None else {"metrics": metrics}
+  report = evaluate_samples(images, labels, dataset, feature_sizes, **named)
   report.update(meta)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "eval.json"), "w") as f:
