@@ -68,7 +68,6 @@ def main():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  from cign_jax import losses, models  # pylint: disable=g-import-not-at-top
   from cign_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load_config_file(args.config)
@@ -91,8 +90,9 @@ def main():
   counts = count_ops(text)
   total = sum(v for k, v in counts.items() if k not in IGNORED)
   name = os.path.splitext(os.path.basename(args.config))[0]
-  print(f"{name} batch {b}, passes {losses.resolve_passes(config.loss.passes)}"
-        f", channel_conv {models.resolve_channel_conv(config.model.channel_conv)}"
+  passes = config_lib.resolve_passes(config.loss.passes)
+  channel_conv = config_lib.resolve_channel_conv(config.model.channel_conv)
+  print(f"{name} batch {b}, passes {passes}, channel_conv {channel_conv}"
         f", {jax.default_backend()}, CIGN_JAX_NATIVE_CONV="
         f"{os.environ.get('CIGN_JAX_NATIVE_CONV', '1')}: lower {t1 - t0:.1f} s,"
         f" compile {t2 - t1:.1f} s")

@@ -227,12 +227,12 @@ def bench_train(name, config, steps, use_torch, torch_device="cpu",
   med = statistics.median(ours)
   through_loss = b * (2 + config.loss.num_mismatch_labels)
   flops = step_flops(config)
-  from cign_jax import losses, models  # pylint: disable=g-import-not-at-top
+  from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   print(f"{name}: batch {b} real images ({through_loss} through the loss); "
         f"compute_dtype {config.compute_dtype}, matmul_precision "
         f"{config.matmul_precision}, passes "
-        f"{losses.resolve_passes(config.loss.passes)}, channel_conv "
-        f"{models.resolve_channel_conv(config.model.channel_conv)}")
+        f"{config_lib.resolve_passes(config.loss.passes)}, channel_conv "
+        f"{config_lib.resolve_channel_conv(config.model.channel_conv)}")
   print(f"  compile {compile_s:.1f} s")
   print(f"  ours (JAX):      {spread(ours)}; {1000 * b / med:.1f} real "
         f"images/s, {1000 * through_loss / med:.0f} images/s through the "

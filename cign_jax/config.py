@@ -27,8 +27,32 @@ LR_SCHEDULES = ("constant", "cosine")
 DATASETS = ("mnist", "fashion_mnist")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
+
+# Alternatives no default selects. Each 'auto' below resolves to one form on
+# every backend; the other stays selectable, and tested equal, until a GPU
+# profile decides (docs/performance.md, "GPU figures"). The batched loss
+# calls' machinery lives in `cign_jax.grouped`; the per-class channel conv is
+# `models.Conv` with class maps.
 LOSS_PASSES = ("auto", "sequential", "batched")
 CHANNEL_CONVS = ("auto", "concat", "per_class")
+
+
+def resolve_passes(passes: str) -> str:
+  """config.loss.passes: 'auto' -> 'sequential' (the batched calls were not
+  faster on CPU nor on a GPU)."""
+  if passes not in LOSS_PASSES:
+    raise ValueError(f"unknown passes {passes!r}; expected one of "
+                     f"{LOSS_PASSES}")
+  return "sequential" if passes == "auto" else passes
+
+
+def resolve_channel_conv(channel_conv: str) -> str:
+  """config.model.channel_conv: 'auto' -> 'concat' (the split kernel was
+  slower with XLA's CPU convolutions and on a GPU)."""
+  if channel_conv not in CHANNEL_CONVS:
+    raise ValueError(f"unknown channel_conv {channel_conv!r}; expected one "
+                     f"of {CHANNEL_CONVS}")
+  return "concat" if channel_conv == "auto" else channel_conv
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,8 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # How channel conditioning meets the conv: 'concat' appends the label map
   # as an input channel; 'per_class' splits the kernel and convolves the
   # num_classes maps once (same parameters, GPU-friendly channel counts);
-  # 'auto': 'concat' (measured fastest on CPU and on an H200;
-  # docs/performance.md).
+  # 'auto': 'concat' (`resolve_channel_conv`).
   config.model.channel_conv = "auto"
 
   config.loss = ml_collections.ConfigDict()
@@ -82,7 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The loss's seven forward calls: 'sequential' (one after another, the
   # reference), 'batched' (three calls on concatenated batches, BatchNorm
   # per group: the same loss, fewer and larger kernels) or 'auto'
-  # ('sequential' everywhere: measured faster on CPU and on an H200).
+  # ('sequential', `resolve_passes`).
   config.loss.passes = "auto"
 
   config.optimizer = ml_collections.ConfigDict()

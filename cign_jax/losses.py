@@ -26,8 +26,8 @@ Two formulations of those seven calls (`LossConfig.passes`):
   draws the dropout masks of its sequential call. The same loss, gradients
   and running statistics (sums in another order); fewer, larger kernels.
   `tests/test_batched_passes.py` checks the two against each other.
-- 'auto': 'sequential' on CPU (it measured faster there), 'batched' on
-  GPU/TPU.
+- 'auto': 'sequential' (`config.resolve_passes`). 'batched' is an
+  alternative no default selects; its machinery is `cign_jax.grouped`.
 
 Tightness is the plain negative L1 (the CIGN code; default) or IGN's smooth
 clamp tanh(L / (a L_rec)) a L_rec, per sample, with L_rec the (gradient-
@@ -41,7 +41,9 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
+
+from cign_jax import config as config_lib
+from cign_jax import grouped
 
 LOSS_TERMS = ("loss_rec", "loss_idem_noise", "loss_tight_noise",
               "loss_idem_mismatch", "loss_tight_mismatch")
@@ -126,21 +128,6 @@ class LossConfig(NamedTuple):
                clip_prior=m.clip_prior, passes=l.get("passes", "auto"))
 
 
-LOSS_PASSES = ("auto", "sequential", "batched")
-
-
-def resolve_passes(passes: str) -> str:
-  """'auto' -> 'sequential' on every backend: the batched form measured
-  slower on CPU and, together with the per-class channel convolution, 3.7x
-  slower on an H200 (docs/performance.md, 2026-11-28)."""
-  if passes not in LOSS_PASSES:
-    raise ValueError(f"unknown passes {passes!r}; expected one of "
-                     f"{LOSS_PASSES}")
-  if passes == "auto":
-    return "sequential"
-  return passes
-
-
 def _tightness(f_y, y, rec_scale, cfg: LossConfig):
   """-D(f(y), y), plain or IGN's smooth clamp (per sample)."""
   if cfg.tightness == "l1":
@@ -150,30 +137,6 @@ def _tightness(f_y, y, rec_scale, cfg: LossConfig):
     scale = cfg.tightness_clamp_a * rec_scale
     return jnp.mean(jnp.tanh(raw / scale) * scale)
   raise ValueError(f"unknown tightness {cfg.tightness!r}")
-
-
-def _grouped_call(apply_fn: Callable, params, batch_stats, calls):
-  """Several training-mode forward calls [(x, labels, dropout key), ...] as
-  one call on their concatenation with `groups` (see the module docstring).
-  Returns the per-call outputs and the updated batch_stats."""
-  from cign_jax import models  # pylint: disable=g-import-not-at-top
-  if len(calls) == 1:
-    x, c, rng = calls[0]
-    out, updates = apply_fn({"params": params, "batch_stats": batch_stats},
-                            x, c, train=True, rngs={"dropout": rng},
-                            mutable=["batch_stats"])
-    return [out], updates["batch_stats"]
-  sizes = tuple(int(x.shape[0]) for x, _, _ in calls)
-  x = jnp.concatenate([x for x, _, _ in calls])
-  c = jnp.concatenate([c for _, c, _ in calls])
-  rngs = {models.dropout_stream(g): rng for g, (_, _, rng) in
-          enumerate(calls)}
-  out, updates = apply_fn({"params": params, "batch_stats": batch_stats}, x,
-                          c, train=True, rngs=rngs, mutable=["batch_stats"],
-                          groups=sizes)
-  bounds = np.cumsum((0,) + sizes)
-  return ([out[bounds[g]:bounds[g + 1]] for g in range(len(sizes))],
-          updates["batch_stats"])
 
 
 def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
@@ -218,9 +181,9 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
   if use_mismatch:
     calls.append((mm_images, mm_labels, keys[5]))
 
-  if resolve_passes(cfg.passes) == "batched":
+  if config_lib.resolve_passes(cfg.passes) == "batched":
     # Real, noise, mismatch: one call with the trained parameters.
-    outs, stats = _grouped_call(apply_fn, params, batch_stats, calls)
+    outs, stats = grouped.call(apply_fn, params, batch_stats, calls)
     f_x, f_z = outs[0], outs[1]
     f_m = outs[2] if use_mismatch else None
     y_z = jax.lax.stop_gradient(f_z)
@@ -230,10 +193,10 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
     # then mismatch. In training mode a call's output does not depend on
     # the running statistics it is given, so only the statistics' order
     # matters, and it is the sequential one.
-    copies, _ = _grouped_call(apply_fn, frozen, stats, [
+    copies, _ = grouped.call(apply_fn, frozen, stats, [
         (f_z, z_labels, keys[6])] + (
             [(f_m, mm_labels, keys[8])] if use_mismatch else []))
-    tights, stats = _grouped_call(apply_fn, params, stats, [
+    tights, stats = grouped.call(apply_fn, params, stats, [
         (y_z, z_labels, keys[7])] + (
             [(y_m, mm_labels, keys[9])] if use_mismatch else []))
   else:

@@ -39,6 +39,7 @@ import numpy as np
 
 from cign_jax import config as config_lib
 from cign_jax import dropout as dropout_lib
+from cign_jax import grouped
 from cign_jax import ops
 from cign_jax import run_dir
 
@@ -71,7 +72,8 @@ class TorchBatchNorm(nn.Module):
   `groups` (training only): the batch is the concatenation of several
   forward calls' batches, of these sizes; each group is normalised with its
   own statistics and the running statistics are updated once per group, in
-  order, exactly as that many separate calls would.
+  order, exactly as that many separate calls would (`cign_jax.grouped`, an
+  alternative no default selects).
   """
   momentum: float = 0.1
   epsilon: float = 1e-5
@@ -106,40 +108,15 @@ class TorchBatchNorm(nn.Module):
     ra_var.value = (1 - self.momentum) * ra_var.value + self.momentum * unbiased
 
   def _grouped(self, x32, groups, scale, bias, ra_mean, ra_var):
-    """Per-group statistics of a concatenated batch: one reduction over
-    (H, W) of the whole batch, then a small sum per group over its rows."""
-    c = x32.shape[-1]
-    check_groups(groups, x32.shape[0])
-    inner = x32.shape[1:-1]
-    per_image = int(np.prod(inner))
-    spatial = tuple(range(1, x32.ndim - 1))
-    bounds = np.cumsum((0,) + tuple(groups))
-
-    def group_means(rows):  # (N, C) sums over (H, W) -> (G, C) means
-      return jnp.stack([
-          jnp.sum(rows[bounds[g]:bounds[g + 1]], axis=0) /
-          (groups[g] * per_image) for g in range(len(groups))])
-
-    def per_row(values):  # (G, C) -> (N, 1, ..., 1, C)
-      rows = jnp.repeat(values, np.asarray(groups), axis=0,
-                        total_repeat_length=x32.shape[0])
-      return rows.reshape((x32.shape[0],) + (1,) * len(inner) + (c,))
-
-    mean = group_means(jnp.sum(x32, axis=spatial))
-    var = group_means(jnp.sum(jnp.square(x32 - per_row(mean)), axis=spatial))
+    mean, var = grouped.moments(x32, groups)
     if not self.is_initializing():
+      per_image = int(np.prod(x32.shape[1:-1]))
       for g, n in enumerate(groups):
         self._update(ra_mean, ra_var, mean[g], var[g], n * per_image)
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = x32 * per_row(mul) + per_row(bias - mean * mul)
+    y = (x32 * grouped.per_row(mul, groups, x32.shape) +
+         grouped.per_row(bias - mean * mul, groups, x32.shape))
     return y.astype(self.dtype)
-
-
-def check_groups(groups: Sequence[int], batch: int):
-  """Checks that group sizes are positive and add up to the batch."""
-  if any(int(n) < 1 for n in groups) or sum(groups) != batch:
-    raise ValueError(f"groups {tuple(groups)} must be positive sizes adding "
-                     f"up to the batch size {batch}")
 
 
 class Conv(nn.Module):
@@ -254,22 +231,6 @@ class ChannelConditioning(nn.Module):
     return ops.channel_condition(x, embedding, kernel, bias)
 
 
-CHANNEL_CONVS = ("auto", "concat", "per_class")
-
-
-def resolve_channel_conv(channel_conv: str) -> str:
-  """'auto': 'concat' on every backend. The split form was slower with
-  XLA's CPU convolutions, and with the batched loss calls 3.7x slower on an
-  H200 (docs/performance.md, 2026-11-28); 'per_class' stays selectable.
-  """
-  if channel_conv not in CHANNEL_CONVS:
-    raise ValueError(f"unknown channel_conv {channel_conv!r}; expected one "
-                     f"of {CHANNEL_CONVS}")
-  if channel_conv == "auto":
-    return "concat"
-  return channel_conv
-
-
 class _Half(nn.Module):
   """One half of f: five conditioned blocks (shared code of both halves)."""
   conditioning: str
@@ -306,7 +267,7 @@ class _Half(nn.Module):
     # stream i of it (no key derivation per layer).
     keys = None
     if train and self.dropout_rate > 0:
-      keys = [self.make_rng(dropout_stream(g))
+      keys = [self.make_rng(grouped.dropout_stream(g))
               for g in range(1 if groups is None else len(groups))]
     bn_index = 0
     for i, (features, (k, s, p)) in enumerate(zip(self.channels, self.layout),
@@ -370,21 +331,15 @@ class Generator(_Half):
     return jnp.tanh(y) if i == 5 else nn.relu(y)
 
 
-def dropout_stream(group: int) -> str:
-  """The RNG stream name of group `group` of a grouped forward call: group 0
-  uses 'dropout' (as an ungrouped call), group g 'dropout_g'."""
-  return "dropout" if group == 0 else f"dropout_{group}"
-
-
 class Dropout(nn.Module):
   """Element-wise dropout (PyTorch's nn.Dropout): zero with probability
   `rate`, scale the rest by 1 / (1 - rate).
 
   The mask comes from the 'dropout' RNG stream through
   `cign_jax.dropout.dropout`: Threefry-2x32 on the element index, written as
-  element-wise integer ops that XLA fuses (no generator call per layer;
-  `jax.random.bernoulli` cost about 12 ns per element on CPU, for threefry
-  and 'rbg' keys alike: over a second of CPU time per CIGN train step).
+  element-wise integer ops that XLA fuses (no generator call per layer:
+  `jax.random.bernoulli` dominated the CPU train step; docs/performance.md,
+  "What made the difference (CPU)").
 
   `stream`: the mask's Threefry stream (`cign_jax.dropout.element_bits`);
   `keys`: the keys to draw from, one per group (the half-networks draw them
@@ -392,10 +347,7 @@ class Dropout(nn.Module):
   stream); without them the layer draws its own from the RNG streams.
 
   `groups`: the batch concatenates several forward calls' batches of these
-  sizes; group g draws its mask from the stream `dropout_stream(g)` with
-  element indices counted within the group, so each group gets exactly the
-  mask a separate call with that stream's key would get (one fused mask
-  computation for the whole batch).
+  sizes; each group gets the mask a separate call would (`grouped.dropout`).
   """
   rate: float
   stream: int = 0
@@ -408,34 +360,14 @@ class Dropout(nn.Module):
       return x
     num_groups = 1 if groups is None else len(groups)
     if keys is None:
-      keys = [self.make_rng(dropout_stream(g)) for g in range(num_groups)]
+      keys = [self.make_rng(grouped.dropout_stream(g))
+              for g in range(num_groups)]
     if len(keys) != num_groups:
       raise ValueError(f"Dropout: {len(keys)} keys for {num_groups} groups; "
                        "pass one key per group")
     if num_groups == 1:
       return dropout_lib.dropout(x, self.rate, keys[0], self.stream)
-    check_groups(groups, x.shape[0])
-    words = [dropout_lib.key_words(k) for k in keys]
-    per_image = int(np.prod(x.shape[1:]))
-    if max(groups) * per_image >= 2**32:
-      raise ValueError(f"a group of {max(groups)} x {x.shape[1:]} elements is "
-                       "too large for 32-bit element counters")
-    row_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-
-    def per_row(word):  # group g's key word on each of its rows
-      return jnp.concatenate([jnp.broadcast_to(w[word], (n,))
-                              for w, n in zip(words, groups)]).reshape(
-                                  row_shape)
-
-    first_row = np.repeat(np.cumsum(groups) - np.asarray(groups), groups)
-    row_in_group = (np.arange(x.shape[0]) - first_row).astype(np.uint32)
-    inner = jax.lax.iota(jnp.uint32, per_image).reshape((1,) + x.shape[1:])
-    index = (jnp.asarray(row_in_group).reshape(row_shape) *
-             jnp.uint32(per_image) + inner)
-    bits, _ = dropout_lib.threefry2x32_20(
-        per_row(0), per_row(1), index,
-        jnp.uint32(dropout_lib.check_stream(self.stream)))
-    return dropout_lib.drop_by_bits(x, self.rate, bits)
+    return grouped.dropout(x, self.rate, keys, groups, self.stream)
 
 
 class IdempotentNetwork(nn.Module):
@@ -450,7 +382,7 @@ class IdempotentNetwork(nn.Module):
   dtype: Any = jnp.float32
   # How a channel-conditioned conv applies the label map: 'concat' (one
   # extra input channel), 'per_class' (split kernel, the map convolved per
-  # class; see `Conv`) or 'auto' (`resolve_channel_conv`). Same parameters.
+  # class; see `Conv`) or 'auto' (`config.resolve_channel_conv`). Same parameters.
   channel_conv: str = "auto"
   # jax.default_matmul_precision for the convolutions and products of f:
   # 'default' (XLA's choice: TF32 on recent NVIDIA GPUs), 'high' or
@@ -466,10 +398,11 @@ class IdempotentNetwork(nn.Module):
                   embedding_dim=self.embedding_dim,
                   num_classes=self.num_classes,
                   dropout_rate=self.dropout_rate, dtype=self.dtype,
-                  channel_conv=resolve_channel_conv(self.channel_conv))
-    if self.matmul_precision not in MATMUL_PRECISIONS:
+                  channel_conv=config_lib.resolve_channel_conv(
+                      self.channel_conv))
+    if self.matmul_precision not in config_lib.MATMUL_PRECISIONS:
       raise ValueError(f"unknown matmul_precision {self.matmul_precision!r}; "
-                       f"expected one of {MATMUL_PRECISIONS}")
+                       f"expected one of {config_lib.MATMUL_PRECISIONS}")
     self.discriminator = Discriminator(
         channels=(ld, 2 * ld, 4 * ld, 8 * ld, self.intermediate_dim), **common)
     self.generator = Generator(
@@ -486,7 +419,7 @@ class IdempotentNetwork(nn.Module):
       groups: training only: sizes of the batches of several forward calls
         concatenated into x; BatchNorm normalises each over itself and
         updates the running statistics per group in order, and group g
-        draws its dropout masks from the RNG stream `dropout_stream(g)`:
+        draws its dropout masks from the RNG stream `grouped.dropout_stream(g)`:
         the same result as separate calls, one call's kernels.
 
     Returns:
@@ -503,13 +436,10 @@ class IdempotentNetwork(nn.Module):
                          f"{tuple(labels.shape)}")
       labels = labels.astype(jnp.int32)
     if groups is not None:
-      check_groups(groups, x.shape[0])
+      grouped.check_groups(groups, x.shape[0])
     with precision_context(self.matmul_precision):
       h = self.discriminator(x, labels, train, groups)
       return self.generator(h, labels, train, groups).astype(jnp.float32)
-
-
-MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
 def precision_context(matmul_precision: str):

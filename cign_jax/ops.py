@@ -184,15 +184,6 @@ def _stack_taps(sums, kh, kw):
                     for di in range(kh)], axis=1)
 
 
-def _one_reduction_for_tap_sums() -> bool:
-  """The per-sample filter gradient as one reduction over the stacked taps
-  (one kernel instead of kh*kw small ones) or kh*kw reductions. kh*kw
-  reductions everywhere: the single reduction was measured on an H200 only
-  together with the batched loss calls, and that combination was slower
-  (docs/performance.md, 2026-11-28)."""
-  return False
-
-
 def _filter_grad(taps, g, kh, kw, crop=None):
   """sum over (i, j) of tap * g per tap: the (B, kh, kw, C) filter gradient.
 
@@ -202,10 +193,6 @@ def _filter_grad(taps, g, kh, kw, crop=None):
     if crop is not None:
       tap = tap[:, :crop[0], :crop[1]]
     return tap * g
-  if _one_reduction_for_tap_sums():
-    stacked = jnp.stack([product(tap) for _, tap in taps], axis=1)
-    sums = jnp.sum(stacked, axis=(2, 3))  # (B, kh*kw, C)
-    return sums.reshape(sums.shape[0], kh, kw, sums.shape[-1])
   return _stack_taps({key: jnp.sum(product(tap), axis=(1, 2))
                       for key, tap in taps}, kh, kw)
 

@@ -27,6 +27,7 @@ CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
 SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
 CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
+CORE.add("cign_jax.grouped")  # the batched loss calls (an alternative)
 
 
 def _module_name(path):
