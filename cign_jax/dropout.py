@@ -3,9 +3,9 @@
 A CIGN train step draws about 10^8 dropout decisions (seven forward calls,
 nine of the ten layers, ~25k activations per image). Drawn with
 `jax.random.bernoulli`, every bit is produced by a separate generator
-computation and written to memory before the mask is applied: on the 2-core
-CPU that cost about 12 ns per element for threefry and for 'rbg' alike, over a
-second per step. Here the same generator as JAX's default PRNG,
+computation and written to memory before the mask is applied, a large part
+of a CPU train step for threefry and 'rbg' keys alike (docs/performance.md,
+"What made the difference (CPU)"). Here the same generator as JAX's default PRNG,
 Threefry-2x32 with 20 rounds (Salmon et al., "Parallel random numbers: as easy
 as 1, 2, 3", SC 2011), is written as plain uint32 element-wise operations on
 the element's index, so XLA fuses it into the dropout multiply itself: no
@@ -58,8 +58,7 @@ def threefry2x32_20(key0, key1, x0, x1):
   counter words. Returns the two output words. Plain integer adds, shifts and
   xors, so XLA fuses it with whatever consumes the result. (Written with
   `lax` operations on arrays of one shape: the same operations as with
-  `jax.numpy`'s operators, traced in less than half the time (2.2 ms
-  against 5.0 ms for a (3, 4, 4, 8) counter, 2026-11-29), which matters
+  `jax.numpy`'s operators, traced in less than half the time, which matters
   because a network traces it once per dropout layer and forward call.)
   """
   words = [jnp.asarray(w, jnp.uint32) for w in (key0, key1, x0, x1)]

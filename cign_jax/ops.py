@@ -34,7 +34,7 @@ one per op, chosen per backend:
   `cign_jax.kernels.native_conv` (the same products with the patches built in
   cache-sized blocks), chosen by `cign_jax.kernels.cpu_conv.cpu_plan`: the C++
   kernels for float32 wherever they build, else per layer shape from
-  measurements (XLA's CPU lowering of some passes was up to 10x slower). On
+  measurements (XLA's CPU lowering of some passes is far slower). On
   GPU/TPU: XLA's own convolutions.
 
 `tests/test_ops.py` checks every implementation against the lax reference and

@@ -186,8 +186,8 @@ def step_program(config, mesh, total_steps: int) -> StepProgram:
   train state's structure holds the network's `apply` and the optimiser,
   which compare by identity; a new run builds new ones, so without this it
   would trace its step again and load it from the persistent compilation
-  cache: a second tiny test run took 6.9 s that way and takes 1.1 s with
-  this (2-core CPU, 2026-11-29; docs/performance.md). So a second run in
+  cache, several times slower to start (docs/performance.md, "The test
+  suite"). So a second run in
   the same process (a notebook's resumed run, runs over seeds, the tests)
   starts its first step at once. The last few programs are kept, with
   their compiled executables. `forget_step_programs` drops them.

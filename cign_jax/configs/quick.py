@@ -4,8 +4,8 @@
   python -m cign_jax.main --config=configs/quick.py:tiny --workdir=/tmp/tiny
 
 `get_config()`: channel-conditioned CIGN, small, that draws a recognisable
-digit for every label within 15 minutes on a 2-core CPU (docs/results.md
-has the runs, their duration and their label accuracy). What differs from
+digit for every label in a short run on a 2-core CPU (docs/results.md has
+the runs, their duration and their label accuracy). What differs from
 the paper's channel_small, and why: a smaller network (ld 16, id 64); one
 wrong label per real image instead of all nine (a step then pushes 7 images
 per real image through the loss instead of 31, so the run sees about seven
@@ -56,7 +56,7 @@ def get_config(variant: str = ""):
   config.sample_every_steps = 400
   config.checkpoint_every_steps = 400
   # The best checkpoint by label accuracy (100 samples per label, fixed
-  # noise; about 2 s), judged every 200 steps; no validation loss (it would
+  # noise; cheap), judged every 200 steps; no validation loss (it would
   # cost more than the label accuracy and does not pick the best-looking
   # digits).
   config.eval_every_epochs = 0

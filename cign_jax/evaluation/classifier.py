@@ -70,7 +70,7 @@ class CNN(nn.Module):
   ReLU, then a 128-unit BatchNorm/ReLU/dropout layer. About 0.4 M parameters.
 
   Strided convolutions rather than max-pooling: XLA's pooling gradient is
-  slow on CPU, and this net trains an MNIST epoch in ~10-20 s on 2 cores.
+  slow on CPU, and this net trains an MNIST epoch in seconds.
   """
   num_classes: int = 10
 

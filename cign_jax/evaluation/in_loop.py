@@ -15,12 +15,13 @@ Features are extracted once per point and shared by the metrics; the test
 images' features are computed at the first point and kept (in memory, and
 on disk across runs).
 
-Cost (docs/performance.md, `benchmarks/in_loop_cost.py`): label accuracy
-of 100 samples per label is a forward pass of 1000 images and a classifier
-pass, about 0.1% of an epoch of `configs/quick.py` on a 2-core CPU; any
-Inception-based metric (FID, precision / recall, KID, ...) runs the FID
-Inception at 299x299 on every sample, several percent of an epoch at 100
-per label, so the default is label accuracy alone
+Cost (docs/performance.md, "Evaluation during training: what an evaluation
+point costs"; `benchmarks/in_loop_cost.py`): label accuracy of 100 samples
+per label is a forward pass of 1000 images and a classifier pass, a small
+fraction of an epoch of `configs/quick.py`; any Inception-based metric runs
+the FID Inception at 299x299 on every sample, many times that, and the
+metrics on the 2048-d features (precision / recall, KID, ...) run the
+network further still, so the default is label accuracy alone
 (`eval_metrics = ('label_accuracy',)`, off while `eval_samples_per_label =
 0`); `quick.py` and `experiments/reproduce_table3.py` turn it on.
 

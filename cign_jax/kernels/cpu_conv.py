@@ -84,7 +84,7 @@ def _xla_grads(reference, x, kernel, g, stride, padding):
 def conv2d_cpu(x, kernel, stride: int, padding: int,
                plan=("xla", "matmul", "matmul")):
   """conv2d for CPU, each pass in the formulation `plan` names (see above).
-  XLA's CPU lowering of the input gradient was 5-10x slower than col2im for
+  XLA's CPU lowering of the input gradient is slower than col2im for
   CIGN's shapes; its forward and kernel gradient win for some layers."""
   return _conv2d_cpu_fwd(x, kernel, stride, padding, plan)[0]
 
@@ -187,17 +187,16 @@ def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
   (`python benchmarks/conv_components.py`, docs/performance.md).
 
   With the C++ kernels built (`native_conv.available()`) and float32 data,
-  every pass is "native": 1.4x to 5.3x faster than the better of the two
-  XLA formulations for CIGN's large layers at batch 1152 (up to 31x faster
-  than XLA's own convolution gradients), and within a millisecond of it for
-  the small ones. The kernels are float32 only, so
-  float64 and bfloat16 convolutions keep their precision in XLA's
-  formulations. Without the kernels: XLA's forward conv beats im2col + product
-  for the strided convs (the im2col copy costs 4-5x the product); col2im
-  beats XLA's input gradient of a conv (up to 7x) and XLA's transposed-conv
-  forward and kernel gradient (up to 10x); XLA's kernel gradient beats the
-  im2col product when a strided conv's output is at most 4x4
-  (discriminator blocks 3-4)."""
+  every pass is "native": faster than the better of the two XLA
+  formulations for CIGN's large layers and as fast for the small ones. The
+  kernels are float32 only, so float64 and bfloat16 convolutions keep their
+  precision in XLA's formulations. Without the kernels: XLA's forward conv
+  beats im2col + product for the strided convs (the im2col copy costs more
+  than the product); col2im beats XLA's input gradient of a conv and XLA's
+  transposed-conv forward and kernel gradient; XLA's kernel gradient beats
+  the im2col product when a strided conv's output is at most 4x4
+  (discriminator blocks 3-4). The figures: docs/performance.md, "each conv
+  pass in its faster formulation"."""
   if jnp.dtype(dtype) == jnp.float32 and native_conv.available():
     return ("native", "native", "native")
   if transposed:

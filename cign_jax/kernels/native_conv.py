@@ -2,12 +2,11 @@
 
 `cign_jax/kernels/native/conv_kernels.cc` computes each pass of a shared-kernel
 convolution as im2col patches times the kernel matrix, building the patches
-in blocks of at least 256 rows (about 1 MiB) and multiplying each block with
-OpenBLAS's sgemm (the `scipy-openblas32` wheel), on XLA's thread pool.
-XLA's own CPU code either materialises the whole patch array (its copy ran
-at about 1.3 GB/s, 4-5x the cost of the product) or, for its native
-convolutions, ran some of CIGN's passes up to 10x slower
-(docs/performance.md).
+in cache-sized blocks and multiplying each block with OpenBLAS's sgemm (the
+`scipy-openblas32` wheel), on XLA's thread pool. XLA's own CPU code either
+materialises the whole patch array (a copy that costs more than the product)
+or, for its native convolutions, runs some of CIGN's passes far slower
+(docs/performance.md, "the C++ kernels per pass").
 
 The library is compiled on first use with the system's C++ compiler
 (`$CXX`, split like a shell command so that a wrapper such as "ccache g++"
@@ -31,7 +30,7 @@ XLA as three FFI targets. `available()` says whether that worked; where it
 did not (no compiler, no OpenBLAS wheel, an unsafe cache,
 `CIGN_JAX_NATIVE_CONV=0`), `cign_jax.ops` logs a warning with the reason
 and uses its XLA formulations instead: the same results up to rounding,
-about 1.5x slower train steps.
+slower train steps.
 
 The kernels' tuning knobs (`TUNING_ENV`: block size, minimum rows per block,
 chunks per thread, memory for the kernel gradient's partial sums) are
