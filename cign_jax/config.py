@@ -13,7 +13,10 @@ import os
 
 import ml_collections
 
-# The one list of each: models, data and the commands check against these.
+from cign_jax.data import DATASETS
+
+# The one list of each: models, losses and the commands check against these
+# (the datasets' is `data.DATASETS`).
 CONDITIONINGS = ("channel", "filter", "none")
 # 'cign': the CIGN paper's five-block network (any conditioning);
 # 'ign_dcgan': the unconditional DCGAN-like network of the IGN code
@@ -24,7 +27,6 @@ ARCHITECTURES = ("cign", "ign_dcgan")
 OPTIMIZERS = ("adamw", "adam")
 TIGHTNESS_KINDS = ("l1", "smooth_clamp")
 LR_SCHEDULES = ("constant", "cosine")
-DATASETS = ("mnist", "fashion_mnist")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("default", "high", "highest")
 

@@ -41,7 +41,6 @@ from cign_jax import config as config_lib
 from cign_jax import dropout as dropout_lib
 from cign_jax import grouped
 from cign_jax import ops
-from cign_jax import run_dir
 
 # (kernel, stride, padding) of the five blocks (appendix A, tables 4-7).
 DISCRIMINATOR_LAYOUT = ((4, 2, 1), (4, 2, 1), (3, 2, 1), (4, 2, 1), (2, 1, 0))
@@ -508,6 +507,26 @@ def check_labels(labels, num_classes: int, num_images: Optional[int] = None):
   return labels.astype(np.int32)
 
 
+def check_finite(array, what: str):
+  """Raises ValueError when `array` holds NaN or Inf, naming how many and
+  the first position.
+
+  Args:
+    array: a numpy-convertible array.
+    what: what the array is, for the message (e.g. "--inputs images").
+  """
+  a = np.asarray(array)
+  if not np.issubdtype(a.dtype, np.floating):
+    return
+  bad = ~np.isfinite(a)
+  count = int(bad.sum())
+  if count:
+    first = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(
+        f"{what} hold {count} non-finite value(s) (NaN or Inf) of {a.size}, "
+        f"the first at index {first} (value {a[first]})")
+
+
 def check_images(images, image_channels: int = 1):
   """Validates images in [-1, 1] at an API boundary: (N, 28, 28[, C])."""
   images = np.asarray(images, np.float32)
@@ -519,7 +538,7 @@ def check_images(images, image_channels: int = 1):
   if images.shape[0] == 0:
     raise ValueError(f"no images: got shape {images.shape}; expected at least "
                      "one")
-  run_dir.check_finite(images, "the images")
+  check_finite(images, "the images")
   if images.size and (images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6):
     raise ValueError(f"images must be in [-1, 1], got range [{images.min()}, "
                      f"{images.max()}]")

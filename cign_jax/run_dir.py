@@ -11,8 +11,6 @@
   restore.
 - `noting_sigterm`: SIGTERM sets a flag instead of ending the process, so
   that a training can finish its step, save it and stop cleanly.
-- `check_finite`: refuses arrays holding NaN or Inf, with their count and
-  the first position.
 """
 
 from __future__ import annotations
@@ -244,23 +242,3 @@ def noting_sigterm():
 def sigterm_received() -> bool:
   """Whether SIGTERM came within the open `noting_sigterm` blocks."""
   return _SIGTERM.received.is_set()
-
-
-def check_finite(array, what: str):
-  """Raises ValueError when `array` holds NaN or Inf, naming how many and
-  the first position.
-
-  Args:
-    array: a numpy-convertible array.
-    what: what the array is, for the message (e.g. "--inputs images").
-  """
-  a = np.asarray(array)
-  if not np.issubdtype(a.dtype, np.floating):
-    return
-  bad = ~np.isfinite(a)
-  count = int(bad.sum())
-  if count:
-    first = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(
-        f"{what} hold {count} non-finite value(s) (NaN or Inf) of {a.size}, "
-        f"the first at index {first} (value {a[first]})")
