@@ -97,6 +97,10 @@ def from_inner_products(fake_fake: np.ndarray, real_real: np.ndarray,
   k_ff = _kernel(fake_fake, dim)
   k_rr = _kernel(real_real, dim)
   k_fr = _kernel(fake_real, dim)
+  if m == n_fake == n_real:
+    # Every subset is the whole of both sets: one MMD, computed once (the
+    # same sums in another order would differ only by rounding).
+    fake_sets, real_sets = fake_sets[:1], real_sets[:1]
   w_f = _indicators(fake_sets, n_fake)
   w_r = _indicators(real_sets, n_real)
   # Per subset t: w_t' K w_t sums the kernel over all pairs of the subset;
