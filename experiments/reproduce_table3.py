@@ -13,7 +13,12 @@ checkpoint as the paper did: 1000 samples generated per label (noise seed
 192 and 768 features (mean, min, max over the ten classes), plus the label
 accuracy of the same samples (the library's classifier). ROOT/table3.md
 puts the paper's numbers beside ours, with the epochs each run had, the
-step of the checkpoint scored and its sample grid.
+step of the checkpoint scored and its sample grid; a second table gives,
+for the same samples, the diversity metrics of `cign_jax.evaluation`'s
+registry (`registry.DIVERSITY`: improved precision and recall, density and
+coverage, KID, within-class spread, near-duplicates), each mean / min /
+max over the classes, which FID alone does not show (a class drawn as
+nearly one image can keep a small FID).
 
 --max_minutes: training of all runs together stops cleanly at this limit
 (the latest checkpoint saved); the same command continues where it
@@ -49,6 +54,7 @@ from cign_jax import utils
 from cign_jax.evaluation import classifier as classifier_lib
 from cign_jax.evaluation import evaluate
 from cign_jax.evaluation import in_loop
+from cign_jax.evaluation import registry
 # pylint: enable=g-import-not-at-top
 
 PAPER_RUNS = ("channel_small", "channel_large", "filter_small", "filter_large")
@@ -173,8 +179,10 @@ def evaluate_run(workdir, data, quick, clf):
   chosen = checkpoints.resolve_checkpoint(workdir, "best")
   sizes = QUICK_FEATURE_SIZES if quick else FEATURE_SIZES
   per_class = QUICK_SAMPLES_PER_CLASS if quick else SAMPLES_PER_CLASS
+  names = metric_names(sizes)
   protocol = {"step": chosen.step, "feature_sizes": list(sizes),
-              "samples_per_class": per_class, "noise_seed": NOISE_SEED}
+              "samples_per_class": per_class, "noise_seed": NOISE_SEED,
+              "metrics": names}
   cache = os.path.join(workdir, "table3_eval.json")
   if os.path.isfile(cache):
     with open(cache) as f:
@@ -185,7 +193,7 @@ def evaluate_run(workdir, data, quick, clf):
       workdir, per_class, applications=1, seed=NOISE_SEED,
       checkpoint=chosen.step)
   real = None if data is None else data["test"]
-  report = evaluate.evaluate_samples(images, labels, feature_sizes=sizes,
+  report = evaluate.evaluate_samples(images, labels, metrics=names,
                                      progress=False, real=real, clf=clf,
                                      dataset=checkpoints.load_config(
                                          workdir).data.dataset)
@@ -197,14 +205,27 @@ def evaluate_run(workdir, data, quick, clf):
             "label_accuracy": report["label_accuracy"]["accuracy"],
             "label_accuracy_per_label":
                 report["label_accuracy"]["per_label"],
+            "metrics": report["metrics"],
             "grid": grid[:-4] + ".png"}
   with open(cache, "w") as f:
     json.dump(result, f, indent=2)
   return result
 
 
+def metric_names(sizes):
+  """The registry names scored: FID at `sizes`, label accuracy, and the
+  diversity metrics."""
+  return ([f"fid{s}" for s in sizes] + ["label_accuracy"] +
+          list(registry.DIVERSITY))
+
+
+def _number(value):
+  return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else \
+      f"{value:.1e}"
+
+
 def _triple(values):
-  return " / ".join(f"{v:.4f}" for v in values)
+  return " / ".join(_number(v) for v in values)
 
 
 def write_table(path, rows, quick, sizes):
@@ -247,6 +268,7 @@ def write_table(path, rows, quick, sizes):
         [_triple((fid[str(s)]["mean"], fid[str(s)]["min"],
                   fid[str(s)]["max"])) for s in sizes] +
         [f"{acc:.4f} ({weakest:.2f})"]) + " |")
+  lines += _diversity_table(rows)
   lines += ["", "## Samples (best checkpoint, one row per label, noise seed 0)",
             ""]
   for row in rows:
@@ -255,6 +277,36 @@ def write_table(path, rows, quick, sizes):
       lines += [f"### {row['name']}", "", f"![{row['name']}]({rel})", ""]
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")
+
+
+def _diversity_table(rows):
+  """The registry's diversity metrics of the same samples, one row per
+  scored run (mean / min / max over the classes)."""
+  scored = [r for r in rows if r.get("result")]
+  if not scored:
+    return []
+  names = list(registry.DIVERSITY)
+  lines = ["", "## Diversity of the same samples", "",
+           "On the FID Inception's 2048-d features, each class's samples "
+           "against as many of its test images; mean / min / max over the "
+           "classes. Precision, recall, density and coverage: about 1 for "
+           "samples like the data (density can pass 1); recall and "
+           "coverage near 0, spread well below 1 and near-duplicates near "
+           "1 say a class collapsed onto few images. KID: lower is better, "
+           "about 0 for the data itself (docs/design.md has the "
+           "definitions).", ""]
+  header = ["run"] + [f"{registry.title(n)} mean / min / max"
+                      for n in names]
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in scored:
+    metrics = row["result"].get("metrics", {})
+    cells = [row["name"]]
+    for name in names:
+      m = metrics.get(name)
+      cells.append("-" if m is None else
+                   _triple((m["mean"], m["min"], m["max"])))
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def main(argv):

@@ -11,7 +11,6 @@ classifier the library's, as in tests/test_fid.py.
 import json
 import os
 import sys
-import textwrap
 
 import jax
 import numpy as np
@@ -206,19 +205,16 @@ def test_features_computed_once_and_shared(fake, samples, tmp_path,
 # --- A metric is one module -------------------------------------------------------
 
 
-EXAMPLE_METRIC = '''
-"""Mean distance of generated features to the real class mean."""
-import numpy as np
-from cign_jax.evaluation import registry
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-NAMES = {"centre_distance": registry.LOWER}
-NEEDS = registry.Needs(features=(2048,), real=True)
 
-def compute(data, names):
-  fake, real = data.fake_features(2048), data.real_features(2048)
-  return {"centre_distance": float(
-      np.linalg.norm(fake - real.mean(axis=0), axis=1).mean())}
-'''
+def _design_example():
+  """The metric module docs/design.md shows ("Adding a metric is ...")."""
+  with open(os.path.join(ROOT, "docs", "design.md")) as f:
+    text = f.read()
+  after = text[text.index("Adding a metric is"):]
+  block = after[after.index("```python\n") + len("```python\n"):]
+  return block[:block.index("```")]
 
 
 @pytest.fixture
@@ -227,7 +223,7 @@ def extra_metric(tmp_path, monkeypatch):
   package's path; the registry is read again with it and after it."""
   folder = tmp_path / "more_metrics"
   folder.mkdir()
-  (folder / "centre_distance.py").write_text(textwrap.dedent(EXAMPLE_METRIC))
+  (folder / "centre_distance.py").write_text(_design_example())
   monkeypatch.setattr(metrics_package, "__path__",
                       list(metrics_package.__path__) + [str(folder)])
   registry._discover.cache_clear()  # pylint: disable=protected-access

@@ -1,7 +1,8 @@
 """experiments/reproduce_table3.py end to end in its quick form: trains a
 tiny channel_small from an .npz dataset, scores its best checkpoint with the
-paper's protocol (FID64 only, few samples) and writes table3.md; a second
-invocation resumes (nothing to train) and reuses the evaluation."""
+paper's protocol (FID64 only, few samples) and the diversity metrics, and
+writes table3.md; a second invocation resumes (nothing to train) and reuses
+the evaluation."""
 
 import json
 import os
@@ -14,6 +15,7 @@ import pytest
 from cign_jax import checkpoints
 from cign_jax import utils
 from cign_jax.data import reader
+from cign_jax.evaluation import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "experiments", "reproduce_table3.py")
@@ -58,8 +60,21 @@ def test_quick_reproduction_from_an_npz(tmp_path):
   np.testing.assert_allclose(result["fid"]["64"]["mean"],
                              np.mean(list(per_class.values())), rtol=1e-9)
   assert os.path.isfile(result["grid"])
+  # The same samples' diversity metrics, per class, summarised like FID.
+  assert result["protocol"]["metrics"] == (
+      ["fid64", "label_accuracy"] + list(registry.DIVERSITY))
+  for name in registry.DIVERSITY:
+    m = result["metrics"][name]
+    assert len(m["per_class"]) == 10
+    assert m["min"] <= m["mean"] <= m["max"], name
+  recall = result["metrics"]["recall"]
+  np.testing.assert_allclose(recall["mean"],
+                             np.mean(list(recall["per_class"].values())),
+                             rtol=1e-12)
   table = open(os.path.join(root, "table3.md")).read()
   assert "Quick smoke test" in table
+  assert "## Diversity of the same samples" in table
+  assert "| recall (k=3) mean / min / max |" in table
   assert f"step {best['step']} (best checkpoint by val_loss" in table
   assert "channel_small/table3_samples.png" in table
 
