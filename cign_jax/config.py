@@ -43,8 +43,7 @@ def resolve_passes(passes: str) -> str:
   """config.loss.passes: 'auto' -> 'sequential' (the batched calls were not
   faster on CPU nor on a GPU)."""
   if passes not in LOSS_PASSES:
-    raise ValueError(f"unknown passes {passes!r}; expected one of "
-                     f"{LOSS_PASSES}")
+    raise ValueError(unknown_choice("passes", passes, LOSS_PASSES))
   return "sequential" if passes == "auto" else passes
 
 
@@ -52,8 +51,8 @@ def resolve_channel_conv(channel_conv: str) -> str:
   """config.model.channel_conv: 'auto' -> 'concat' (the split kernel was
   slower with XLA's CPU convolutions and on a GPU)."""
   if channel_conv not in CHANNEL_CONVS:
-    raise ValueError(f"unknown channel_conv {channel_conv!r}; expected one "
-                     f"of {CHANNEL_CONVS}")
+    raise ValueError(unknown_choice("channel_conv", channel_conv,
+                                    CHANNEL_CONVS))
   return "concat" if channel_conv == "auto" else channel_conv
 
 
@@ -179,6 +178,15 @@ def _check(cond: bool, key: str, message: str):
     raise ValueError(f"config.{key}: {message}")
 
 
+def unknown_choice(what: str, value, choices) -> str:
+  """The message for a value that is none of `choices`."""
+  return f"unknown {what} {value!r}; expected one of {tuple(choices)}"
+
+
+def _check_choice(value, choices, key: str, what: str):
+  _check(value in choices, key, unknown_choice(what, value, choices))
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ValueError naming the first invalid field; returns the config."""
   base = base_config()
@@ -197,12 +205,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(key in config, key, "missing config key")
 
   m, l, o = config.model, config.loss, config.optimizer
-  _check(m.conditioning in CONDITIONINGS, "model.conditioning",
-         f"unknown conditioning {m.conditioning!r}; expected one of "
-         f"{CONDITIONINGS}")
-  _check(m.architecture in ARCHITECTURES, "model.architecture",
-         f"unknown architecture {m.architecture!r}; expected one of "
-         f"{ARCHITECTURES}")
+  _check_choice(m.conditioning, CONDITIONINGS,
+                "model.conditioning", "conditioning")
+  _check_choice(m.architecture, ARCHITECTURES,
+                "model.architecture", "architecture")
   if m.architecture == "ign_dcgan":
     _check(m.conditioning == "none", "model.conditioning",
            f"the 'ign_dcgan' network is unconditional: it needs "
@@ -221,29 +227,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
               "idem_mismatch_weight", "tight_mismatch_weight"):
     _check(l[key] >= 0, f"loss.{key}", f"a loss weight must be >= 0, got "
            f"{l[key]}")
-  _check(l.tightness in TIGHTNESS_KINDS, "loss.tightness",
-         f"unknown tightness {l.tightness!r}; expected one of "
-         f"{TIGHTNESS_KINDS}")
+  _check_choice(l.tightness, TIGHTNESS_KINDS, "loss.tightness", "tightness")
   _check(l.tightness_clamp_a > 0, "loss.tightness_clamp_a",
          f"must be > 0, got {l.tightness_clamp_a}")
   _check(0 <= l.num_mismatch_labels <= m.num_classes - 1,
          "loss.num_mismatch_labels",
          f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}")
-  _check(o.name in OPTIMIZERS, "optimizer.name",
-         f"unknown optimizer {o.name!r}; expected one of {OPTIMIZERS}")
+  _check_choice(o.name, OPTIMIZERS, "optimizer.name", "optimizer")
   _check(o.learning_rate > 0, "optimizer.learning_rate",
          f"must be > 0, got {o.learning_rate}")
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1",
          f"betas must be in [0, 1), got {o.b1}, {o.b2}")
   _check(o.weight_decay >= 0, "optimizer.weight_decay",
          f"must be >= 0, got {o.weight_decay}")
-  _check(o.lr_schedule in LR_SCHEDULES, "optimizer.lr_schedule",
-         f"unknown schedule {o.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+  _check_choice(o.lr_schedule, LR_SCHEDULES,
+                "optimizer.lr_schedule", "schedule")
   _check(0.0 <= config.ema_decay < 1.0, "ema_decay",
          f"must be in [0, 1), got {config.ema_decay}")
-  _check(config.data.dataset in DATASETS, "data.dataset",
-         f"unknown dataset {config.data.dataset!r}; expected one of "
-         f"{DATASETS}")
+  _check_choice(config.data.dataset, DATASETS, "data.dataset", "dataset")
   _check(config.data.train_noise_std >= 0, "data.train_noise_std",
          f"must be >= 0, got {config.data.train_noise_std}")
   _check(config.batch_size >= 1, "batch_size",
@@ -254,17 +255,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   for key in ("log_every_steps", "sample_every_steps", "checkpoint_every_steps",
               "keep_checkpoints"):
     _check(config[key] >= 1, key, f"must be >= 1, got {config[key]}")
-  _check(config.compute_dtype in COMPUTE_DTYPES, "compute_dtype",
-         f"unknown dtype {config.compute_dtype!r}; expected one of "
-         f"{COMPUTE_DTYPES}")
-  _check(config.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
-         f"unknown precision {config.matmul_precision!r}; expected one of "
-         f"{MATMUL_PRECISIONS}")
-  _check(l.passes in LOSS_PASSES, "loss.passes",
-         f"unknown passes {l.passes!r}; expected one of {LOSS_PASSES}")
-  _check(m.channel_conv in CHANNEL_CONVS, "model.channel_conv",
-         f"unknown channel_conv {m.channel_conv!r}; expected one of "
-         f"{CHANNEL_CONVS}")
+  _check_choice(config.compute_dtype, COMPUTE_DTYPES, "compute_dtype", "dtype")
+  _check_choice(config.matmul_precision, MATMUL_PRECISIONS,
+                "matmul_precision", "precision")
+  _check_choice(l.passes, LOSS_PASSES, "loss.passes", "passes")
+  _check_choice(m.channel_conv, CHANNEL_CONVS,
+                "model.channel_conv", "channel_conv")
   _validate_evaluation(config)
   _check(len(config.mesh_shape) == len(config.mesh_axis_names), "mesh_shape",
          f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
@@ -282,6 +278,12 @@ def computed_metrics(config: ml_collections.ConfigDict) -> tuple:
   if config.eval_samples_per_label > 0:
     names.extend(str(n) for n in config.eval_metrics)
   return tuple(names)
+
+
+def needs_evaluator(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run's evaluation points compute metrics of
+  `cign_jax.evaluation` (the core trains without them)."""
+  return config.eval_samples_per_label > 0
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict):

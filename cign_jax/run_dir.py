@@ -29,6 +29,8 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from cign_jax import utils
+
 LOCK_FILE = "train.lock"
 CHECKSUM_FILE = "cign_checksum.json"
 # The checkpoint item (a folder of each step) that holds CHECKSUM_FILE.
@@ -82,36 +84,16 @@ class WorkdirLock:
     self.release()
 
 
-@contextlib.contextmanager
-def _replaced_atomically(path: str, tmp: str, mode: str):
-  """Yields `tmp` opened in `mode`; once written and synced it replaces
-  `path` (`os.replace`), so `path` is either the old file or the complete
-  new one. `tmp` is removed whatever happens."""
-  try:
-    with open(tmp, mode) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def atomic_savez(path: str, **arrays):
-  """np.savez to `path` through a temporary file in the same directory and
-  an `os.replace`, so `path` is either the old file or the complete new one.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  with _replaced_atomically(path, tmp, "wb") as f:
+  """np.savez to `path` through `utils.atomic_write`: `path` is either the
+  old file or the complete new one."""
+  with utils.atomic_write(path) as f:
     np.savez(f, **arrays)
 
 
 def atomic_write_text(path: str, text: str):
-  """Writes `text` to `path` through a temporary file and `os.replace`."""
-  with _replaced_atomically(path, f"{path}.{os.getpid()}.tmp", "w") as f:
+  """Writes `text` to `path` through `utils.atomic_write`."""
+  with utils.atomic_write(path, "w") as f:
     f.write(text)
 
 

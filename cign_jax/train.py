@@ -299,10 +299,6 @@ def split_dataset(dataset) -> Tuple[Any, Any]:
                    f"labels)}}, got {type(dataset).__name__}")
 
 
-def _needs_evaluator(config) -> bool:
-  return config.eval_samples_per_label > 0 or bool(config.eval_fid_sizes)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Optional[Any] = None,
                        evaluator: Optional[Callable[..., Dict[str, float]]]
@@ -365,13 +361,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "split: pass dataset={'train': (images, labels), 'test': (images, "
         "labels)}, or set config.best_metric to "
         + " or ".join(others + ["'' (no best checkpoint)"]))
-  if _needs_evaluator(config) and evaluator is None:
+  if config_lib.needs_evaluator(config) and evaluator is None:
     raise ValueError(
-        f"config.eval_samples_per_label = {config.eval_samples_per_label} / "
-        f"config.eval_fid_sizes = {tuple(config.eval_fid_sizes)} ask for "
-        "evaluation during training, which lives in cign_jax.evaluation: call "
-        "cign_jax.evaluation.in_loop.train_and_evaluate (what `python -m "
-        "cign_jax.main` does) or pass evaluator=")
+        f"config.eval_samples_per_label = {config.eval_samples_per_label} "
+        "asks for evaluation during training, which lives in "
+        "cign_jax.evaluation: call cign_jax.evaluation.in_loop."
+        "train_and_evaluate (what `python -m cign_jax.main` does) or pass "
+        "evaluator=")
   batches = reader.TrainBatches(images, labels, config.batch_size,
                                   config.seed)
   _check_labels_fit(config, labels)

@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
 import jax
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+  """Yields a temporary file beside `path` opened in `mode`; once written
+  and synced it replaces `path` (`os.replace`), so a reader or a kill
+  mid-write sees either the old file or the complete new one. The
+  temporary file is removed whatever happens; `path`'s directory is
+  created."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+  try:
+    with open(tmp, mode) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def cache_root() -> str:

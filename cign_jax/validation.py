@@ -42,6 +42,7 @@ import numpy as np
 from cign_jax import checkpoints
 from cign_jax import losses
 from cign_jax import train_step as train_step_lib
+from cign_jax import utils
 from cign_jax.data import reader
 
 EVALUATIONS_FILE = "evaluations.json"
@@ -277,7 +278,5 @@ class BestCheckpoint:
 
 
 def _write_json(path: str, payload):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with utils.atomic_write(path, "w") as f:
     json.dump(payload, f, indent=2)
-  os.replace(tmp, path)

@@ -17,6 +17,7 @@ import zipfile
 
 import numpy as np
 
+from cign_jax import utils
 from cign_jax.data import IMAGE_SHAPE
 from cign_jax.data import SPLIT_SIZES
 from cign_jax.data import check_dataset
@@ -92,11 +93,9 @@ def _load_split_cached(dataset: str, split: str, data_dir: str):
       images, labels = _decode_split(dataset, split, data_dir)
     except Exception as e:  # pylint: disable=broad-except
       raise _damaged_record_error(dataset, split, data_dir, e) from e
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    np.savez(tmp, images=images, labels=labels,
-             fingerprint=np.array(fingerprint))
-    os.replace(tmp, path)
+    with utils.atomic_write(path) as f:
+      np.savez(f, images=images, labels=labels,
+               fingerprint=np.array(fingerprint))
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels

@@ -229,10 +229,8 @@ def train(dataset: str, data_dir: str = "", seed: int = 0,
 
 
 def _write_atomic(path: str, payload: bytes) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "wb") as f:
+  with utils.atomic_write(path) as f:
     f.write(payload)
-  os.replace(tmp, path)
 
 
 def save(classifier: Classifier, info: dict, directory: str) -> dict:

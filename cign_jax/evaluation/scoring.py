@@ -24,12 +24,12 @@ evaluation, `python -m cign_jax.evaluate` and the Table 3 script call:
 from __future__ import annotations
 
 import dataclasses
-import os
 import pathlib
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from cign_jax import utils
 from cign_jax.evaluation import distances
 from cign_jax.evaluation import fid
 from cign_jax.evaluation import inception
@@ -55,10 +55,8 @@ def _load(path: pathlib.Path) -> Optional[np.ndarray]:
 
 
 def _save(path: pathlib.Path, array: np.ndarray) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-  np.save(tmp, array)
-  os.replace(tmp, path)
+  with utils.atomic_write(path) as f:
+    np.save(f, array)
 
 
 class FeatureStore:
