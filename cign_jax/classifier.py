@@ -1,5 +1,5 @@
-"""`python -m cign_jax.classifier`: the command `cign_jax.commands.classifier` under
-its older name (kept so that existing command lines keep working)."""
+"""`python -m cign_jax.classifier`: the classifier command (its flags and call are in
+`cign_jax.commands.classifier`)."""
 
 from cign_jax.commands import classifier
 

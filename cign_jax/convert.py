@@ -1,5 +1,5 @@
-"""`python -m cign_jax.convert`: the command `cign_jax.commands.convert` under
-its older name (kept so that existing command lines keep working)."""
+"""`python -m cign_jax.convert`: the convert command (its flags and call are in
+`cign_jax.commands.convert`)."""
 
 from cign_jax.commands import convert
 

@@ -1,5 +1,5 @@
-"""`python -m cign_jax.evaluate`: the command `cign_jax.commands.evaluate` under
-its older name (kept so that existing command lines keep working)."""
+"""`python -m cign_jax.evaluate`: the evaluate command (its flags and call are in
+`cign_jax.commands.evaluate`)."""
 
 from cign_jax.commands import evaluate
 

@@ -1,5 +1,5 @@
-"""`python -m cign_jax.main`: the command `cign_jax.commands.train` under
-its older name (kept so that existing command lines keep working)."""
+"""`python -m cign_jax.main`: the train command (its flags and call are in
+`cign_jax.commands.train`)."""
 
 from cign_jax.commands import train
 

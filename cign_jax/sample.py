@@ -1,5 +1,5 @@
-"""`python -m cign_jax.sample`: the command `cign_jax.commands.sample` under
-its older name (kept so that existing command lines keep working)."""
+"""`python -m cign_jax.sample`: the sample command (its flags and call are in
+`cign_jax.commands.sample`)."""
 
 from cign_jax.commands import sample
 

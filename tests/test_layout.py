@@ -15,9 +15,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE_DIR = os.path.join(ROOT, "cign_jax")
 
-# `python -m cign_jax.main` / sample / evaluate / convert / classifier: kept
-# so that older command lines work; each only runs a module of commands/.
-OLD_COMMAND_PATHS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
+# `python -m cign_jax.main` / sample / evaluate / convert / classifier: the
+# commands' names; each only runs a module of commands/.
+ENTRY_POINTS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
                      "cign_jax.convert", "cign_jax.classifier"}
 CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
         "cign_jax.models", "cign_jax.dropout", "cign_jax.losses",
@@ -157,13 +157,13 @@ def test_every_core_module_is_listed():
   """A new module at the top level is a decision: core, or a sub-package."""
   top = {m for m, path in _modules().items()
          if m.count(".") == 1 and not path.endswith("__init__.py")}
-  assert top <= CORE | OLD_COMMAND_PATHS, top - CORE - OLD_COMMAND_PATHS
+  assert top <= CORE | ENTRY_POINTS, top - CORE - ENTRY_POINTS
 
 
 def test_only_commands_import_commands():
   bad = _offending(lambda m, t: _in(t, "cign_jax.commands")
                    and not _in(m, "cign_jax.commands")
-                   and m not in OLD_COMMAND_PATHS
+                   and m not in ENTRY_POINTS
                    and m != "cign_jax.data.__main__")
   assert not bad, bad
 

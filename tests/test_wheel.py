@@ -113,14 +113,13 @@ print("trained to step", int(state.step))
 @pytest.mark.data
 def test_train_command_with_the_packaged_quick_config(installed):
   """`python -m cign_jax.main --config=<installed package>/configs/quick.py:tiny`
-  from outside the checkout, on MNIST, then the `cign-sample` console script."""
+  from outside the checkout, on MNIST, then `python -m cign_jax.sample`."""
   python, work, configs_dir = installed
   workdir = os.path.join(work, "tiny")
   _run([python, "-m", "cign_jax.main",
         f"--config={os.path.join(configs_dir, 'quick.py')}:tiny",
         f"--workdir={workdir}"], cwd=work)
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "6"))
-  sample = os.path.join(os.path.dirname(python), "cign-sample")
-  _run([sample, f"--workdir={workdir}", f"--out={work}/s.npz",
+  _run([python, "-m", "cign_jax.sample", f"--workdir={workdir}", f"--out={work}/s.npz",
         "--labels=1", "--num_per_label=2"], cwd=work)
   assert os.path.isfile(os.path.join(work, "s.npz"))

@@ -1,9 +1,7 @@
 """The command-line entry points: each module defines its flags and makes one
-library call. `python -m cign_jax.commands.NAME`, or the console scripts
-(`cign-train`, `cign-sample`, `cign-evaluate`, `cign-convert`,
-`cign-classifier`, `cign-data`); the older `python -m cign_jax.main` /
-`sample` / `evaluate` / `convert` / `classifier` / `data` run the same
-modules. Each module's `run()` defines the flags and starts absl, so that
+library call. Each is run by one name: `python -m cign_jax.main` (train),
+`python -m cign_jax.sample` / `evaluate` / `convert` / `classifier`, and
+`python -m cign_jax.data prepare NAME`. Each module's `run()` defines the flags and starts absl, so that
 importing one command beside another defines nothing.
 """
 
@@ -22,8 +20,7 @@ def run(main, command_module: str) -> None:
   the --help text, whichever module started the process.
 
   absl's --help shows the docstring and flags of `__main__`, which is the
-  older path (`cign_jax/main.py`) or a console script's launcher when the
-  command is started that way, not the module that defines the flags.
+  entry point (`cign_jax/main.py`), not the module that defines the flags.
 
   Args:
     main: the command's `main(argv)`.

@@ -59,6 +59,3 @@ def run():
   _define_flags()
   commands.run(main, __name__)
 
-
-if __name__ == "__main__":
-  run()

@@ -59,6 +59,3 @@ def run():
   flags.mark_flags_as_required(["workdir", "out"])
   commands.run(main, __name__)
 
-
-if __name__ == "__main__":
-  run()

@@ -91,6 +91,3 @@ def run():
   _define_flags()
   commands.run(main, __name__)
 
-
-if __name__ == "__main__":
-  run()
