@@ -202,6 +202,33 @@ def test_features_computed_once_and_shared(fake, samples, tmp_path,
   assert report.scalars()["precision_2"] == values.per_class[2]
 
 
+def test_memorisation_reads_the_training_split(fake, samples, tmp_path):
+  """Generated images that are training images are all memorised; the
+  training features are extracted once (one pass over the classes scored)
+  and cached like the real ones."""
+  gen, gen_labels, real, real_labels = samples
+  train_u8, _ = synthetic.dataset(num_examples=300, seed=7)
+  train_labels = np.arange(300) % 3
+  copies = train_u8[:90].astype(np.float32) / 127.5 - 1
+  names = ["memorisation_ratio", "memorised"]
+  stores = dict(store=scoring.FeatureStore(cache_dir=tmp_path),
+                train_store=scoring.FeatureStore(split="train",
+                                                 cache_dir=tmp_path))
+  report = scoring.score(names, copies, train_labels[:90],
+                         (real, real_labels),
+                         train=(train_u8, train_labels), **stores)
+  assert report.summaries["memorised"].per_class == {0: 1.0, 1: 1.0, 2: 1.0}
+  assert report.summaries["memorisation_ratio"].max < 1e-5  # rounding
+  assert (300, (2048,)) in fake.calls  # the training images, once
+  fresh = scoring.score(names, gen, gen_labels, (real, real_labels),
+                        train=(train_u8, train_labels), **stores)
+  assert fresh.summaries["memorised"].max < 0.2
+  assert 0.5 < fresh.summaries["memorisation_ratio"].value < 2.0
+  assert [c for c in fake.calls if c[0] == 300] == [(300, (2048,))]
+  with pytest.raises(ValueError, match="pass train="):
+    scoring.score(names, gen, gen_labels, (real, real_labels))
+
+
 # --- A metric is one module -------------------------------------------------------
 
 
