@@ -108,8 +108,8 @@ def main(_):
   if FLAGS.train_per_class:
     seconds = _metric_seconds(["memorisation_ratio", "memorised"], n,
                               FLAGS.train_per_class)
-    print(f"  {'memorisation (' + str(FLAGS.train_per_class) + ' train/class)':38s}"
-          f" {k * seconds:8.1f} s (plus the Inception pass over "
+    title = f"memorisation ({FLAGS.train_per_class} train/class)"
+    print(f"  {title:38s} {k * seconds:8.1f} s (plus the Inception pass over "
           f"{FLAGS.train_per_class * k} training images, cached)")
   clf = classifier.load_or_train("mnist")
   gen = reader.to_model_range(np.resize(images, (n * k,) + images.shape[1:]))

@@ -190,8 +190,10 @@ def test_memorisation_matches_brute_force():
   def nearest_train(points):
     return [min(_dist(p, t) for t in train) for p in points]
 
+  def median(values):
+    return float(np.median(values))
+
   g, t = nearest_train(fake), nearest_train(test)
-  median = lambda v: float(np.median(v))  # pylint: disable=unnecessary-lambda-assignment
   threshold = _percentile(t, 1)
   got = memorisation.memorisation(train, test, fake)
   assert got["memorisation_ratio"] == pytest.approx(median(g) / median(t),
@@ -245,7 +247,7 @@ def test_shifted_copy(real_set):
   assert mean > 20 * abs(same)
 
 
-# --- Distances ------------------------------------------------------------------
+# --- Distances ---------------------------------------------------------------
 
 
 def test_chunked_distances_match_direct(monkeypatch):

@@ -129,7 +129,7 @@ def test_unknown_and_repeated_names():
                            "config.eval_samples_per_label")
 
 
-# --- FID and label accuracy: the numbers of before the move ---------------------
+# --- FID and label accuracy: the numbers of before the move -----------------
 
 
 def test_fid_and_label_accuracy_unchanged(fake, samples, tmp_path):
@@ -229,7 +229,7 @@ def test_memorisation_reads_the_training_split(fake, samples, tmp_path):
     scoring.score(names, gen, gen_labels, (real, real_labels))
 
 
-# --- A metric is one module -------------------------------------------------------
+# --- A metric is one module --------------------------------------------------
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -43,8 +43,9 @@ def reference_features_dir() -> pathlib.Path:
 
 def _features_path(cache: pathlib.Path, dataset: str, split: str, label,
                    size: int, count: int, digest: str) -> pathlib.Path:
-  return cache / (f"{fid._safe(dataset)}_{fid._safe(split)}_label"  # pylint: disable=protected-access
-                  f"{fid._safe(label)}_f{size}_n{count}_{digest}.npy")  # pylint: disable=protected-access
+  safe = fid._safe  # pylint: disable=protected-access
+  return cache / (f"{safe(dataset)}_{safe(split)}_label{safe(label)}_f{size}"
+                  f"_n{count}_{digest}.npy")
 
 
 def _load(path: pathlib.Path) -> Optional[np.ndarray]:

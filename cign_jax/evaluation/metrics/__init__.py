@@ -1,4 +1,4 @@
-"""The evaluation's metrics, one module each (see `cign_jax.evaluation.registry`).
+"""The evaluation's metrics, one module each (`cign_jax.evaluation.registry`).
 
 A module here declares the names it computes, whether lower or higher is
 better for each, what it needs (samples per class, real images, Inception
