@@ -1,6 +1,6 @@
 """Checkpoints of a run directory (orbax), and loading a model from one.
 
-Layout of a run directory (`--workdir`):
+Layout of a run directory (the commands' `--workdir`):
 
   WORKDIR/config.json          the run's config (every field)
   WORKDIR/checkpoints/<step>/  orbax checkpoints of {step, params,
@@ -220,12 +220,12 @@ def _corrupt_step_error(mngr, step: int, target, cause: Exception
   if good:
     fix = (f"good steps there: {', '.join(map(str, sorted(good)))}. To go "
            f"on from step {good[0]}, move {path} out of the checkpoint "
-           f"directory (training then resumes from step {good[0]}), or read "
-           f"it with --step={good[0]} (sample)")
+           f"directory (training then resumes from step {good[0]}), or "
+           f"read that step with checkpoint={good[0]}")
   else:
     fix = (f"no other step there restores; move {path} out of the "
            "checkpoint directory to train from the start, or train again in "
-           "a new --workdir")
+           "a new run directory")
   kind = "incomplete" if isinstance(cause, _IncompleteStep) else "corrupt"
   return CheckpointError(f"checkpoint of step {step} ({path}) is {kind}: "
                          f"{reason}; {fix}")
@@ -456,7 +456,7 @@ class ChosenCheckpoint(NamedTuple):
 
 
 def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
-  """Which checkpoint --checkpoint=best|latest|STEP names in `workdir`.
+  """Which checkpoint 'best', 'latest' or a step names in `workdir`.
 
   Args:
     workdir: a run directory.
@@ -500,25 +500,25 @@ def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
   if value == "best":
     if best is None:
       raise CheckpointError(
-          f"--checkpoint=best: {workdir} has no best checkpoint (its "
+          f"checkpoint=best: {workdir} has no best checkpoint (its "
           f"config.best_metric is '' or no evaluation point was reached); "
           f"available: {available()}")
-    return from_best("--checkpoint=best")
+    return from_best("checkpoint=best")
   if value == "latest":
     if not latest:
-      raise CheckpointError(f"--checkpoint=latest: no checkpoint in "
+      raise CheckpointError(f"checkpoint=latest: no checkpoint in "
                             f"{workdir}")
     return ChosenCheckpoint(latest[-1], CHECKPOINT_DIR,
-                            "latest checkpoint (--checkpoint=latest)")
+                            "latest checkpoint (checkpoint=latest)")
   if not value.lstrip("-").isdigit():
-    raise CheckpointError(f"unknown --checkpoint value {checkpoint!r}: "
+    raise CheckpointError(f"unknown checkpoint value {checkpoint!r}: "
                           f"expected best, latest or a step number; "
                           f"available: {available()}")
   step = int(value)
   if step in latest:
     return ChosenCheckpoint(step, CHECKPOINT_DIR,
-                            f"step {step} (--checkpoint={step})")
+                            f"step {step} (checkpoint={step})")
   if best is not None and step == int(best["step"]):
-    return from_best(f"--checkpoint={step}")
-  raise CheckpointError(f"--checkpoint={step}: no checkpoint of step {step} "
+    return from_best(f"checkpoint={step}")
+  raise CheckpointError(f"checkpoint={step}: no checkpoint of step {step} "
                         f"in {workdir}; available: {available()}")

@@ -19,10 +19,8 @@ import numpy as np
 from PIL import Image
 from PIL import PngImagePlugin
 
-from cign_jax import checkpoints
 from cign_jax import losses
 from cign_jax import models
-from cign_jax import run_dir
 
 
 @functools.partial(jax.jit, static_argnames=("model", "applications"))
@@ -114,15 +112,21 @@ def project(model: models.IdempotentNetwork, variables, images,
 
 def label_grid(model: models.IdempotentNetwork, variables, key,
                num_per_label: int = 10, applications: int = 1,
-               clip: bool = False):
-  """The paper's appendix figure: one row per label, the same noise in every
-  row. Returns images (num_classes, num_per_label, 28, 28, C)."""
-  k = model.num_classes if model.conditioning != "none" else 1
+               clip: bool = False, labels: Optional[Sequence[int]] = None):
+  """The paper's appendix figure: one row per label (`labels`, default every
+  class), the same noise in every row. Returns images (len(labels),
+  num_per_label, 28, 28, C)."""
+  if labels is None:
+    k = model.num_classes if model.conditioning != "none" else 1
+    labels = range(k)
+  labels = models.check_labels(list(labels), model.num_classes)
+  if num_per_label < 1:
+    raise ValueError(f"num_per_label must be >= 1, got {num_per_label}")
   z = prior_noise(key, num_per_label, model.image_channels, clip)
-  x = np.tile(z, (k, 1, 1, 1))
-  labels = np.repeat(np.arange(k, dtype=np.int32), num_per_label)
-  out = apply_repeatedly(model, variables, x, labels, applications)
-  return out.reshape((k, num_per_label) + out.shape[1:])
+  x = np.tile(z, (len(labels), 1, 1, 1))
+  out = apply_repeatedly(model, variables, x,
+                         np.repeat(labels, num_per_label), applications)
+  return out.reshape((len(labels), num_per_label) + out.shape[1:])
 
 
 def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
@@ -151,39 +155,27 @@ def save_png(image_u8: np.ndarray, path: str, scale: int = 2,
   img.save(path, pnginfo=info)
 
 
-def _parse_labels(labels) -> list:
-  """--labels as a list of ints, with errors that name the flag."""
-  labels = list(labels)
-  if not labels:
-    raise ValueError("--labels is empty; give labels such as --labels=0,3, "
-                     "or leave the flag out to sample every class")
-  out = []
-  for label in labels:
-    try:
-      out.append(int(label))
-    except (TypeError, ValueError):
-      raise ValueError(f"--labels must be integers separated by commas, got "
-                       f"{label!r}") from None
-  return out
-
-
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def open_npz(path: str, flag: str) -> dict:
-  """The arrays of an .npz given by `flag`, read whole (so a damaged member
-  fails here, not at first use), with errors that name the flag and file."""
+def open_npz(path: str, what: str) -> dict:
+  """The arrays of the .npz `path`, read whole (so a damaged member fails
+  here, not at first use). `what` is the file's role in words (such as 'the
+  inputs file'): each error starts with it and names the file."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{what} {path} does not exist; expected an .npz "
+                            "written by numpy.savez with an 'images' array")
   with open(path, "rb") as f:
     head = f.read(len(_NPY_MAGIC))
   if not head:
-    raise ValueError(f"{flag} file {path} is empty; expected an .npz written "
+    raise ValueError(f"{what} {path} is empty; expected an .npz written "
                      "by numpy.savez with an 'images' array")
   if head == _NPY_MAGIC:
-    raise ValueError(f"{flag} file {path} holds a single array (.npy), not an "
+    raise ValueError(f"{what} {path} holds a single array (.npy), not an "
                      ".npz with named arrays ('images', 'labels')")
   if not head.startswith(_ZIP_MAGIC):
-    raise ValueError(f"{flag} file {path} is not an .npz (it does not start "
+    raise ValueError(f"{what} {path} is not an .npz (it does not start "
                      "as a zip archive does); expected one written by "
                      "numpy.savez with an 'images' array")
   try:
@@ -191,89 +183,6 @@ def open_npz(path: str, flag: str) -> dict:
       return {name: data[name] for name in data.files}
   except (ValueError, OSError, EOFError, zipfile.BadZipFile,
           zlib.error) as e:
-    raise ValueError(f"{flag} file {path} cannot be read as an .npz ({e}); "
+    raise ValueError(f"{what} {path} cannot be read as an .npz ({e}); "
                      "expected a whole one written by numpy.savez, without "
                      "object arrays") from None
-
-
-def sample_to_file(workdir: str, out: str,
-                   labels: Optional[Sequence[int]] = None,
-                   num_per_label: int = 10, seed: int = 0,
-                   applications: int = 1, inputs: Optional[str] = None,
-                   step: Optional[int] = None, checkpoint=None):
-  """Samples from the run in `workdir` (or projects `inputs`) into `out`.
-
-  What `python -m cign_jax.sample` does: writes `images` (float32 in [-1, 1],
-  (N, 28, 28, 1)) and `labels` to the .npz `out`, and a PNG grid beside it.
-
-  Args:
-    workdir: a run directory (training or `convert`).
-    out: the .npz file to write.
-    labels: the labels to sample (default: every class).
-    num_per_label: samples per label; every label gets the same noise.
-    seed: seed of the prior noise.
-    applications: how many times f is applied.
-    inputs: an .npz of `images` (and `labels`) to project instead of noise.
-    step: the checkpoint step (the same as checkpoint=step).
-    checkpoint: 'best', 'latest' or a step; default the best when the run
-      keeps one, else the latest. The .npz (`step`, `checkpoint`) and the
-      PNG's text say which and why.
-
-  Returns:
-    (images, labels) as written.
-  """
-  if not out.endswith(".npz"):
-    raise ValueError(f"--out must name an .npz file, got {out!r}")
-  if labels is not None:
-    labels = _parse_labels(labels)
-  if checkpoint is None and step is not None:
-    checkpoint = step
-  chosen, (config, model, variables, step) = checkpoints.load_chosen_model(
-      workdir, checkpoint)
-  num_classes = model.num_classes if model.conditioning != "none" else 1
-  if inputs is not None:
-    if not os.path.isfile(inputs):
-      raise FileNotFoundError(f"--inputs file not found: {inputs}")
-    arrays = open_npz(inputs, "--inputs")
-    if "images" not in arrays:
-      raise ValueError(f"{inputs} has no 'images' array (found: "
-                       f"{', '.join(arrays) or 'no arrays'})")
-    x = models.check_images(arrays["images"], model.image_channels)
-    if "labels" in arrays:
-      y = models.check_labels(arrays["labels"], model.num_classes, x.shape[0])
-    elif model.conditioning == "none":
-      y = np.zeros((x.shape[0],), np.int32)
-    else:
-      raise ValueError(f"{inputs} has no 'labels' array, which a "
-                       f"{model.conditioning}-conditioned model needs")
-    images = project(model, variables, x, y, applications)
-    rows = np.stack([x, images])[:, :min(len(x), 16)]
-    labels_out = y
-  else:
-    wanted = range(num_classes) if labels is None else [int(l) for l in labels]
-    wanted = models.check_labels(list(wanted), model.num_classes)
-    if num_per_label < 1:
-      raise ValueError(f"--num_per_label must be >= 1, got {num_per_label}")
-    # The same noise for every label, as in the paper's figures.
-    z = prior_noise(jax.random.key(seed), num_per_label,
-                             model.image_channels, config.model.clip_prior)
-    x = np.tile(z, (len(wanted), 1, 1, 1))
-    labels_out = np.repeat(wanted, num_per_label).astype(np.int32)
-    images = apply_repeatedly(model, variables, x, labels_out,
-                                       applications)
-    rows = images.reshape((len(wanted), num_per_label) + images.shape[1:])
-  images = images.astype(np.float32)
-  bad = int(np.sum(~np.isfinite(images)))
-  if bad:
-    raise FloatingPointError(
-        f"the checkpoint of step {step} in {workdir} samples non-finite images "
-        f"({bad} NaN/Inf pixels of {images.size}); nothing was written. Its "
-        "weights or BatchNorm statistics are broken: sample an earlier step "
-        "with --checkpoint=STEP")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  run_dir.atomic_savez(out, images=images, labels=labels_out.astype(np.int32),
-                       step=chosen.step, checkpoint=chosen.reason)
-  save_png(grid_image(rows), out[:-len(".npz")] + ".png",
-           text={"step": chosen.step, "checkpoint": chosen.reason,
-                 "workdir": os.path.abspath(workdir)})
-  return images, labels_out

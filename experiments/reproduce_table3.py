@@ -48,9 +48,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import data as data_lib
-from cign_jax import sampling
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
+from cign_jax.commands import sample as sample_command
 from cign_jax.evaluation import classifier as classifier_lib
 from cign_jax.evaluation import evaluate
 from cign_jax.evaluation import in_loop
@@ -198,8 +198,8 @@ def evaluate_run(workdir, data, quick, clf):
                                      dataset=checkpoints.load_config(
                                          workdir).data.dataset)
   grid = os.path.join(workdir, "table3_samples.npz")
-  sampling.sample_to_file(workdir, grid, num_per_label=10, seed=NOISE_SEED,
-                          checkpoint=chosen.step)
+  sample_command.sample_to_file(workdir, grid, num_per_label=10,
+                                seed=NOISE_SEED, checkpoint=chosen.step)
   result = {"protocol": protocol, "checkpoint": chosen.reason,
             "fid": report["fid"], "fid_counts": report["fid_counts"],
             "label_accuracy": report["label_accuracy"]["accuracy"],

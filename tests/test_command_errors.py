@@ -58,10 +58,10 @@ def test_unknown_config_variant_is_the_last_line(tmp_path):
 
 def _npz_error(path):
   with pytest.raises(ValueError) as err:
-    sampling.open_npz(str(path), "--inputs")
+    sampling.open_npz(str(path), "the inputs file")
   line, known = commands.plain_message(err.value)
   assert known  # printed without a traceback
-  assert "--inputs" in line and str(path) in line, line
+  assert "the inputs file" in line and str(path) in line, line
   return line
 
 
@@ -118,7 +118,7 @@ def test_object_arrays_are_refused(tmp_path):
 def test_good_npz_reads_every_array(tmp_path):
   images = np.random.default_rng(0).uniform(-1, 1, (3, 28, 28, 1))
   path = _saved(tmp_path, images=images, labels=np.array([0, 5, 9]))
-  arrays = sampling.open_npz(str(path), "--inputs")
+  arrays = sampling.open_npz(str(path), "the inputs file")
   assert sorted(arrays) == ["images", "labels"]
   np.testing.assert_array_equal(arrays["images"], images)
   np.testing.assert_array_equal(arrays["labels"], [0, 5, 9])

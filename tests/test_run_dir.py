@@ -13,10 +13,10 @@ import pytest
 
 from cign_jax import checkpoints
 from cign_jax import run_dir
-from cign_jax import sampling
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
+from cign_jax.commands import sample as sample_command
 from conftest import SYNTHETIC_MAIN
 from conftest import tiny_config
 import synthetic as synthetic_data  # tests/synthetic.py
@@ -60,8 +60,8 @@ def test_sampling_leaves_a_saving_trainers_temporary_directory(
                          "default")
   os.makedirs(tmp_dir)
   before = sorted(os.listdir(os.path.join(run_copy, "checkpoints")))
-  images, _ = sampling.sample_to_file(run_copy, str(tmp_path / "s.npz"),
-                                      labels=[1], num_per_label=2)
+  images, _ = sample_command.sample_to_file(
+      run_copy, str(tmp_path / "s.npz"), labels=[1], num_per_label=2)
   assert images.shape == (2, 28, 28, 1)
   checkpoints.load_model(run_copy)
   assert os.path.isdir(tmp_dir)
@@ -85,7 +85,8 @@ def test_blow_up_keeps_a_last_good_checkpoint_that_samples_finite_images(
   assert f"(step {step}) in" in str(err.value)
   for leaf in jax.tree_util.tree_leaves(variables):
     assert np.all(np.isfinite(np.asarray(leaf)))
-  images, _ = sampling.sample_to_file(workdir, str(tmp_path / "s.npz"))
+  images, _ = sample_command.sample_to_file(workdir,
+                                            str(tmp_path / "s.npz"))
   assert np.all(np.isfinite(images))
 
 
@@ -99,7 +100,8 @@ def test_inputs_with_nan_are_refused_with_count_and_position(
   inputs = str(tmp_path / "in.npz")
   np.savez(inputs, images=images, labels=np.array([0, 1, 2]))
   with pytest.raises(ValueError, match=r"2 non-finite .* index \(1, 3, 4, 0\)"):
-    sampling.sample_to_file(finished, str(tmp_path / "p.npz"), inputs=inputs)
+    sample_command.sample_to_file(finished, str(tmp_path / "p.npz"),
+                                  inputs=inputs)
   assert not os.path.exists(tmp_path / "p.npz")
 
 
@@ -111,7 +113,7 @@ def test_nan_weights_stop_sampling_naming_the_checkpoint(run_copy, tmp_path):
   checkpoints.save(mngr, state.replace(step=8, params=poisoned))
   mngr.close()
   with pytest.raises(FloatingPointError, match="checkpoint of step 8"):
-    sampling.sample_to_file(run_copy, str(tmp_path / "s.npz"))
+    sample_command.sample_to_file(run_copy, str(tmp_path / "s.npz"))
   assert not os.path.exists(tmp_path / "s.npz")
 
 
@@ -211,7 +213,7 @@ def test_corrupt_latest_step_names_it_and_the_good_steps(run_copy):
     checkpoints.load_model(run_copy)
   message = str(err.value)
   assert "step 6" in message and "good steps there: 2, 4" in message
-  assert "--step=4" in message
+  assert "checkpoint=4" in message
   _, _, _, step = checkpoints.load_model(run_copy, step=4)
   assert step == 4
 
@@ -254,7 +256,8 @@ def test_truncated_config_names_the_path(run_copy):
 ])
 def test_bad_labels_name_the_flag(finished, tmp_path, labels, message):
   with pytest.raises(ValueError, match=message):
-    sampling.sample_to_file(finished, str(tmp_path / "s.npz"), labels=labels)
+    sample_command.sample_to_file(finished, str(tmp_path / "s.npz"),
+                                  labels=labels)
 
 
 @pytest.mark.parametrize("content", [b"", b"not an npz\n"])
@@ -263,7 +266,8 @@ def test_bad_inputs_file_names_the_flag(finished, tmp_path, content):
   with open(path, "wb") as f:
     f.write(content)
   with pytest.raises(ValueError, match="--inputs file"):
-    sampling.sample_to_file(finished, str(tmp_path / "s.npz"), inputs=path)
+    sample_command.sample_to_file(finished, str(tmp_path / "s.npz"),
+                                  inputs=path)
 
 
 # Results say what they scored.
@@ -319,7 +323,7 @@ def test_corrupt_checkpoint_ends_on_one_plain_line(run_copy, tmp_path):
                             f"--workdir={run_copy}",
                             f"--out={tmp_path / 's.npz'}"])
   assert last.startswith("error: checkpoint of step 6"), last
-  assert "good steps there: 2, 4" in last and "--step=4" in last
+  assert "good steps there: 2, 4" in last and "checkpoint=4" in last
 
 
 def test_unknown_config_key_ends_on_one_plain_line(tmp_path):

@@ -250,16 +250,17 @@ def test_sample_command(uninterrupted, tmp_path):
   inputs = str(tmp_path / "in.npz")
   np.savez(inputs, images=images[:3, :, :, 0], labels=labels[:3])
   out2 = str(tmp_path / "p.npz")
-  from cign_jax import sampling  # pylint: disable=g-import-not-at-top
-  once, _ = sampling.sample_to_file(workdir, out2, inputs=inputs)
-  twice, _ = sampling.sample_to_file(workdir, out2, inputs=inputs,
-                                   applications=2)
+  # pylint: disable-next=g-import-not-at-top
+  from cign_jax.commands import sample as sample_command
+  once, _ = sample_command.sample_to_file(workdir, out2, inputs=inputs)
+  twice, _ = sample_command.sample_to_file(workdir, out2, inputs=inputs,
+                                           applications=2)
   np.savez(inputs, images=once, labels=labels[:3])
-  again, _ = sampling.sample_to_file(workdir, out2, inputs=inputs)
+  again, _ = sample_command.sample_to_file(workdir, out2, inputs=inputs)
   np.testing.assert_allclose(twice, again, atol=1e-5)
   np.savez(inputs, images=images[:2], labels=np.array([1, 10]))
   with pytest.raises(ValueError, match="label out of range"):
-    sampling.sample_to_file(workdir, out2, inputs=inputs)
+    sample_command.sample_to_file(workdir, out2, inputs=inputs)
 
 
 def test_learning_rate_schedules():

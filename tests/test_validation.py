@@ -12,11 +12,11 @@ from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import losses
 from cign_jax import models
-from cign_jax import sampling
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax import validation
+from cign_jax.commands import sample as sample_command
 from conftest import tiny_config
 from cign_jax.data import reader
 import synthetic  # tests/synthetic.py
@@ -284,7 +284,7 @@ def test_time_limit_stops_cleanly_and_resumes(tmp_path, small_data):
 def test_checkpoint_errors_name_what_there_is(uninterrupted):
   best = checkpoints.read_best(uninterrupted)["step"]
   with pytest.raises(checkpoints.CheckpointError,
-                     match=r"unknown --checkpoint value 'newest': expected "
+                     match=r"unknown checkpoint value 'newest': expected "
                      r"best, latest or a step number; available: latest "
                      r"\(step 24\), best \(step \d+ by val_loss\)"):
     checkpoints.resolve_checkpoint(uninterrupted, "newest")
@@ -293,7 +293,7 @@ def test_checkpoint_errors_name_what_there_is(uninterrupted):
     checkpoints.load_model(uninterrupted, checkpoint="5")
   assert checkpoints.resolve_checkpoint(uninterrupted, str(best)).step == best
   assert checkpoints.resolve_checkpoint(uninterrupted, 20).reason == \
-      "step 20 (--checkpoint=20)"
+      "step 20 (checkpoint=20)"
 
 
 def test_no_best_checkpoint(tmp_path, small_data):
@@ -309,14 +309,14 @@ def test_no_best_checkpoint(tmp_path, small_data):
 
 def test_sample_names_its_checkpoint(uninterrupted, tmp_path):
   out = str(tmp_path / "s.npz")
-  sampling.sample_to_file(uninterrupted, out, num_per_label=2,
-                          checkpoint="latest")
+  sample_command.sample_to_file(uninterrupted, out, num_per_label=2,
+                                checkpoint="latest")
   with np.load(out) as f:
     assert int(f["step"]) == 24
-    assert str(f["checkpoint"]) == "latest checkpoint (--checkpoint=latest)"
+    assert str(f["checkpoint"]) == "latest checkpoint (checkpoint=latest)"
   from PIL import Image  # pylint: disable=g-import-not-at-top
   assert Image.open(out[:-4] + ".png").text["step"] == "24"
-  sampling.sample_to_file(uninterrupted, out, num_per_label=2)
+  sample_command.sample_to_file(uninterrupted, out, num_per_label=2)
   with np.load(out) as f:
     assert int(f["step"]) == checkpoints.read_best(uninterrupted)["step"]
     assert str(f["checkpoint"]).startswith("best checkpoint by val_loss")

@@ -67,6 +67,8 @@ def _define_flags():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if (FLAGS.workdir is None) == (FLAGS.samples is None):
+    raise ValueError("give exactly one of --workdir and --samples")
   report = evaluate.run(FLAGS.workdir, FLAGS.samples, FLAGS.out, FLAGS.dataset,
                FLAGS.num_per_class, FLAGS.applications, FLAGS.seed,
                FLAGS.feature_sizes, checkpoint=FLAGS.checkpoint,

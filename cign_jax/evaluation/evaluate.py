@@ -48,7 +48,7 @@ def generate_for_eval(workdir: str, num_per_class: int, applications: int,
     raise ValueError("per-class evaluation needs a conditional model; this "
                      "run is an unconditional IGN")
   if num_per_class < 2:
-    raise ValueError(f"--num_per_class must be >= 2, got {num_per_class}")
+    raise ValueError(f"num_per_class must be >= 2, got {num_per_class}")
   labels = np.repeat(np.arange(model.num_classes), num_per_class)
   images = sampling.generate(model, variables, labels, jax.random.key(seed),
                              applications=applications,
@@ -218,16 +218,15 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     metrics = [str(m) for m in metrics]
     registry.needs(metrics)
   if (workdir is None) == (samples is None):
-    raise ValueError("give exactly one of --workdir and --samples")
+    raise ValueError("give exactly one of workdir (a run to sample) and "
+                     "samples (an .npz to score)")
   meta: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
   if samples is not None:
-    if not os.path.isfile(samples):
-      raise FileNotFoundError(f"--samples file not found: {samples}")
-    arrays = sampling.open_npz(samples, "--samples")
+    arrays = sampling.open_npz(samples, "the samples file")
     for key in ("images", "labels"):
       if key not in arrays:
-        raise ValueError(f"{samples} has no '{key}' array (found: "
-                         f"{', '.join(arrays) or 'no arrays'})")
+        raise ValueError(f"the samples file {samples} has no '{key}' array "
+                         f"(found: {', '.join(arrays) or 'no arrays'})")
     images, labels = arrays["images"], arrays["labels"]
     out = out or os.path.dirname(os.path.abspath(samples))
     meta["samples"] = samples
