@@ -27,9 +27,10 @@ own count (`cost_analysis`) misses the convolutions that run as library
 calls (cuDNN on GPU, the C++ kernels on CPU), so it is printed only as a
 remark.
 
-Our step is compiled as `cign_jax.train` compiles it (the same shardings),
-so that with a persistent compilation cache (`--compilation_cache=DIR`) a
-following training run with the same config reuses the compiled step.
+Our step is compiled as `cign_jax.step_programs` compiles it (the same
+shardings), so that with a persistent compilation cache
+(`--compilation_cache=DIR`) a following training run with the same config
+reuses the compiled step.
 
 PyTorch's OpenMP threads spin after each of its steps and slowed our
 alternating steps by up to 45% on 2 cores; unless set, OMP_WAIT_POLICY is
@@ -174,7 +175,7 @@ def bench_train(name, config, steps, use_torch, torch_device="cpu",
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cign_jax import sharding  # pylint: disable=g-import-not-at-top
-  from cign_jax import train  # pylint: disable=g-import-not-at-top
+  from cign_jax import step_programs  # pylint: disable=g-import-not-at-top
   from cign_jax import train_step as ts  # pylint: disable=g-import-not-at-top
 
   b = config.batch_size
@@ -183,7 +184,7 @@ def bench_train(name, config, steps, use_torch, torch_device="cpu",
   c = rs.randint(0, 10, (b,)).astype(np.int32)
   mesh = sharding.create_mesh(config)
   state = sharding.put_replicated(ts.create_train_state(config), mesh)
-  step = train.compile_train_step(config, mesh)
+  step = step_programs.compile_train_step(config, mesh)
   key = sharding.put_replicated(jax.random.key(0), mesh)
   batch_sharding = sharding.data_sharding(mesh)
   xj = sharding.put_global_batch(x, batch_sharding)

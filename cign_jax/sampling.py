@@ -129,6 +129,20 @@ def label_grid(model: models.IdempotentNetwork, variables, key,
   return out.reshape((len(labels), num_per_label) + out.shape[1:])
 
 
+def write_sample_grid(config, model: models.IdempotentNetwork, variables,
+                      path: Optional[str] = None, num_per_label: int = 10):
+  """The paper's figure for a run (`config.samples_noise_seed`, its prior):
+  a row per label, the same noise in every row; as a uint8 image, also
+  written to `path` as PNG when given."""
+  rows = label_grid(model, variables, jax.random.key(config.samples_noise_seed),
+                    num_per_label=num_per_label,
+                    clip=config.model.clip_prior)
+  grid = grid_image(rows)
+  if path:
+    save_png(grid, path)
+  return grid
+
+
 def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
   """(R, C, 28, 28, ch) in [-1, 1] -> one uint8 (H, W) image with gaps."""
   r, c, h, w = rows.shape[:4]

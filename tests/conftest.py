@@ -52,24 +52,24 @@ def synthetic_dataset():
 
 @contextlib.contextmanager
 def step_programs_put_back(clear: bool):
-  """The train steps this process keeps (`train.step_program`) are the same
+  """The train steps this process keeps (`step_programs.get`) are the same
   after the block as before it (those built in it are dropped); with
   `clear`, none is kept during the block."""
-  from cign_jax import train  # pylint: disable=g-import-not-at-top
-  kept = dict(train._STEP_PROGRAMS)  # pylint: disable=protected-access
+  from cign_jax import step_programs  # pylint: disable=g-import-not-at-top
+  kept = dict(step_programs._PROGRAMS)  # pylint: disable=protected-access
   if clear:
-    train.forget_step_programs()
+    step_programs.forget()
   try:
     yield
   finally:
-    train.forget_step_programs()
-    train._STEP_PROGRAMS.update(kept)  # pylint: disable=protected-access
+    step_programs.forget()
+    step_programs._PROGRAMS.update(kept)  # pylint: disable=protected-access
 
 
 @pytest.fixture(autouse=True)
 def _fresh_step_programs(request):
   """A test that monkeypatches the library neither gets nor leaves a train
-  step built from other code than its own: `train.step_program` keeps a
+  step built from other code than its own: `step_programs.get` keeps a
   process's compiled steps by config, not by the code that built them. The
   steps kept before the test are put back after it (they were built from
   the unpatched code), so the next test does not build them again."""

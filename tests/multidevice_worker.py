@@ -63,6 +63,7 @@ from cign_jax import losses
 from cign_jax import models
 from cign_jax import sharding as sharding_lib
 from cign_jax.kernels import native_conv
+from cign_jax import step_programs
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
@@ -231,11 +232,11 @@ class Runner:
 
   def _lower(self, config, mesh, state_host, batch):
     args = self.place(config, mesh, state_host, batch)
-    return train.compile_train_step(config, mesh).lower(*args)
+    return step_programs.compile_train_step(config, mesh).lower(*args)
 
   def compiled(self, config, mesh, state_host, batch):
-    """`train.compile_train_step`, compiled ahead of time (once per config
-    and mesh: compiling dominates these tests' time)."""
+    """`step_programs.compile_train_step`, compiled ahead of time (once per
+    config and mesh: compiling dominates these tests' time)."""
     key = (config.to_json(), mesh.size)
     if key not in self._steps:
       self._steps[key] = self._lower(config, mesh, state_host, batch).compile()

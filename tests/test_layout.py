@@ -28,6 +28,8 @@ SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
                  "cign_jax.interop")
 CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
 CORE.add("cign_jax.grouped")  # the batched loss calls (an alternative)
+CORE.add("cign_jax.step_programs")  # the compiled train steps a process keeps
+CORE.add("cign_jax.stopping")  # SIGTERM and time limits, agreed by processes
 
 
 def _module_name(path):

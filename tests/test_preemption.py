@@ -23,6 +23,7 @@ import pytest
 
 from cign_jax import checkpoints
 from cign_jax import run_dir
+from cign_jax import stopping
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
@@ -128,7 +129,7 @@ def _train_and_signal(workdir, dataset, trigger, delays):
       train.train_and_evaluate(tiny_config(**OVERRIDES), workdir,
                                dataset=dataset)
       return None, "\n".join(handler.messages)
-    except train.StoppedBySignal as e:
+    except stopping.StoppedBySignal as e:
       assert e.exit_code == 143
       assert STOP_LINE.fullmatch(str(e)), str(e)  # a checkpoint was there
       return e.step, "\n".join(handler.messages)
@@ -227,7 +228,7 @@ def test_sigterm_before_the_first_step_of_a_new_run_saves_nothing(
   workdir = str(tmp_path / "new")
   with run_dir.noting_sigterm():  # the command's block, open from its start
     os.kill(os.getpid(), signal.SIGTERM)
-    with pytest.raises(train.StoppedBySignal) as err:
+    with pytest.raises(stopping.StoppedBySignal) as err:
       train.train_and_evaluate(tiny_config(), workdir,
                                dataset=synthetic_dataset)
   assert err.value.step is None and str(err.value) == NO_STEP_LINE
@@ -243,18 +244,19 @@ try:  # cross-process collectives on CPU
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
 except Exception:
   pass  # (newer JAX: the default)
-from cign_jax import sharding, train
+from cign_jax import sharding, stopping
 from cign_jax.configs import quick
 sharding.initialize_distributed(None)
-agreement = train._StopAgreement(sharding.create_mesh(quick.get_config("tiny")))
+agreement = stopping.StopAgreement(
+    sharding.create_mesh(quick.get_config("tiny")))
 first = jax.process_index() == 0
-now = agreement.now(train._GO_ON if first else train._SIGTERM)
+now = agreement.now(stopping.GO_ON if first else stopping.SIGTERM)
 decisions = []
 for step in range(6):
   if first:
-    wish = train._OUT_OF_TIME if step >= 1 else train._GO_ON
+    wish = stopping.OUT_OF_TIME if step >= 1 else stopping.GO_ON
   else:
-    wish = train._SIGTERM if step >= 2 else train._GO_ON
+    wish = stopping.SIGTERM if step >= 2 else stopping.GO_ON
   decisions.append(agreement.after_step(wish))
 print(json.dumps({"now": now, "decisions": decisions}))
 jax.distributed.shutdown()
@@ -293,7 +295,7 @@ def test_processes_agree_to_stop_after_the_same_step():
     # Wishes after steps 0..5: process 0 (0, 1, 1, 1, 1, 1), process 1
     # (0, 0, 2, 2, 2, 2); each decision is the largest of the step before.
     assert json.loads(out.strip().splitlines()[-1]) == {
-        "now": train._SIGTERM, "decisions": [0, 0, 1, 2, 2, 2]}
+        "now": stopping.SIGTERM, "decisions": [0, 0, 1, 2, 2, 2]}
 
 
 def test_sigterm_inside_the_block_sets_the_flag_and_the_handler_comes_back():

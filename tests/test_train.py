@@ -14,6 +14,7 @@ import pytest
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import sharding
+from cign_jax import step_programs
 from cign_jax.data import reader
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
@@ -104,8 +105,8 @@ def test_runs_of_one_process_share_their_step_program(uninterrupted, tmp_path,
   # (The programs built here are dropped after the test, and the tiny
   # config's, which the next tests use, is put back.)
   with step_programs_put_back(clear=False):
-    first = train.step_program(tiny_config(), mesh, NUM_STEPS)
-    assert train.step_program(
+    first = step_programs.get(tiny_config(), mesh, NUM_STEPS)
+    assert step_programs.get(
         tiny_config(seed=5, num_train_steps=3, log_every_steps=1,
                     checkpoint_every_steps=1), mesh, 3) is first
     traced = first.step_fn._cache_size()  # pylint: disable=protected-access
@@ -117,13 +118,13 @@ def test_runs_of_one_process_share_their_step_program(uninterrupted, tmp_path,
                   tiny_config(**{"model.dropout_rate": 0.2}),
                   tiny_config(**{"loss.num_mismatch_labels": 1}),
                   tiny_config(ema_decay=0.9), tiny_config(batch_size=4)):
-      assert train.step_program(other, mesh, steps(other)) is not first
+      assert step_programs.get(other, mesh, steps(other)) is not first
     # A cosine schedule reads the run's length.
     cosine = tiny_config(**{"optimizer.lr_schedule": "cosine"})
-    assert (train.step_program(cosine, mesh, 6) is not
-            train.step_program(cosine, mesh, 7))
-    train.forget_step_programs()
-    assert train.step_program(tiny_config(), mesh, NUM_STEPS) is not first
+    assert (step_programs.get(cosine, mesh, 6) is not
+            step_programs.get(cosine, mesh, 7))
+    step_programs.forget()
+    assert step_programs.get(tiny_config(), mesh, NUM_STEPS) is not first
 
 
 def test_step_signature_leaves_the_cpu_kernels_alone_elsewhere(monkeypatch):
@@ -137,10 +138,10 @@ def test_step_signature_leaves_the_cpu_kernels_alone_elsewhere(monkeypatch):
 
   monkeypatch.setattr(native_conv, "available", refuse)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert train.step_signature(tiny_config(), mesh, NUM_STEPS)[2] is None
+  assert step_programs.signature(tiny_config(), mesh, NUM_STEPS)[2] is None
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
   with pytest.raises(AssertionError, match="off the CPU"):
-    train.step_signature(tiny_config(), mesh, NUM_STEPS)
+    step_programs.signature(tiny_config(), mesh, NUM_STEPS)
 
 
 def test_resume_equals_uninterrupted(uninterrupted, tmp_path, synthetic_dataset):
@@ -290,7 +291,7 @@ def test_parameter_average_recursion():
   # loop places them (the program the next test's runs use: the process
   # keeps it).
   mesh = sharding.create_mesh(config)
-  program = train.step_program(config, mesh, config.num_train_steps)
+  program = step_programs.get(config, mesh, config.num_train_steps)
   state = train_step_lib.create_train_state(config, model=program.model,
                                            tx=program.tx)
   assert state.ema_params is not None

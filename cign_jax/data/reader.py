@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from typing import Any, Tuple
 import zipfile
 
 import numpy as np
@@ -171,3 +172,22 @@ class TrainBatches:
     index = self.permutation(epoch)[start:start + self.batch_size]
     return (to_model_range(self.images[index]),
             self.labels[index].astype(np.int32))
+
+
+def split_dataset(dataset) -> Tuple[Any, Any]:
+  """A training's `dataset` argument (`train.train_and_evaluate`) as
+  ((images, labels) of the training split, (images, labels) of the test
+  split or None)."""
+  if isinstance(dataset, dict):
+    unknown = sorted(set(dataset) - {"train", "test"})
+    if unknown or "train" not in dataset:
+      raise ValueError(f"dataset: expected a dict with 'train' and optionally "
+                       f"'test', each (images uint8, labels); got keys "
+                       f"{sorted(dataset)}")
+    return tuple(dataset["train"]), (None if dataset.get("test") is None
+                                     else tuple(dataset["test"]))
+  if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
+    return tuple(dataset), None
+  raise ValueError("dataset: expected (images uint8, labels) of the training "
+                   "split or {'train': (images, labels), 'test': (images, "
+                   f"labels)}}, got {type(dataset).__name__}")

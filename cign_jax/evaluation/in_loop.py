@@ -161,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config_lib.needs_evaluator(config):
     splits = test = train_split = None
     if dataset is not None:
-      train_split, test = train.split_dataset(dataset)
+      train_split, test = reader.split_dataset(dataset)
       if test is not None:
         splits = (train_split, test)
     evaluator = InLoopEvaluator(config, test, classifier, splits, train_split)
