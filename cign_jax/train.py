@@ -65,7 +65,7 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
           f"{workdir} holds checkpoints but no {checkpoints.CONFIG_FILE}, so "
           "it cannot be checked that they fit this config; restore its "
           f"{checkpoints.CONFIG_FILE} (the config the checkpoints were "
-          "trained with), or use a new --workdir")
+          "trained with), or use a new run directory")
     return
   previous = checkpoints.load_config(workdir)
   old = json.loads(previous.to_json())
@@ -76,7 +76,8 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
     if old.get(key) != new.get(key):
       raise ValueError(
           f"config.{key} differs from the run in {workdir} ({old.get(key)} "
-          f"there, {new.get(key)} now); use a new --workdir or the same config")
+          f"there, {new.get(key)} now); use a new run directory or the same "
+          "config")
 
 
 def _format_eta(seconds: float) -> str:
@@ -209,7 +210,7 @@ def _check_labels_fit(config, labels):
     raise ValueError(
         f"the training labels span {low}..{high}, but config.model."
         f"num_classes={config.model.num_classes} represents only 0.."
-        f"{config.model.num_classes - 1}; set --config.model.num_classes="
+        f"{config.model.num_classes - 1}; set config.model.num_classes="
         f"{high + 1} (or more) for this dataset")
 
 
@@ -312,7 +313,7 @@ def _restore(config, workdir, program, total_steps):
     logging.warning(
         "The run in %s is at step %d, past the %d steps asked for: nothing "
         "to do (config.json is left as it was); give a larger "
-        "--config.num_train_steps to train further", workdir, resumed_at,
+        "config.num_train_steps to train further", workdir, resumed_at,
         total_steps)
   return state, mngr
 

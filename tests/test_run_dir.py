@@ -135,7 +135,7 @@ def test_failed_checks_leave_no_run_directory(tmp_path):
     train.train_and_evaluate(tiny_config(batch_size=128), workdir,
                              dataset=synthetic())
   with pytest.raises(ValueError, match=r"span 0\.\.9.*num_classes=5.*"
-                     r"--config.model.num_classes=10"):
+                     r"set config.model.num_classes=10"):
     train.train_and_evaluate(tiny_config(**{"model.num_classes": 5,
                                             "loss.num_mismatch_labels": 4}),
                              workdir, dataset=synthetic())
