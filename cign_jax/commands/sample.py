@@ -45,7 +45,7 @@ def _define_flags():
                       "the best when the run keeps one, else the latest).")
 
 
-def parse_labels(labels) -> list:
+def _parse_labels(labels) -> list:
   """--labels as a list of ints, with errors that name the flag."""
   labels = list(labels)
   if not labels:
@@ -107,7 +107,7 @@ def sample_to_file(workdir: str, out: str,
   if not out.endswith(".npz"):
     raise ValueError(f"--out must name an .npz file, got {out!r}")
   if labels is not None:
-    labels = parse_labels(labels)
+    labels = _parse_labels(labels)
   if checkpoint is None and step is not None:
     checkpoint = step
   chosen, (config, model, variables, step) = checkpoints.load_chosen_model(
