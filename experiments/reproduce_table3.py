@@ -46,8 +46,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top
 from cign_jax import checkpoints
+from cign_jax import commands
 from cign_jax import config as config_lib
 from cign_jax import data as data_lib
+from cign_jax import run_dir
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.commands import sample as sample_command
@@ -346,4 +348,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Failures end on one `error:` line, and a SIGTERM stop (the training
+  # saved its step) on its own line with status 143, as the commands do.
+  with run_dir.noting_sigterm():
+    app.run(commands.guarded(main))

@@ -144,3 +144,20 @@ def test_whole_valued_float_labels_are_still_accepted():
 def test_no_images_is_an_error():
   with pytest.raises(ValueError, match=r"no images: .*\(0, 28, 28, 1\)"):
     models.check_images(np.zeros((0, 28, 28, 1), np.float32))
+
+
+def test_a_clean_stop_ends_on_its_own_line_and_status():
+  """What the train command and the Table 3 script do with a SIGTERM stop
+  (`commands.guarded`): its message as the last line, no `error:`, and the
+  status a scheduler reads as "ended by SIGTERM"."""
+  code = ("from cign_jax import commands, stopping\n"
+          "def main(argv):\n"
+          "  raise stopping.StoppedBySignal(7)\n"
+          "commands.guarded(main)([])\n")
+  result = subprocess.run([sys.executable, "-c", code],
+                          env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 143
+  last = [l for l in result.stderr.splitlines() if l.strip()][-1]
+  assert last == ("stopped by SIGTERM at step 7; checkpoint saved; run the "
+                  "same command to resume"), last

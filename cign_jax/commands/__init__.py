@@ -106,6 +106,10 @@ def guarded(main):
       _exit_with("error: interrupted (Ctrl-C); a training resumes from its "
                  "last checkpoint when the same command is run again", 130)
     except BaseException as e:  # pylint: disable=broad-except
+      if isinstance(getattr(e, "exit_code", None), int):
+        # A clean stop that says so itself (`stopping.StoppedBySignal`):
+        # its line, no `error:`, and its exit status.
+        _exit_with(str(e), e.exit_code)
       line, known = plain_message(e)
       if not known:
         traceback.print_exc()

@@ -75,16 +75,12 @@ def _main(argv):
   # Imported after jax.distributed.initialize(), which must come before
   # anything touches a device; the training modules are not needed for
   # --help or a flag error either.
-  from cign_jax import stopping  # pylint: disable=g-import-not-at-top
   from cign_jax.evaluation import in_loop  # pylint: disable=g-import-not-at-top
   config = config_lib.validate(FLAGS.config)
   logging.info("Config:\n%s", config)
-  try:
-    in_loop.train_and_evaluate(config, FLAGS.workdir)
-  except stopping.StoppedBySignal as e:
-    # Not an error (no `error:`): the line, last on stderr, and the status
-    # of a process ended by SIGTERM.
-    commands._exit_with(str(e), e.exit_code)  # pylint: disable=protected-access
+  # A SIGTERM stop (`stopping.StoppedBySignal`) ends on its own line and
+  # exit status 143, through `commands.guarded`.
+  in_loop.train_and_evaluate(config, FLAGS.workdir)
 
 
 def run():
