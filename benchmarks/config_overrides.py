@@ -22,8 +22,9 @@ def apply(config, args) -> dict:
   """Sets the field of every flag in FIELDS that `args` has and gives
   (non-empty, non-zero); returns {flag: value} of those set, in FIELDS'
   order."""
-  given = {flag: getattr(args, flag) for flag in FIELDS
-           if getattr(args, flag, None)}
+  given = {
+      flag: getattr(args, flag) for flag in FIELDS if getattr(args, flag, None)
+  }
   config.update_from_flattened_dict({FIELDS[f]: v for f, v in given.items()})
   return given
 

@@ -36,16 +36,18 @@ from conv_layers import bench  # pylint: disable=g-import-not-at-top  # this fol
 
 def layers(ld: int, idim: int):
   """(name, H_in, C_in incl. the label channel, k, s, p, C_out, transposed)."""
-  return (("disc_1", 28, 2, 4, 2, 1, ld, False),
-          ("disc_2", 14, ld + 1, 4, 2, 1, 2 * ld, False),
-          ("disc_3", 7, 2 * ld + 1, 3, 2, 1, 4 * ld, False),
-          ("disc_4", 4, 4 * ld + 1, 4, 2, 1, 8 * ld, False),
-          ("disc_5", 2, 8 * ld + 1, 2, 1, 0, idim, False),
-          ("gen_1", 1, idim + 1, 2, 1, 0, 8 * ld, True),
-          ("gen_2", 2, 8 * ld + 1, 4, 2, 1, 4 * ld, True),
-          ("gen_3", 4, 4 * ld + 1, 3, 2, 1, 2 * ld, True),
-          ("gen_4", 7, 2 * ld + 1, 4, 2, 1, ld, True),
-          ("gen_5", 14, ld + 1, 4, 2, 1, 1, True))
+  return (
+      ("disc_1", 28, 2, 4, 2, 1, ld, False),
+      ("disc_2", 14, ld + 1, 4, 2, 1, 2 * ld, False),
+      ("disc_3", 7, 2 * ld + 1, 3, 2, 1, 4 * ld, False),
+      ("disc_4", 4, 4 * ld + 1, 4, 2, 1, 8 * ld, False),
+      ("disc_5", 2, 8 * ld + 1, 2, 1, 0, idim, False),
+      ("gen_1", 1, idim + 1, 2, 1, 0, 8 * ld, True),
+      ("gen_2", 2, 8 * ld + 1, 4, 2, 1, 4 * ld, True),
+      ("gen_3", 4, 4 * ld + 1, 3, 2, 1, 2 * ld, True),
+      ("gen_4", 7, 2 * ld + 1, 4, 2, 1, ld, True),
+      ("gen_5", 14, ld + 1, 4, 2, 1, 1, True),
+  )
 
 
 CONFIGS = {"channel_small": (32, 128), "channel_large": (64, 128)}
@@ -64,29 +66,41 @@ def passes(transposed: bool, s: int, p: int, x, kernel):
     return lambda x, k, g: op(x, k, s, p, (form, "matmul", "matmul"))
 
   def gradient(which, form):
-    plan = ("matmul", form, "matmul") if which == 0 else ("matmul", "matmul",
-                                                            form)
+    plan = (
+        ("matmul", form, "matmul") if which == 0 else ("matmul", "matmul", form)
+    )
+
     def fn(x, k, g):
-      return jax.grad(lambda a, b: jnp.sum(op(a, b, s, p, plan) * g),
-                      argnums=which)(x, k)
+      return jax.grad(
+          lambda a, b: jnp.sum(op(a, b, s, p, plan) * g), argnums=which
+      )(x, k)
+
     return fn
 
-  forms = [f for f in cpu_conv.FORMULATIONS
-           if f != "native" or native_conv.available()]
-  table = {"fwd": {f: forward(f) for f in forms},
-           "dx": {f: gradient(0, f) for f in forms},
-           "dk": {f: gradient(1, f) for f in forms}}
+  forms = [
+      f
+      for f in cpu_conv.FORMULATIONS
+      if f != "native" or native_conv.available()
+  ]
+  table = {
+      "fwd": {f: forward(f) for f in forms},
+      "dx": {f: gradient(0, f) for f in forms},
+      "dk": {f: gradient(1, f) for f in forms},
+  }
   return table, g
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--config", default="channel_small",
-                      choices=sorted(CONFIGS))
+  parser.add_argument(
+      "--config", default="channel_small", choices=sorted(CONFIGS)
+  )
   parser.add_argument("--batch_size", type=int, default=1152)
   args = parser.parse_args()
-  print(f"# python benchmarks/conv_components.py --config={args.config} "
-        f"--batch_size={args.batch_size}")
+  print(
+      f"# python benchmarks/conv_components.py --config={args.config} "
+      f"--batch_size={args.batch_size}"
+  )
   print(f"# jax {jax.__version__} on {jax.default_backend()}")
   rs = np.random.RandomState(0)
   best_total = {"fwd": 0.0, "dx": 0.0, "dk": 0.0}
@@ -104,15 +118,21 @@ def main():
       for impl, b in results.items():
         err = float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(a)) + 1e-30))
         if err > 1e-4:
-          raise AssertionError(f"{name} {pass_name}: {impl} differs from xla "
-                               f"by {err:.1e}")
+          raise AssertionError(
+              f"{name} {pass_name}: {impl} differs from xla " f"by {err:.1e}"
+          )
       best = min(times, key=times.get)
       best_total[pass_name] += times[best]
-      cells.append(f"{pass_name} " + " ".join(
-          f"{impl} {t:6.1f}" for impl, t in times.items()) + f" -> {best}")
+      cells.append(
+          f"{pass_name} "
+          + " ".join(f"{impl} {t:6.1f}" for impl, t in times.items())
+          + f" -> {best}"
+      )
     print(f"{name:7s} " + " | ".join(cells), flush=True)
-  print("sum of the fastest per pass (ms): " +
-        ", ".join(f"{k} {v:.0f}" for k, v in best_total.items()))
+  print(
+      "sum of the fastest per pass (ms): "
+      + ", ".join(f"{k} {v:.0f}" for k, v in best_total.items())
+  )
 
 
 if __name__ == "__main__":

@@ -50,16 +50,24 @@ def space_to_depth_conv2d(x, kernel, stride, padding):
   out_w = (w + 2 * padding - k) // 2 + 1
   hp, wp = h + 2 * padding, w + 2 * padding
   hp, wp = hp + hp % 2, wp + wp % 2  # even, so the 2x2 blocks tile it
-  xp = jnp.pad(x, ((0, 0), (padding, hp - h - padding),
-                   (padding, wp - w - padding), (0, 0)))
+  xp = jnp.pad(
+      x,
+      (
+          (0, 0),
+          (padding, hp - h - padding),
+          (padding, wp - w - padding),
+          (0, 0),
+      ),
+  )
   xs = xp.reshape(b, hp // 2, 2, wp // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
   xs = xs.reshape(b, hp // 2, wp // 2, 4 * c)
   ke = k + k % 2
   kp = jnp.pad(kernel, ((0, ke - k), (0, ke - k), (0, 0), (0, 0)))
   ks = kp.reshape(ke // 2, 2, ke // 2, 2, c, o).transpose(0, 2, 1, 3, 4, 5)
   ks = ks.reshape(ke // 2, ke // 2, 4 * c, o)
-  y = lax.conv_general_dilated(xs, ks, (1, 1), "VALID",
-                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = lax.conv_general_dilated(
+      xs, ks, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   return y[:, :out_h, :out_w]
 
 
@@ -72,21 +80,27 @@ def space_to_depth_conv_transpose2d(x, kernel, stride, padding):
   out_h = (h - 1) * stride - 2 * padding + k
   out_w = (w - 1) * stride - 2 * padding + k
   z = jnp.zeros((b, out_h, out_w, co), x.dtype)
-  _, vjp = jax.vjp(lambda z: space_to_depth_conv2d(
-      z, kernel.transpose(0, 1, 3, 2), stride, padding), z)
+  _, vjp = jax.vjp(
+      lambda z: space_to_depth_conv2d(
+          z, kernel.transpose(0, 1, 3, 2), stride, padding
+      ),
+      z,
+  )
   return vjp(x)[0]
 
 
 # channel_small's stride-2 layers: name, H, C_in (+1 label channel), k, s, p,
 # C_out, transposed.
-LAYERS = (("disc_2", 14, 33, 4, 2, 1, 64, False),
-          ("disc_3", 7, 65, 3, 2, 1, 128, False),
-          ("disc_4", 4, 129, 4, 2, 1, 256, False),
-          ("disc_1", 28, 2, 4, 2, 1, 32, False),
-          ("gen_2", 2, 257, 4, 2, 1, 128, True),
-          ("gen_3", 4, 129, 3, 2, 1, 64, True),
-          ("gen_4", 7, 65, 4, 2, 1, 32, True),
-          ("gen_5", 14, 33, 4, 2, 1, 1, True))
+LAYERS = (
+    ("disc_2", 14, 33, 4, 2, 1, 64, False),
+    ("disc_3", 7, 65, 3, 2, 1, 128, False),
+    ("disc_4", 4, 129, 4, 2, 1, 256, False),
+    ("disc_1", 28, 2, 4, 2, 1, 32, False),
+    ("gen_2", 2, 257, 4, 2, 1, 128, True),
+    ("gen_3", 4, 129, 3, 2, 1, 64, True),
+    ("gen_4", 7, 65, 4, 2, 1, 32, True),
+    ("gen_5", 14, 33, 4, 2, 1, 1, True),
+)
 
 
 def rel_diff(a, b):
@@ -104,25 +118,35 @@ def main():
   for name, h, c, k, s, p, o, transposed in LAYERS:
     x = jnp.asarray(rs.randn(args.batch_size, h, h, c).astype(np.float32))
     kernel = jnp.asarray(rs.randn(k, k, c, o).astype(np.float32) * 0.1)
-    impls = {"ours": ops.conv_transpose2d if transposed else ops.conv2d,
-             "space_to_depth": (space_to_depth_conv_transpose2d if transposed
-                                else space_to_depth_conv2d)}
+    impls = {
+        "ours": ops.conv_transpose2d if transposed else ops.conv2d,
+        "space_to_depth": (
+            space_to_depth_conv_transpose2d
+            if transposed
+            else space_to_depth_conv2d
+        ),
+    }
     grads = {}
     for impl, fn in impls.items():
+
       def loss(x, kernel, fn=fn):
         y = fn(x, kernel, s, p)
         return jnp.sum(y * jnp.cos(y))
-      fwd_ms, _ = bench(lambda x, kernel, fn=fn: fn(x, kernel, s, p), x,
-                        kernel)
+
+      fwd_ms, _ = bench(lambda x, kernel, fn=fn: fn(x, kernel, s, p), x, kernel)
       both_ms, grads[impl] = bench(jax.grad(loss, argnums=(0, 1)), x, kernel)
       total[impl] += both_ms
-      print(f"{name:7s} {impl:15s} fwd {fwd_ms:8.1f} ms   fwd+grads "
-            f"{both_ms:8.1f} ms")
+      print(
+          f"{name:7s} {impl:15s} fwd {fwd_ms:8.1f} ms   fwd+grads "
+          f"{both_ms:8.1f} ms"
+      )
     dx = rel_diff(grads["space_to_depth"][0], grads["ours"][0])
     dk = rel_diff(grads["space_to_depth"][1], grads["ours"][1])
     print(f"        relative difference: dx {dx:.1e}, dkernel {dk:.1e}")
-  print(f"total fwd+grads: ours {total['ours']:.0f} ms, space-to-depth "
-        f"{total['space_to_depth']:.0f} ms")
+  print(
+      f"total fwd+grads: ours {total['ours']:.0f} ms, space-to-depth "
+      f"{total['space_to_depth']:.0f} ms"
+  )
 
 
 if __name__ == "__main__":

@@ -37,28 +37,43 @@ class _TimeUp(Exception):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--npz", required=True)
-  parser.add_argument("--config", default=os.path.join(ROOT, "configs",
-                                                       "channel_small.py"))
+  parser.add_argument(
+      "--config", default=os.path.join(ROOT, "configs", "channel_small.py")
+  )
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--epochs", type=int, default=50)
-  parser.add_argument("--num_train_steps", type=int, default=-1,
-                      help="> 0: that many steps instead of --epochs")
-  parser.add_argument("--max_seconds", type=float, default=0,
-                      help="stop after this wall clock (0: no limit)")
+  parser.add_argument(
+      "--num_train_steps",
+      type=int,
+      default=-1,
+      help="> 0: that many steps instead of --epochs",
+  )
+  parser.add_argument(
+      "--max_seconds",
+      type=float,
+      default=0,
+      help="stop after this wall clock (0: no limit)",
+  )
   parser.add_argument("--compilation_cache", default="")
-  parser.add_argument("--set", action="append", default=[],
-                      help="config overrides KEY=VALUE (e.g. "
-                      "compute_dtype=bfloat16, log_every_steps=200)")
+  parser.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      help="config overrides KEY=VALUE (e.g. "
+      "compute_dtype=bfloat16, log_every_steps=200)",
+  )
   args = parser.parse_args()
 
   t_process = time.time()
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   logging.set_verbosity(logging.INFO)
   logging.set_stderrthreshold(logging.INFO)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from cign_jax import utils  # pylint: disable=g-import-not-at-top
+
   if args.compilation_cache:
     utils.enable_compilation_cache(args.compilation_cache)
   from cign_jax import train  # pylint: disable=g-import-not-at-top
@@ -80,18 +95,26 @@ def main():
     labels = d["train_labels"].astype(np.int32)
   if images.ndim == 3:
     images = images[..., None]
-  print(f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
-        f"{jax.__version__}; {len(labels)} training images; metric writer: "
-        f"{'clu' if importlib.util.find_spec('tensorflow') else 'tensorboard (no TensorFlow)'}",
-        flush=True)
+  print(
+      f"# {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
+      f"{jax.__version__}; {len(labels)} training images; metric writer: "
+      f"{'clu' if importlib.util.find_spec('tensorflow') else 'tensorboard (no TensorFlow)'}",
+      flush=True,
+  )
   steps_per_epoch = len(labels) // config.batch_size
-  total = (config.num_train_steps if config.num_train_steps > 0 else
-           config.num_epochs * steps_per_epoch)
-  print(f"# {os.path.basename(args.config)}: {total} steps "
-        f"({steps_per_epoch} per epoch), batch {config.batch_size}, "
-        f"compute_dtype {config.compute_dtype}, matmul_precision "
-        f"{config.matmul_precision}, passes {config.loss.passes}, "
-        f"channel_conv {config.model.channel_conv}", flush=True)
+  total = (
+      config.num_train_steps
+      if config.num_train_steps > 0
+      else config.num_epochs * steps_per_epoch
+  )
+  print(
+      f"# {os.path.basename(args.config)}: {total} steps "
+      f"({steps_per_epoch} per epoch), batch {config.batch_size}, "
+      f"compute_dtype {config.compute_dtype}, matmul_precision "
+      f"{config.matmul_precision}, passes {config.loss.passes}, "
+      f"channel_conv {config.model.channel_conv}",
+      flush=True,
+  )
 
   def time_up(signum, frame):
     del signum, frame
@@ -105,15 +128,21 @@ def main():
     train.train_and_evaluate(config, args.workdir, dataset=(images, labels))
     signal.setitimer(signal.ITIMER_REAL, 0)
     wall = time.time() - t0
-    print(f"RESULT train_run finished: {total} steps in {wall:.1f} s wall "
-          f"clock (compilation, checkpoints and sample grids included; "
-          f"{total * config.batch_size / wall:.0f} images/s overall); "
-          f"process {time.time() - t_process:.1f} s", flush=True)
+    print(
+        f"RESULT train_run finished: {total} steps in {wall:.1f} s wall "
+        f"clock (compilation, checkpoints and sample grids included; "
+        f"{total * config.batch_size / wall:.0f} images/s overall); "
+        f"process {time.time() - t_process:.1f} s",
+        flush=True,
+    )
   except _TimeUp:
     wall = time.time() - t0
-    print(f"RESULT train_run stopped at the time limit after {wall:.1f} s "
-          f"of {total} steps; see the last 'step N/{total}' line above for "
-          f"the steps done, the rate and the ETA", flush=True)
+    print(
+        f"RESULT train_run stopped at the time limit after {wall:.1f} s "
+        f"of {total} steps; see the last 'step N/{total}' line above for "
+        f"the steps done, the rate and the ETA",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

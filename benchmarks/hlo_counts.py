@@ -29,7 +29,9 @@ sys.path.insert(0, ROOT)
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\(")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\s([a-z][\w\-]*)\("
+)
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 
 
@@ -41,8 +43,7 @@ def count_ops(hlo_text: str) -> collections.Counter:
     header = _HEADER.match(line)
     if header and not line.startswith(" "):
       name = header.group(2)
-      skip = "fused" in name or name.startswith("fusion") or (
-          "wrapped" in name)
+      skip = "fused" in name or name.startswith("fusion") or ("wrapped" in name)
       continue
     if skip:
       continue
@@ -52,8 +53,16 @@ def count_ops(hlo_text: str) -> collections.Counter:
   return counts
 
 
-KINDS = ("fusion", "convolution", "dot", "reduce", "custom-call", "copy",
-         "concatenate", "slice")
+KINDS = (
+    "fusion",
+    "convolution",
+    "dot",
+    "reduce",
+    "custom-call",
+    "copy",
+    "concatenate",
+    "slice",
+)
 IGNORED = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
 
 
@@ -92,12 +101,17 @@ def main():
   name = os.path.splitext(os.path.basename(args.config))[0]
   passes = config_lib.resolve_passes(config.loss.passes)
   channel_conv = config_lib.resolve_channel_conv(config.model.channel_conv)
-  print(f"{name} batch {b}, passes {passes}, channel_conv {channel_conv}"
-        f", {jax.default_backend()}, CIGN_JAX_NATIVE_CONV="
-        f"{os.environ.get('CIGN_JAX_NATIVE_CONV', '1')}: lower {t1 - t0:.1f} s,"
-        f" compile {t2 - t1:.1f} s")
-  print("  " + ", ".join(f"{k} {counts.get(k, 0)}" for k in KINDS) +
-        f"; all operations {total}; HLO text {len(text) // 1024} KiB")
+  print(
+      f"{name} batch {b}, passes {passes}, channel_conv {channel_conv}"
+      f", {jax.default_backend()}, CIGN_JAX_NATIVE_CONV="
+      f"{os.environ.get('CIGN_JAX_NATIVE_CONV', '1')}: lower {t1 - t0:.1f} s,"
+      f" compile {t2 - t1:.1f} s"
+  )
+  print(
+      "  "
+      + ", ".join(f"{k} {counts.get(k, 0)}" for k in KINDS)
+      + f"; all operations {total}; HLO text {len(text) // 1024} KiB"
+  )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,15 @@ from cign_jax import utils
 from cign_jax import validation
 from cign_jax.data import reader
 from cign_jax.evaluation import in_loop
+
 # pylint: enable=g-import-not-at-top
 
 config_flags.DEFINE_config_file("config", None, "Config file.")
 flags.DEFINE_integer("val_examples", 1000, "Test images timed.")
 flags.DEFINE_integer("samples_per_label", 100, "Label-accuracy samples.")
-flags.DEFINE_integer("fid_per_class", 100, "FID64 samples per class (0: "
-                     "skip).")
+flags.DEFINE_integer(
+    "fid_per_class", 100, "FID64 samples per class (0: " "skip)."
+)
 flags.DEFINE_integer("steps", 5, "Train steps timed.")
 FLAGS = flags.FLAGS
 
@@ -63,29 +65,48 @@ def main(_):
   epoch = t_step * batches.steps_per_epoch
   variables = train_step_lib.eval_variables(state)
   n = FLAGS.val_examples
-  t_val = _time(lambda: validation.validation_loss(
-      model, variables, test_x[:n], test_y[:n], config, 0)["val_loss"])
+  t_val = _time(
+      lambda: validation.validation_loss(
+          model, variables, test_x[:n], test_y[:n], config, 0
+      )["val_loss"]
+  )
   t_val *= len(test_y) / n
-  rows = [("train step", t_step), ("epoch of training", epoch),
-          (f"validation loss, {len(test_y)} test images (from {n})", t_val)]
+  rows = [
+      ("train step", t_step),
+      ("epoch of training", epoch),
+      (f"validation loss, {len(test_y)} test images (from {n})", t_val),
+  ]
   eval_config = config.copy_and_resolve_references()
   eval_config.eval_samples_per_label = FLAGS.samples_per_label
   eval_config.eval_metrics = ("label_accuracy",)
   acc = in_loop.InLoopEvaluator(eval_config)
-  rows.append((f"label accuracy, {FLAGS.samples_per_label} per label",
-               _time(lambda: acc(model, variables, 0)["label_accuracy"])))
+  rows.append(
+      (
+          f"label accuracy, {FLAGS.samples_per_label} per label",
+          _time(lambda: acc(model, variables, 0)["label_accuracy"]),
+      )
+  )
   if FLAGS.fid_per_class:
     fid_config = config.copy_and_resolve_references()
     fid_config.eval_metrics = ("fid64",)
     fid_config.eval_samples_per_label = FLAGS.fid_per_class
     fid_eval = in_loop.InLoopEvaluator(fid_config, (test_x, test_y))
-    rows.append((f"FID64 per class, {FLAGS.fid_per_class} per class",
-                 _time(lambda: fid_eval(model, variables, 0)["fid64"])))
-  print(f"{jax.devices()[0].platform}, {jax.device_count()} device(s); "
-        f"batch {config.batch_size}, {batches.steps_per_epoch} steps/epoch")
+    rows.append(
+        (
+            f"FID64 per class, {FLAGS.fid_per_class} per class",
+            _time(lambda: fid_eval(model, variables, 0)["fid64"]),
+        )
+    )
+  print(
+      f"{jax.devices()[0].platform}, {jax.device_count()} device(s); "
+      f"batch {config.batch_size}, {batches.steps_per_epoch} steps/epoch"
+  )
   for name, seconds in rows:
-    share = "" if name.startswith(("train", "epoch")) else \
-        f"  ({100 * seconds / epoch:.1f}% of an epoch)"
+    share = (
+        ""
+        if name.startswith(("train", "epoch"))
+        else f"  ({100 * seconds / epoch:.1f}% of an epoch)"
+    )
     print(f"{name:55s} {seconds:9.3f} s{share}")
 
 

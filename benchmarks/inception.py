@@ -37,23 +37,41 @@ import numpy as np
 
 def _parse(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--batch-size", type=int, default=None,
-                      help="images per call (default: the library's default, "
-                      "8 on CPU, 64 on accelerators)")
-  parser.add_argument("--batches", type=int, default=3,
-                      help="batches per timed round")
-  parser.add_argument("--rounds", type=int, default=4,
-                      help="timed rounds per framework (alternating)")
-  parser.add_argument("--threads", type=int, default=2,
-                      help="torch.set_num_threads")
-  parser.add_argument("--max-features", type=int, default=2048,
-                      choices=(64, 192, 768, 2048),
-                      help="deepest tap for the Flax port (PyTorch always "
-                      "runs the whole archive)")
-  parser.add_argument("--no-torch", action="store_true",
-                      help="time the Flax port only")
-  parser.add_argument("--shallow", action="store_true",
-                      help="also time the Flax port up to the 64/192/768 taps")
+  parser.add_argument(
+      "--batch-size",
+      type=int,
+      default=None,
+      help="images per call (default: the library's default, "
+      "8 on CPU, 64 on accelerators)",
+  )
+  parser.add_argument(
+      "--batches", type=int, default=3, help="batches per timed round"
+  )
+  parser.add_argument(
+      "--rounds",
+      type=int,
+      default=4,
+      help="timed rounds per framework (alternating)",
+  )
+  parser.add_argument(
+      "--threads", type=int, default=2, help="torch.set_num_threads"
+  )
+  parser.add_argument(
+      "--max-features",
+      type=int,
+      default=2048,
+      choices=(64, 192, 768, 2048),
+      help="deepest tap for the Flax port (PyTorch always "
+      "runs the whole archive)",
+  )
+  parser.add_argument(
+      "--no-torch", action="store_true", help="time the Flax port only"
+  )
+  parser.add_argument(
+      "--shallow",
+      action="store_true",
+      help="also time the Flax port up to the 64/192/768 taps",
+  )
   return parser.parse_args(argv)
 
 
@@ -89,12 +107,18 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   pixels = rng.integers(0, 256, size=(n, 28, 28, 1)).astype(np.uint8)
 
-  print(f"command: python benchmarks/inception.py "
-        f"{' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}".rstrip())
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}); {_cpu_name()}, {os.cpu_count()} CPUs")
-  print(f"batch size {batch_size}, {args.batches} batches per round, "
-        f"{args.rounds} rounds; {_load()}")
+  print(
+      f"command: python benchmarks/inception.py "
+      f"{' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}".rstrip()
+  )
+  print(
+      f"jax {jax.__version__} on {jax.devices()[0].device_kind} "
+      f"({jax.default_backend()}); {_cpu_name()}, {os.cpu_count()} CPUs"
+  )
+  print(
+      f"batch size {batch_size}, {args.batches} batches per round, "
+      f"{args.rounds} rounds; {_load()}"
+  )
 
   # --- Flax -----------------------------------------------------------------
   t0 = time.perf_counter()
@@ -102,13 +126,16 @@ def main(argv=None):
   t1 = time.perf_counter()
 
   def run_flax(max_features=args.max_features):
-    return extractor.extract(pixels, max_features,
-                             preprocess=fid.preprocess_pixels)
+    return extractor.extract(
+        pixels, max_features, preprocess=fid.preprocess_pixels
+    )
 
   flax_first = run_flax()  # compiles
   t2 = time.perf_counter()
-  print(f"flax: weights {t1 - t0:.1f} s, compile + first round "
-        f"{t2 - t1:.1f} s")
+  print(
+      f"flax: weights {t1 - t0:.1f} s, compile + first round "
+      f"{t2 - t1:.1f} s"
+  )
   runs = {"flax": run_flax}
 
   # --- PyTorch --------------------------------------------------------------
@@ -122,17 +149,19 @@ def main(argv=None):
     if torch is not None:
       torch.set_num_threads(args.threads)
       device = "cuda" if torch.cuda.is_available() else "cpu"
-      module = torch.jit.load(str(inception.fetch_archive()),
-                              map_location=device).eval()
+      module = torch.jit.load(
+          str(inception.fetch_archive()), map_location=device
+      ).eval()
       tensor = torch.from_numpy(np.array(pixels)).permute(0, 3, 1, 2)
 
       def run_torch():
         outs = []
         with torch.inference_mode():
           for start in range(0, n, batch_size):
-            x = tensor[start:start + batch_size].to(device).float() / 255.0
+            x = tensor[start : start + batch_size].to(device).float() / 255.0
             x = torch.nn.functional.interpolate(
-                x, size=(299, 299), mode="bilinear", align_corners=False)
+                x, size=(299, 299), mode="bilinear", align_corners=False
+            )
             x = x.expand(-1, 3, -1, -1) * 2.0 - 1.0
             outs.append(module(x).cpu())
           if device == "cuda":
@@ -142,15 +171,18 @@ def main(argv=None):
       t3 = time.perf_counter()
       torch_first = run_torch()  # TorchScript profiles its first calls
       run_torch()
-      print(f"torch {torch.__version__} on {device}, {args.threads} threads: "
-            f"warm-up {time.perf_counter() - t3:.1f} s")
+      print(
+          f"torch {torch.__version__} on {device}, {args.threads} threads: "
+          f"warm-up {time.perf_counter() - t3:.1f} s"
+      )
       runs["torch"] = run_torch
 
   if torch_first is not None and args.max_features == 2048:
     ours, theirs = flax_first[2048], torch_first
     rel = np.abs(ours - theirs).max() / np.abs(theirs).max()
-    print(f"2048 features, Flax vs PyTorch: max relative difference "
-          f"{rel:.1e}")
+    print(
+        f"2048 features, Flax vs PyTorch: max relative difference " f"{rel:.1e}"
+    )
 
   # --- Timed rounds, alternating ------------------------------------------
   wall = {k: [] for k in runs}
@@ -162,14 +194,18 @@ def main(argv=None):
       wall[name].append(time.perf_counter() - w0)
       cpu[name].append(time.process_time() - c0)
 
-  print(f"\nimages/s (best / median of {args.rounds} rounds of {n} images), "
-        f"CPU-s per image (best); {_load()}")
+  print(
+      f"\nimages/s (best / median of {args.rounds} rounds of {n} images), "
+      f"CPU-s per image (best); {_load()}"
+  )
   for name in runs:
     best = n / min(wall[name])
     median = n / statistics.median(wall[name])
     cpu_per = min(cpu[name]) / n
-    print(f"  {name:6s} {best:7.2f} / {median:7.2f} img/s   "
-          f"{cpu_per:.3f} CPU-s/img")
+    print(
+        f"  {name:6s} {best:7.2f} / {median:7.2f} img/s   "
+        f"{cpu_per:.3f} CPU-s/img"
+    )
   if "torch" in runs:
     ratio = min(wall["torch"]) / min(wall["flax"])
     print(f"  Flax / PyTorch speed (best rounds): {ratio:.2f}x")

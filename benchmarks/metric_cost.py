@@ -35,14 +35,19 @@ from cign_jax.evaluation import classifier
 from cign_jax.evaluation import fid
 from cign_jax.evaluation import registry
 from cign_jax.evaluation import scoring
+
 # pylint: enable=g-import-not-at-top
 
 flags.DEFINE_integer("per_class", 1000, "Samples per class and side.")
 flags.DEFINE_integer("classes", 10, "Classes.")
-flags.DEFINE_integer("inception_images", 160, "Images timed through the "
-                     "Inception network per tap.")
-flags.DEFINE_integer("train_per_class", 6000, "Training features per class "
-                     "(memorisation).")
+flags.DEFINE_integer(
+    "inception_images",
+    160,
+    "Images timed through the " "Inception network per tap.",
+)
+flags.DEFINE_integer(
+    "train_per_class", 6000, "Training features per class " "(memorisation)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -57,8 +62,10 @@ def _time(fn, warm_up=None):
 
 
 def _class_data(rng, n, n_train, sizes):
-  feats = {side: {s: np.abs(rng.normal(size=(n, s))) for s in sizes}
-           for side in ("fake", "real")}
+  feats = {
+      side: {s: np.abs(rng.normal(size=(n, s))) for s in sizes}
+      for side in ("fake", "real")
+  }
   if n_train:
     feats["train"] = {2048: np.abs(rng.normal(size=(n_train, 2048)))}
   labels = np.zeros(n, np.int32)
@@ -76,6 +83,7 @@ def _metric_seconds(names, n, n_train=0):
     data = _class_data(rng, n, n_train, sizes)
     for m, requested in groups:
       m.compute(data, requested)
+
   return _time(run)
 
 
@@ -83,39 +91,55 @@ def main(_):
   utils.enable_compilation_cache()
   n, k = FLAGS.per_class, FLAGS.classes
   images, _ = reader.load_split("mnist", "test")
-  sample = images[:FLAGS.inception_images]
-  print(f"Inception pass ({len(sample)} images timed per tap, batch "
-        f"{fid.get_extractor().batch_size}):")
+  sample = images[: FLAGS.inception_images]
+  print(
+      f"Inception pass ({len(sample)} images timed per tap, batch "
+      f"{fid.get_extractor().batch_size}):"
+  )
   for tap in (64, 768, 2048):
-    seconds = _time(lambda t=tap: fid.extract_features(
-        sample, (t,), progress=False), lambda t=tap: fid.extract_features(
-            sample[:1], (t,), progress=False)) / len(sample)
-    print(f"  up to {tap:4d}: {seconds * 1e3:7.1f} ms/image; {n * k} "
-          f"generated images: {seconds * n * k:8.0f} s")
-  print(f"\nArithmetic from features, {n} per class and side, {k} classes "
-        "(all classes):")
-  rows = [("fid64", ["fid64"]), ("fid192", ["fid192"]),
-          ("fid768", ["fid768"]),
-          ("precision, recall (k=3)", ["precision", "recall"]),
-          ("density, coverage (k=5)", ["density", "coverage"]),
-          ("kid, kid_std", ["kid", "kid_std"]), ("spread", ["spread"]),
-          ("duplicates", ["duplicates"]),
-          ("all of registry.DIVERSITY together", list(registry.DIVERSITY))]
+    seconds = _time(
+        lambda t=tap: fid.extract_features(sample, (t,), progress=False),
+        lambda t=tap: fid.extract_features(sample[:1], (t,), progress=False),
+    ) / len(sample)
+    print(
+        f"  up to {tap:4d}: {seconds * 1e3:7.1f} ms/image; {n * k} "
+        f"generated images: {seconds * n * k:8.0f} s"
+    )
+  print(
+      f"\nArithmetic from features, {n} per class and side, {k} classes "
+      "(all classes):"
+  )
+  rows = [
+      ("fid64", ["fid64"]),
+      ("fid192", ["fid192"]),
+      ("fid768", ["fid768"]),
+      ("precision, recall (k=3)", ["precision", "recall"]),
+      ("density, coverage (k=5)", ["density", "coverage"]),
+      ("kid, kid_std", ["kid", "kid_std"]),
+      ("spread", ["spread"]),
+      ("duplicates", ["duplicates"]),
+      ("all of registry.DIVERSITY together", list(registry.DIVERSITY)),
+  ]
   for title, names in rows:
     if n < registry.needs(names).min_samples:
       continue
     print(f"  {title:38s} {k * _metric_seconds(names, n):8.1f} s")
   if FLAGS.train_per_class:
-    seconds = _metric_seconds(["memorisation_ratio", "memorised"], n,
-                              FLAGS.train_per_class)
+    seconds = _metric_seconds(
+        ["memorisation_ratio", "memorised"], n, FLAGS.train_per_class
+    )
     title = f"memorisation ({FLAGS.train_per_class} train/class)"
-    print(f"  {title:38s} {k * seconds:8.1f} s (plus the Inception pass over "
-          f"{FLAGS.train_per_class * k} training images, cached)")
+    print(
+        f"  {title:38s} {k * seconds:8.1f} s (plus the Inception pass over "
+        f"{FLAGS.train_per_class * k} training images, cached)"
+    )
   clf = classifier.load_or_train("mnist")
   gen = reader.to_model_range(np.resize(images, (n * k,) + images.shape[1:]))
-  print(f"  {'label accuracy (classifier)':38s} "
-        f"{_time(lambda: clf.predict(gen), lambda: clf.predict(gen[:1])):8.1f}"
-        " s")
+  print(
+      f"  {'label accuracy (classifier)':38s} "
+      f"{_time(lambda: clf.predict(gen), lambda: clf.predict(gen[:1])):8.1f}"
+      " s"
+  )
 
 
 if __name__ == "__main__":

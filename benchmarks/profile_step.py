@@ -36,8 +36,10 @@ import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-posi
 def read_xplane_events(trace_dir):
   """{(plane, line, event name): (total ns, count)} over the trace's XPlanes."""
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
-  files = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"),
-                    recursive=True)
+
+  files = glob.glob(
+      os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True
+  )
   if not files:
     raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}")
   totals = collections.Counter()
@@ -58,16 +60,21 @@ def main():
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--top", type=int, default=30)
   parser.add_argument("--batch_size", type=int, default=0)
-  parser.add_argument("--passes", default="",
-                      help="config.loss.passes (sequential, batched)")
-  parser.add_argument("--channel_conv", default="",
-                      help="config.model.channel_conv (concat, per_class)")
+  parser.add_argument(
+      "--passes", default="", help="config.loss.passes (sequential, batched)"
+  )
+  parser.add_argument(
+      "--channel_conv",
+      default="",
+      help="config.model.channel_conv (concat, per_class)",
+  )
   parser.add_argument("--dump_hlo", default="")
   args = parser.parse_args()
   if args.dump_hlo:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_dump_to={args.dump_hlo}"
-                               " --xla_dump_hlo_as_text")
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={args.dump_hlo}"
+        " --xla_dump_hlo_as_text"
+    )
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -97,10 +104,14 @@ def main():
   totals, counts = read_xplane_events(trace_dir)
 
   flags = config_overrides.command_line(given)
-  print(f"# python benchmarks/profile_step.py --config={args.config} "
-        f"--steps={args.steps}{flags}")
-  print(f"# jax {jax.__version__} on {jax.default_backend()}; batch {b}; "
-        f"{wall_ms:.1f} ms per step under the profiler; trace in {trace_dir}")
+  print(
+      f"# python benchmarks/profile_step.py --config={args.config} "
+      f"--steps={args.steps}{flags}"
+  )
+  print(
+      f"# jax {jax.__version__} on {jax.default_backend()}; batch {b}; "
+      f"{wall_ms:.1f} ms per step under the profiler; trace in {trace_dir}"
+  )
   # The device's operations: on a GPU the kernels of its stream lines; on a
   # CPU the thunks of the worker threads (which run concurrently, so these
   # are CPU-time shares, not wall-clock). Skipped: the Python host threads,
@@ -109,11 +120,15 @@ def main():
   by_op, launches = collections.Counter(), collections.Counter()
   by_kind = collections.Counter()
   for (plane, line, name), ns in totals.items():
-    if gpu and (not plane.startswith("/device:GPU") or
-                line.startswith("XLA Modules") or line.startswith("XLA Ops")):
+    if gpu and (
+        not plane.startswith("/device:GPU")
+        or line.startswith("XLA Modules")
+        or line.startswith("XLA Ops")
+    ):
       continue
-    if not gpu and (line.startswith("python") or
-                    name.startswith("ThunkExecutor")):
+    if not gpu and (
+        line.startswith("python") or name.startswith("ThunkExecutor")
+    ):
       continue
     by_op[name] += ns
     launches[name] += counts[(plane, line, name)]
@@ -121,15 +136,19 @@ def main():
   total = sum(by_op.values())
   if not total:
     raise RuntimeError(f"no device operations in the trace {trace_dir}")
-  print(f"# {total / 1e6 / args.steps:.2f} ms of operation time per step, "
-        f"{sum(launches.values()) / args.steps:.0f} operations per step")
+  print(
+      f"# {total / 1e6 / args.steps:.2f} ms of operation time per step, "
+      f"{sum(launches.values()) / args.steps:.0f} operations per step"
+  )
   print("## by kind")
   for name, ns in by_kind.most_common(args.top):
     print(f"{ns / 1e6 / args.steps:9.3f} ms {100 * ns / total:5.1f}%  {name}")
   print("## by operation (ms per step, % of operation time, launches per step)")
   for name, ns in by_op.most_common(args.top):
-    print(f"{ns / 1e6 / args.steps:9.3f} ms {100 * ns / total:5.1f}% "
-          f"x{launches[name] / args.steps:<4.0f} {name[:120]}")
+    print(
+        f"{ns / 1e6 / args.steps:9.3f} ms {100 * ns / total:5.1f}% "
+        f"x{launches[name] / args.steps:<4.0f} {name[:120]}"
+    )
 
 
 if __name__ == "__main__":

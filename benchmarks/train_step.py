@@ -54,6 +54,7 @@ sys.path.insert(0, ROOT)
 # benchmarks/config_overrides.py, beside this script
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 import config_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # The PyTorch port of the step (a test oracle) lives with the tests.
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 # Before torch (and its OpenMP runtime) loads; see the module docstring.
@@ -61,10 +62,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The original PyTorch code on the 2-core CPU class, ms per step
 # (reference/baseline.md, PyTorch 2.13.0, 2 threads).
-ORIGINAL_MS = {"channel_small": 3532, "channel_large": 11637,
-               "filter_small": 4946, "filter_large": 9314}
-PAPER_CONFIGS = ("channel_small", "channel_large", "filter_small",
-                 "filter_large")
+ORIGINAL_MS = {
+    "channel_small": 3532,
+    "channel_large": 11637,
+    "filter_small": 4946,
+    "filter_large": 9314,
+}
+PAPER_CONFIGS = (
+    "channel_small",
+    "channel_large",
+    "filter_small",
+    "filter_large",
+)
 
 
 def peak_rss_mib() -> float:
@@ -72,9 +81,11 @@ def peak_rss_mib() -> float:
 
 
 def spread(times_ms):
-  return (f"median {statistics.median(times_ms):.2f} ms "
-          f"(min {min(times_ms):.2f}, max {max(times_ms):.2f}, "
-          f"n={len(times_ms)})")
+  return (
+      f"median {statistics.median(times_ms):.2f} ms "
+      f"(min {min(times_ms):.2f}, max {max(times_ms):.2f}, "
+      f"n={len(times_ms)})"
+  )
 
 
 def layer_flops(config):
@@ -83,14 +94,16 @@ def layer_flops(config):
   and channel mixers, 2 FLOPs per multiply-add."""
   from cign_jax import models  # pylint: disable=g-import-not-at-top
   from cign_jax import ops  # pylint: disable=g-import-not-at-top
+
   m = config.model
   ld, cond = m.latent_dim, m.conditioning
   extra = 1 if cond == "channel" else 0
   out = []
   h, c = 28, m.image_channels
   disc = (ld, 2 * ld, 4 * ld, 8 * ld, m.intermediate_dim)
-  for i, (co, (k, s, p)) in enumerate(zip(disc, models.DISCRIMINATOR_LAYOUT),
-                                      1):
+  for i, (co, (k, s, p)) in enumerate(
+      zip(disc, models.DISCRIMINATOR_LAYOUT), 1
+  ):
     ho = ops.conv_output_size(h, k, s, p)
     if cond == "filter":
       out.append((f"disc_{i}", 2 * ho * ho * c * (k * k + co)))
@@ -115,11 +128,14 @@ def step_flops(config, batch_size=None) -> float:
   through the frozen copy."""
   b = batch_size or config.batch_size
   per_image = sum(f for _, f in layer_flops(config))
-  k = config.loss.num_mismatch_labels if config.model.conditioning != "none" \
+  k = (
+      config.loss.num_mismatch_labels
+      if config.model.conditioning != "none"
       else 0
-  first = (2 + k) * b     # real, noise, mismatch: forward + dx + dk
-  copies = (1 + k) * b    # frozen copy: forward + dx
-  tights = (1 + k) * b    # tightness: forward + dx + dk
+  )
+  first = (2 + k) * b  # real, noise, mismatch: forward + dx + dk
+  copies = (1 + k) * b  # frozen copy: forward + dx
+  tights = (1 + k) * b  # tightness: forward + dx + dk
   return per_image * (3 * first + 2 * copies + 3 * tights)
 
 
@@ -127,6 +143,7 @@ def import_torch_port():
   """Our PyTorch port, from the package or from tests/ (where it may live)."""
   try:
     from cign_jax import torch_reference  # pylint: disable=g-import-not-at-top
+
     return torch_reference
   except ImportError:
     pass
@@ -134,6 +151,7 @@ def import_torch_port():
   if tests_dir not in sys.path:
     sys.path.insert(0, tests_dir)
   import torch_reference  # pylint: disable=g-import-not-at-top
+
   return torch_reference
 
 
@@ -141,23 +159,33 @@ def make_torch_step(config, x, c, device):
   """Our PyTorch port's step on `device` and its inputs, or None."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
+
     tr = import_torch_port()
   except ImportError as e:
     print(f"  PyTorch or our port not importable ({e}): skipping the port")
     return None
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   if device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
   torch.manual_seed(0)
-  model = tr.CIGNTorch(config.model.conditioning, config.model.latent_dim,
-                       config.model.intermediate_dim,
-                       config.model.embedding_dim,
-                       config.model.dropout_rate).to(device)
+  model = tr.CIGNTorch(
+      config.model.conditioning,
+      config.model.latent_dim,
+      config.model.intermediate_dim,
+      config.model.embedding_dim,
+      config.model.dropout_rate,
+  ).to(device)
   l = config.loss
   torch_step = tr.TorchTrainStep(
-      model, config.optimizer.learning_rate, l.rec_weight,
-      l.idem_noise_weight, l.tight_noise_weight, l.idem_mismatch_weight,
-      l.tight_mismatch_weight)
+      model,
+      config.optimizer.learning_rate,
+      l.rec_weight,
+      l.idem_noise_weight,
+      l.tight_noise_weight,
+      l.idem_mismatch_weight,
+      l.tight_mismatch_weight,
+  )
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(device)
   ct = torch.from_numpy(c.astype(np.int64)).to(device)
 
@@ -170,8 +198,15 @@ def make_torch_step(config, x, c, device):
   return run
 
 
-def bench_train(name, config, steps, use_torch, torch_device="cpu",
-                warmup=2, compile_only=False):
+def bench_train(
+    name,
+    config,
+    steps,
+    use_torch,
+    torch_device="cpu",
+    warmup=2,
+    compile_only=False,
+):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cign_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -193,8 +228,11 @@ def bench_train(name, config, steps, use_torch, torch_device="cpu",
   compiled = step.lower(state, xj, cj, key).compile()
   compile_s = time.perf_counter() - t0
   if compile_only:
-    print(f"config={name} compiled in {compile_s:.1f} s ({config.compute_dtype}"
-          f", matmul_precision {config.matmul_precision})", flush=True)
+    print(
+        f"config={name} compiled in {compile_s:.1f} s ({config.compute_dtype}"
+        f", matmul_precision {config.matmul_precision})",
+        flush=True,
+    )
     return None
   xla_flops = None
   try:
@@ -229,29 +267,51 @@ def bench_train(name, config, steps, use_torch, torch_device="cpu",
   through_loss = b * (2 + config.loss.num_mismatch_labels)
   flops = step_flops(config)
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  print(f"{name}: batch {b} real images ({through_loss} through the loss); "
-        f"compute_dtype {config.compute_dtype}, matmul_precision "
-        f"{config.matmul_precision}, passes "
-        f"{config_lib.resolve_passes(config.loss.passes)}, channel_conv "
-        f"{config_lib.resolve_channel_conv(config.model.channel_conv)}")
+
+  print(
+      f"{name}: batch {b} real images ({through_loss} through the loss); "
+      f"compute_dtype {config.compute_dtype}, matmul_precision "
+      f"{config.matmul_precision}, passes "
+      f"{config_lib.resolve_passes(config.loss.passes)}, channel_conv "
+      f"{config_lib.resolve_channel_conv(config.model.channel_conv)}"
+  )
   print(f"  compile {compile_s:.1f} s")
-  print(f"  ours (JAX):      {spread(ours)}; {1000 * b / med:.1f} real "
-        f"images/s, {1000 * through_loss / med:.0f} images/s through the "
-        f"loss; peak RSS {rss_jax:.0f} MiB")
-  print(f"  step FLOPs (analytic, convolutions and products): "
-        f"{flops / 1e9:.1f} GFLOP; {flops / med / 1e9:.2f} TFLOP/s"
-        + (f" (XLA's cost_analysis: {xla_flops / 1e9:.1f} GFLOP, without "
-           "library-call convolutions)" if xla_flops else ""))
+  print(
+      f"  ours (JAX):      {spread(ours)}; {1000 * b / med:.1f} real "
+      f"images/s, {1000 * through_loss / med:.0f} images/s through the "
+      f"loss; peak RSS {rss_jax:.0f} MiB"
+  )
+  print(
+      f"  step FLOPs (analytic, convolutions and products): "
+      f"{flops / 1e9:.1f} GFLOP; {flops / med / 1e9:.2f} TFLOP/s"
+      + (
+          f" (XLA's cost_analysis: {xla_flops / 1e9:.1f} GFLOP, without "
+          "library-call convolutions)"
+          if xla_flops
+          else ""
+      )
+  )
   if theirs:
     tmed = statistics.median(theirs)
-    print(f"  our PyTorch port ({torch_device}): {spread(theirs)}; "
-          f"{1000 * b / tmed:.1f} real images/s; speed-up {tmed / med:.2f}x")
-  if name in ORIGINAL_MS and b == {"channel_small": 128, "channel_large": 128,
-                                   "filter_small": 64,
-                                   "filter_large": 64}[name] and (
-                                       jax.default_backend() == "cpu"):
-    print(f"  original on the 2-core CPU (reference/baseline.md): "
-          f"{ORIGINAL_MS[name]} ms; speed-up {ORIGINAL_MS[name] / med:.2f}x")
+    print(
+        f"  our PyTorch port ({torch_device}): {spread(theirs)}; "
+        f"{1000 * b / tmed:.1f} real images/s; speed-up {tmed / med:.2f}x"
+    )
+  if (
+      name in ORIGINAL_MS
+      and b
+      == {
+          "channel_small": 128,
+          "channel_large": 128,
+          "filter_small": 64,
+          "filter_large": 64,
+      }[name]
+      and (jax.default_backend() == "cpu")
+  ):
+    print(
+        f"  original on the 2-core CPU (reference/baseline.md): "
+        f"{ORIGINAL_MS[name]} ms; speed-up {ORIGINAL_MS[name] / med:.2f}x"
+    )
   print(f"config={name} ms_per_step={med:.2f} compile_s={compile_s:.1f}")
   return med
 
@@ -280,85 +340,146 @@ def bench_forward(name, config, steps, batch=1000, compile_only=False):
     times.append(1000 * (time.perf_counter() - t))
   med = statistics.median(times)
   flops = batch * sum(f for _, f in layer_flops(config))
-  print(f"{name}: sampling f(z, c) at batch {batch} ({config.compute_dtype}, "
-        f"matmul_precision {config.matmul_precision}): {spread(times)}; "
-        f"{1000 * batch / med:.0f} images/s, {flops / med / 1e9:.2f} TFLOP/s "
-        f"(compile {compile_s:.1f} s)")
+  print(
+      f"{name}: sampling f(z, c) at batch {batch} ({config.compute_dtype}, "
+      f"matmul_precision {config.matmul_precision}): {spread(times)}; "
+      f"{1000 * batch / med:.0f} images/s, {flops / med / 1e9:.2f} TFLOP/s "
+      f"(compile {compile_s:.1f} s)"
+  )
   print(f"config={name} ms_per_forward={med:.2f}")
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--config", help="a config file")
-  parser.add_argument("--all", action="store_true",
-                      help="the paper's four configs")
+  parser.add_argument(
+      "--all", action="store_true", help="the paper's four configs"
+  )
   parser.add_argument("--steps", type=int, default=5)
-  parser.add_argument("--batch_size", type=int, default=0,
-                      help="override the config's batch size")
+  parser.add_argument(
+      "--batch_size",
+      type=int,
+      default=0,
+      help="override the config's batch size",
+  )
   parser.add_argument("--no_torch", action="store_true")
-  parser.add_argument("--forward_only", action="store_true",
-                      help="time sampling f(z, c) at batch 1000 instead")
-  parser.add_argument("--forward_batch", type=int, default=1000,
-                      help="batch of --forward_only")
-  parser.add_argument("--compute_dtype", default="",
-                      help="override config.compute_dtype (float32, "
-                      "bfloat16, float16)")
-  parser.add_argument("--matmul_precision", default="",
-                      help="override config.matmul_precision (default, "
-                      "high, highest)")
-  parser.add_argument("--passes", default="",
-                      help="override config.loss.passes (auto, sequential, "
-                      "batched)")
-  parser.add_argument("--channel_conv", default="",
-                      help="override config.model.channel_conv (auto, "
-                      "concat, per_class)")
-  parser.add_argument("--latent_dim", type=int, default=0,
-                      help="override config.model.latent_dim (rehearsals)")
-  parser.add_argument("--intermediate_dim", type=int, default=0,
-                      help="override config.model.intermediate_dim")
-  parser.add_argument("--torch_device", default="cpu",
-                      help="device of our PyTorch port (cpu, cuda)")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed steps after compiling")
-  parser.add_argument("--compile_only", action="store_true",
-                      help="compile (filling --compilation_cache) and stop")
-  parser.add_argument("--compilation_cache", default="",
-                      help="a persistent JAX compilation cache directory")
+  parser.add_argument(
+      "--forward_only",
+      action="store_true",
+      help="time sampling f(z, c) at batch 1000 instead",
+  )
+  parser.add_argument(
+      "--forward_batch", type=int, default=1000, help="batch of --forward_only"
+  )
+  parser.add_argument(
+      "--compute_dtype",
+      default="",
+      help="override config.compute_dtype (float32, " "bfloat16, float16)",
+  )
+  parser.add_argument(
+      "--matmul_precision",
+      default="",
+      help="override config.matmul_precision (default, " "high, highest)",
+  )
+  parser.add_argument(
+      "--passes",
+      default="",
+      help="override config.loss.passes (auto, sequential, " "batched)",
+  )
+  parser.add_argument(
+      "--channel_conv",
+      default="",
+      help="override config.model.channel_conv (auto, " "concat, per_class)",
+  )
+  parser.add_argument(
+      "--latent_dim",
+      type=int,
+      default=0,
+      help="override config.model.latent_dim (rehearsals)",
+  )
+  parser.add_argument(
+      "--intermediate_dim",
+      type=int,
+      default=0,
+      help="override config.model.intermediate_dim",
+  )
+  parser.add_argument(
+      "--torch_device",
+      default="cpu",
+      help="device of our PyTorch port (cpu, cuda)",
+  )
+  parser.add_argument(
+      "--warmup", type=int, default=2, help="untimed steps after compiling"
+  )
+  parser.add_argument(
+      "--compile_only",
+      action="store_true",
+      help="compile (filling --compilation_cache) and stop",
+  )
+  parser.add_argument(
+      "--compilation_cache",
+      default="",
+      help="a persistent JAX compilation cache directory",
+  )
   args = parser.parse_args()
   if args.steps < 1:
     parser.error("--steps must be >= 1")
   import jax  # pylint: disable=g-import-not-at-top
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
   if args.compilation_cache:
     from cign_jax import utils  # pylint: disable=g-import-not-at-top
+
     utils.enable_compilation_cache(args.compilation_cache)
 
-  paths = ([os.path.join(ROOT, "configs", f"{n}.py") for n in PAPER_CONFIGS]
-           if args.all else [args.config])
+  paths = (
+      [os.path.join(ROOT, "configs", f"{n}.py") for n in PAPER_CONFIGS]
+      if args.all
+      else [args.config]
+  )
   if not paths or paths[0] is None:
     parser.error("give --config=PATH or --all")
   print(f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
-  print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}), {os.cpu_count()} CPUs, "
-        f"{platform.processor() or platform.machine()}, "
-        f"{time.strftime('%Y-%m-%d')}")
+  print(
+      f"# jax {jax.__version__} on {jax.devices()[0].device_kind} "
+      f"({jax.default_backend()}), {os.cpu_count()} CPUs, "
+      f"{platform.processor() or platform.machine()}, "
+      f"{time.strftime('%Y-%m-%d')}"
+  )
   if jax.default_backend() == "cpu":
     from cign_jax.kernels import native_conv  # pylint: disable=g-import-not-at-top
-    print("# CPU convolutions: " + (
-        "C++ kernels (cign_jax.kernels.native_conv)" if native_conv.available() else
-        f"XLA formulations ({native_conv.unavailable_reason()})"))
+
+    print(
+        "# CPU convolutions: "
+        + (
+            "C++ kernels (cign_jax.kernels.native_conv)"
+            if native_conv.available()
+            else f"XLA formulations ({native_conv.unavailable_reason()})"
+        )
+    )
   for path in paths:
     config = config_lib.load_config_file(path)
     config_overrides.apply(config, args)
     config = config_lib.validate(config)
     name = os.path.splitext(os.path.basename(path))[0]
     if args.forward_only:
-      bench_forward(name, config, args.steps, args.forward_batch,
-                    compile_only=args.compile_only)
+      bench_forward(
+          name,
+          config,
+          args.steps,
+          args.forward_batch,
+          compile_only=args.compile_only,
+      )
     else:
-      bench_train(name, config, args.steps, use_torch=not args.no_torch,
-                  torch_device=args.torch_device, warmup=args.warmup,
-                  compile_only=args.compile_only)
+      bench_train(
+          name,
+          config,
+          args.steps,
+          use_torch=not args.no_torch,
+          torch_device=args.torch_device,
+          warmup=args.warmup,
+          compile_only=args.compile_only,
+      )
 
 
 if __name__ == "__main__":

@@ -50,16 +50,19 @@ class CheckpointError(ValueError):
 
 def save_config(workdir: str, config: ml_collections.ConfigDict):
   os.makedirs(workdir, exist_ok=True)
-  run_dir.atomic_write_text(os.path.join(workdir, CONFIG_FILE),
-                            config.to_json(indent=2))
+  run_dir.atomic_write_text(
+      os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2)
+  )
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.isfile(path):
-    raise CheckpointError(f"no {CONFIG_FILE} in {workdir}: not a cign_jax run "
-                          "directory (train with cign_jax.main or import with "
-                          "cign_jax.interop.convert)")
+    raise CheckpointError(
+        f"no {CONFIG_FILE} in {workdir}: not a cign_jax run "
+        "directory (train with cign_jax.main or import with "
+        "cign_jax.interop.convert)"
+    )
   try:
     with open(path) as f:
       raw = json.load(f)
@@ -67,7 +70,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise CheckpointError(
         f"{path} is damaged (not valid JSON: {e}); restore it from a copy, "
         "or write it again from the run's config file with the same "
-        "settings") from None
+        "settings"
+    ) from None
   if not isinstance(raw, dict):
     raise CheckpointError(f"{path} does not hold a config (a JSON object)")
   config = config_lib.base_config()
@@ -92,26 +96,37 @@ STATE_ITEM = "default"
 
 
 def _item_handlers():
-  return {STATE_ITEM: ocp.StandardCheckpointHandler(),
-          run_dir.CHECKSUM_ITEM: ocp.JsonCheckpointHandler(
-              filename=run_dir.CHECKSUM_FILE)}
+  return {
+      STATE_ITEM: ocp.StandardCheckpointHandler(),
+      run_dir.CHECKSUM_ITEM: ocp.JsonCheckpointHandler(
+          filename=run_dir.CHECKSUM_FILE
+      ),
+  }
 
 
-def _manager(directory: str, keep: Optional[int], create: bool,
-             read_only: bool) -> ocp.CheckpointManager:
+def _manager(
+    directory: str, keep: Optional[int], create: bool, read_only: bool
+) -> ocp.CheckpointManager:
   if read_only:
     options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, cleanup_tmp_directories=False,
-        max_to_keep=None, save_interval_steps=0)
+        read_only=True,
+        create=False,
+        cleanup_tmp_directories=False,
+        max_to_keep=None,
+        save_interval_steps=0,
+    )
   else:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
-                                           cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(directory, options=options,
-                               item_handlers=_item_handlers())
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, cleanup_tmp_directories=True
+    )
+  return ocp.CheckpointManager(
+      directory, options=options, item_handlers=_item_handlers()
+  )
 
 
-def manager(workdir: str, keep: int = 3, create: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
+def manager(
+    workdir: str, keep: int = 3, create: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The run's checkpoint manager.
 
   Args:
@@ -125,22 +140,33 @@ def manager(workdir: str, keep: int = 3, create: bool = True,
   Returns:
     An orbax CheckpointManager.
   """
-  return _manager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
-                  keep, create, read_only)
+  return _manager(
+      os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+      keep,
+      create,
+      read_only,
+  )
 
 
 def state_tree(state: train_step_lib.TrainState) -> Dict[str, Any]:
   """What a checkpoint holds: the state's arrays, no functions (and the
   parameters' moving average when the run keeps one)."""
-  tree = {"step": state.step, "params": state.params,
-          "batch_stats": state.batch_stats, "opt_state": state.opt_state}
+  tree = {
+      "step": state.step,
+      "params": state.params,
+      "batch_stats": state.batch_stats,
+      "opt_state": state.opt_state,
+  }
   if state.ema_params is not None:
     tree["ema_params"] = state.ema_params
   return tree
 
 
-def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
-         wait: bool = True):
+def save(
+    mngr: ocp.CheckpointManager,
+    state: train_step_lib.TrainState,
+    wait: bool = True,
+):
   """Saves `state` as the step it holds, with the digest of its tensors.
 
   The digest is a second item of the same orbax save, so it is written into
@@ -156,10 +182,18 @@ def save(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
   """
   step = int(jax.device_get(state.step))
   tree = state_tree(state)
-  mngr.save(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardSave(tree),
-      run_dir.CHECKSUM_ITEM: ocp.args.JsonSave(
-          {"sha256": run_dir.tree_digest(tree)})}), force=True)
+  mngr.save(
+      step,
+      args=ocp.args.Composite(
+          **{
+              STATE_ITEM: ocp.args.StandardSave(tree),
+              run_dir.CHECKSUM_ITEM: ocp.args.JsonSave(
+                  {"sha256": run_dir.tree_digest(tree)}
+              ),
+          }
+      ),
+      force=True,
+  )
   if wait:
     mngr.wait_until_finished()
 
@@ -181,7 +215,8 @@ def _check_complete(mngr: ocp.CheckpointManager, step: int) -> str:
         f"it has no checksum ({run_dir.CHECKSUM_FILE}), which is saved "
         "together with the tensors: its save did not finish (an earlier "
         "cign_jax wrote the checksum after the tensors, and a run stopped "
-        "between the two leaves such a step), so it is not restored")
+        "between the two leaves such a step), so it is not restored"
+    )
   return recorded
 
 
@@ -190,19 +225,24 @@ def _verified(mngr: ocp.CheckpointManager, step: int, target) -> Any:
   digest; raises on an incomplete, unreadable or altered step."""
   recorded = _check_complete(mngr, step)
   if recorded == "unreadable":
-    raise CheckpointError(f"its checksum file ({run_dir.CHECKSUM_FILE}) is "
-                          "damaged")
-  tree = mngr.restore(step, args=ocp.args.Composite(**{
-      STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+    raise CheckpointError(
+        f"its checksum file ({run_dir.CHECKSUM_FILE}) is " "damaged"
+    )
+  tree = mngr.restore(
+      step,
+      args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)}),
+  )[STATE_ITEM]
   if recorded != run_dir.tree_digest(tree):
     raise CheckpointError(
         "its tensors do not match the checksum recorded when it was saved "
-        f"({run_dir.CHECKSUM_FILE})")
+        f"({run_dir.CHECKSUM_FILE})"
+    )
   return tree
 
 
-def _corrupt_step_error(mngr, step: int, target, cause: Exception
-                        ) -> CheckpointError:
+def _corrupt_step_error(
+    mngr, step: int, target, cause: Exception
+) -> CheckpointError:
   """One message for a corrupt or incomplete step: which, why, the good
   steps, the fix."""
   good = []
@@ -215,28 +255,40 @@ def _corrupt_step_error(mngr, step: int, target, cause: Exception
     except Exception:  # pylint: disable=broad-except
       pass
   path = _step_dir(mngr, step)
-  reason = str(cause) if isinstance(cause, CheckpointError) else \
-      f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+  reason = (
+      str(cause)
+      if isinstance(cause, CheckpointError)
+      else f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+  )
   if good:
-    fix = (f"good steps there: {', '.join(map(str, sorted(good)))}. To go "
-           f"on from step {good[0]}, move {path} out of the checkpoint "
-           f"directory (training then resumes from step {good[0]}), or "
-           f"read that step with checkpoint={good[0]}")
+    fix = (
+        f"good steps there: {', '.join(map(str, sorted(good)))}. To go "
+        f"on from step {good[0]}, move {path} out of the checkpoint "
+        f"directory (training then resumes from step {good[0]}), or "
+        f"read that step with checkpoint={good[0]}"
+    )
   else:
-    fix = (f"no other step there restores; move {path} out of the "
-           "checkpoint directory to train from the start, or train again in "
-           "a new run directory")
+    fix = (
+        f"no other step there restores; move {path} out of the "
+        "checkpoint directory to train from the start, or train again in "
+        "a new run directory"
+    )
   kind = "incomplete" if isinstance(cause, _IncompleteStep) else "corrupt"
-  return CheckpointError(f"checkpoint of step {step} ({path}) is {kind}: "
-                         f"{reason}; {fix}")
+  return CheckpointError(
+      f"checkpoint of step {step} ({path}) is {kind}: " f"{reason}; {fix}"
+  )
 
 
 def _describe_mismatch(stored, target) -> Optional[str]:
   """The first key whose presence or shape differs, or None."""
-  flat_stored = {jax.tree_util.keystr(k): v for k, v in
-                 jax.tree_util.tree_flatten_with_path(stored)[0]}
-  flat_target = {jax.tree_util.keystr(k): v for k, v in
-                 jax.tree_util.tree_flatten_with_path(target)[0]}
+  flat_stored = {
+      jax.tree_util.keystr(k): v
+      for k, v in jax.tree_util.tree_flatten_with_path(stored)[0]
+  }
+  flat_target = {
+      jax.tree_util.keystr(k): v
+      for k, v in jax.tree_util.tree_flatten_with_path(target)[0]
+  }
   for key in sorted(flat_target):
     if key not in flat_stored:
       return f"missing key {key}"
@@ -247,8 +299,10 @@ def _describe_mismatch(stored, target) -> Optional[str]:
     s_shape = tuple(getattr(flat_stored[key], "shape", ()) or ())
     t_shape = tuple(getattr(flat_target[key], "shape", ()) or ())
     if s_shape != t_shape:
-      return f"key {key} has shape {s_shape} in the checkpoint, {t_shape} " \
-             "expected by the config"
+      return (
+          f"key {key} has shape {s_shape} in the checkpoint, {t_shape} "
+          "expected by the config"
+      )
   return None
 
 
@@ -264,11 +318,15 @@ def _raise_if_gone(path: str, step: int) -> None:
     raise CheckpointGoneError(
         f"checkpoint of step {step} ({path}) was deleted while it was read "
         "(the training keeps only its latest steps and its best); read "
-        "again, or choose a step that is kept") from None
+        "again, or choose a step that is kept"
+    ) from None
 
 
-def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
-            step: Optional[int] = None) -> train_step_lib.TrainState:
+def restore(
+    mngr: ocp.CheckpointManager,
+    state: train_step_lib.TrainState,
+    step: Optional[int] = None,
+) -> train_step_lib.TrainState:
   """Restores `step` (default: latest) into the structure, shapes and
   shardings of `state`; clear errors for a corrupt or mismatched one."""
   step = mngr.latest_step() if step is None else step
@@ -276,8 +334,10 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
     raise CheckpointError(f"no checkpoint in {mngr.directory}")
   if step not in mngr.all_steps():
     steps = ", ".join(str(s) for s in sorted(mngr.all_steps())) or "none"
-    raise CheckpointError(f"no checkpoint of step {step} in {mngr.directory}; "
-                          f"the steps there: {steps}")
+    raise CheckpointError(
+        f"no checkpoint of step {step} in {mngr.directory}; "
+        f"the steps there: {steps}"
+    )
   path = os.path.join(str(mngr.directory), str(step))
   # A shape-only target (jax.eval_shape) has no sharding; orbax would then
   # restore onto the devices the checkpoint was saved from, which may not
@@ -308,32 +368,43 @@ def restore(mngr: ocp.CheckpointManager, state: train_step_lib.TrainState,
       if part not in stored_tree:
         problem = f"missing key ['{part}']"
         break
-      problem = _describe_mismatch({part: stored_tree[part]},
-                                   {part: target[part]})
+      problem = _describe_mismatch(
+          {part: stored_tree[part]}, {part: target[part]}
+      )
       if problem:
         break
-    if not problem and "ema_params" in stored_tree and \
-        "ema_params" not in target:
-      problem = ("the checkpoint holds a parameter average (ema_params) "
-                 "but the config's ema_decay is 0")
+    if (
+        not problem
+        and "ema_params" in stored_tree
+        and "ema_params" not in target
+    ):
+      problem = (
+          "the checkpoint holds a parameter average (ema_params) "
+          "but the config's ema_decay is 0"
+      )
     if problem:
-      raise CheckpointError(f"checkpoint {path} does not match the config: "
-                            f"{problem}")
+      raise CheckpointError(
+          f"checkpoint {path} does not match the config: " f"{problem}"
+      )
   try:
     tree = _verified(mngr, step, target)
   except Exception as e:  # pylint: disable=broad-except
     _raise_if_gone(path, step)
     raise _corrupt_step_error(mngr, step, target, e) from None
-  return state.replace(step=tree["step"], params=tree["params"],
-                       batch_stats=tree["batch_stats"],
-                       opt_state=tree["opt_state"],
-                       ema_params=tree.get("ema_params"))
+  return state.replace(
+      step=tree["step"],
+      params=tree["params"],
+      batch_stats=tree["batch_stats"],
+      opt_state=tree["opt_state"],
+      ema_params=tree.get("ema_params"),
+  )
 
 
-def load_model(workdir: str, step: Optional[int] = None,
-               checkpoint: Optional[str] = None
-               ) -> Tuple[ml_collections.ConfigDict, models.IdempotentNetwork,
-                          Dict[str, Any], int]:
+def load_model(
+    workdir: str, step: Optional[int] = None, checkpoint: Optional[str] = None
+) -> Tuple[
+    ml_collections.ConfigDict, models.IdempotentNetwork, Dict[str, Any], int
+]:
   """Loads a run directory's model for sampling or evaluation.
 
   Args:
@@ -350,8 +421,8 @@ def load_model(workdir: str, step: Optional[int] = None,
     keeps them) and the step they are from.
   """
   return load_chosen_model(
-      workdir, step if checkpoint is None and step is not None else
-      checkpoint)[1]
+      workdir, step if checkpoint is None and step is not None else checkpoint
+  )[1]
 
 
 # How often a reader chooses again when a training deletes the checkpoint
@@ -380,12 +451,13 @@ def load_chosen_model(workdir: str, checkpoint=None):
   if not os.path.isdir(os.path.join(workdir, CHECKPOINT_DIR)):
     raise CheckpointError(f"no checkpoints in {workdir}")
   by_rule = not isinstance(checkpoint, ChosenCheckpoint) and str(
-      "" if checkpoint is None else checkpoint).strip() in ("", "best",
-                                                             "latest")
+      "" if checkpoint is None else checkpoint
+  ).strip() in ("", "best", "latest")
   model = models.model_from_config(config)
   # Only the structure and shapes are needed: no initialisation is run.
   shapes = jax.eval_shape(
-      lambda: train_step_lib.create_train_state(config, model=model))
+      lambda: train_step_lib.create_train_state(config, model=model)
+  )
   for attempt in range(_READ_TRIES):
     chosen = resolve_checkpoint(workdir, checkpoint)
     if chosen.directory == BEST_DIR:
@@ -395,15 +467,20 @@ def load_chosen_model(workdir: str, checkpoint=None):
     try:
       state = restore(mngr, shapes, chosen.step)
     except CheckpointError:
-      gone = not os.path.isdir(os.path.join(workdir, chosen.directory,
-                                            str(chosen.step)))
+      gone = not os.path.isdir(
+          os.path.join(workdir, chosen.directory, str(chosen.step))
+      )
       if not (by_rule and gone) or attempt == _READ_TRIES - 1:
         raise
       continue
     finally:
       mngr.close()
-    return chosen, (config, model, train_step_lib.eval_variables(state),
-                    int(np.asarray(state.step)))
+    return chosen, (
+        config,
+        model,
+        train_step_lib.eval_variables(state),
+        int(np.asarray(state.step)),
+    )
   raise AssertionError("unreachable")
 
 
@@ -414,8 +491,9 @@ def best_dir(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, BEST_DIR))
 
 
-def best_manager(workdir: str, create: bool = True,
-                 read_only: bool = False) -> ocp.CheckpointManager:
+def best_manager(
+    workdir: str, create: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
   """The manager of WORKDIR/best/ (cign_jax.validation deletes what it no
   longer needs, so that a killed run always keeps its best); `read_only` as
   in `manager`."""
@@ -425,9 +503,11 @@ def best_manager(workdir: str, create: bool = True,
 def _stored_steps(directory: str) -> list:
   if not os.path.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory)
-                if name.isdigit() and os.path.isdir(os.path.join(directory,
-                                                                 name)))
+  return sorted(
+      int(name)
+      for name in os.listdir(directory)
+      if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+  )
 
 
 def read_best(workdir: str) -> Optional[Dict[str, Any]]:
@@ -450,6 +530,7 @@ def read_best(workdir: str) -> Optional[Dict[str, Any]]:
 class ChosenCheckpoint(NamedTuple):
   """A checkpoint of a run: its step, where it is (CHECKPOINT_DIR or
   BEST_DIR) and why it was chosen, in words."""
+
   step: int
   directory: str
   reason: str
@@ -477,17 +558,22 @@ def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
 
   def available():
     parts = [f"latest (step {latest[-1]})" if latest else "no latest"]
-    parts.append(f"best (step {best['step']} by {best['metric']})" if best
-                 else "no best")
+    parts.append(
+        f"best (step {best['step']} by {best['metric']})" if best else "no best"
+    )
     steps = sorted(set(latest) | ({int(best["step"])} if best else set()))
-    return (f"{', '.join(parts)}; steps there: "
-            f"{', '.join(str(s) for s in steps) or 'none'}")
+    return (
+        f"{', '.join(parts)}; steps there: "
+        f"{', '.join(str(s) for s in steps) or 'none'}"
+    )
 
   def from_best(why):
     return ChosenCheckpoint(
-        int(best["step"]), BEST_DIR,
+        int(best["step"]),
+        BEST_DIR,
         f"best checkpoint by {best['metric']} = {best['value']:.6g} "
-        f"({why})")
+        f"({why})",
+    )
 
   value = "" if checkpoint is None else str(checkpoint).strip()
   if value == "":
@@ -495,30 +581,41 @@ def resolve_checkpoint(workdir: str, checkpoint=None) -> ChosenCheckpoint:
       return from_best("the default when the run keeps one")
     if not latest:
       raise CheckpointError(f"no checkpoint in {workdir}")
-    return ChosenCheckpoint(latest[-1], CHECKPOINT_DIR,
-                            "latest checkpoint (the run keeps no best one)")
+    return ChosenCheckpoint(
+        latest[-1],
+        CHECKPOINT_DIR,
+        "latest checkpoint (the run keeps no best one)",
+    )
   if value == "best":
     if best is None:
       raise CheckpointError(
           f"checkpoint=best: {workdir} has no best checkpoint (its "
           f"config.best_metric is '' or no evaluation point was reached); "
-          f"available: {available()}")
+          f"available: {available()}"
+      )
     return from_best("checkpoint=best")
   if value == "latest":
     if not latest:
-      raise CheckpointError(f"checkpoint=latest: no checkpoint in "
-                            f"{workdir}")
-    return ChosenCheckpoint(latest[-1], CHECKPOINT_DIR,
-                            "latest checkpoint (checkpoint=latest)")
+      raise CheckpointError(
+          f"checkpoint=latest: no checkpoint in " f"{workdir}"
+      )
+    return ChosenCheckpoint(
+        latest[-1], CHECKPOINT_DIR, "latest checkpoint (checkpoint=latest)"
+    )
   if not value.lstrip("-").isdigit():
-    raise CheckpointError(f"unknown checkpoint value {checkpoint!r}: "
-                          f"expected best, latest or a step number; "
-                          f"available: {available()}")
+    raise CheckpointError(
+        f"unknown checkpoint value {checkpoint!r}: "
+        f"expected best, latest or a step number; "
+        f"available: {available()}"
+    )
   step = int(value)
   if step in latest:
-    return ChosenCheckpoint(step, CHECKPOINT_DIR,
-                            f"step {step} (checkpoint={step})")
+    return ChosenCheckpoint(
+        step, CHECKPOINT_DIR, f"step {step} (checkpoint={step})"
+    )
   if best is not None and step == int(best["step"]):
     return from_best(f"checkpoint={step}")
-  raise CheckpointError(f"checkpoint={step}: no checkpoint of step {step} "
-                        f"in {workdir}; available: {available()}")
+  raise CheckpointError(
+      f"checkpoint={step}: no checkpoint of step {step} "
+      f"in {workdir}; available: {available()}"
+  )

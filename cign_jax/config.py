@@ -51,8 +51,9 @@ def resolve_channel_conv(channel_conv: str) -> str:
   """config.model.channel_conv: 'auto' -> 'concat' (the split kernel was
   slower with XLA's CPU convolutions and on a GPU)."""
   if channel_conv not in CHANNEL_CONVS:
-    raise ValueError(unknown_choice("channel_conv", channel_conv,
-                                    CHANNEL_CONVS))
+    raise ValueError(
+        unknown_choice("channel_conv", channel_conv, CHANNEL_CONVS)
+    )
   return "concat" if channel_conv == "auto" else channel_conv
 
 
@@ -196,7 +197,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       if key not in ref:
         raise ValueError(
             f"config.{prefix}{key}: unknown config key (known: "
-            f"{', '.join(sorted(ref.keys()))})")
+            f"{', '.join(sorted(ref.keys()))})"
+        )
       if isinstance(ref[key], ml_collections.ConfigDict):
         walk(node[key], ref[key], f"{prefix}{key}.")
 
@@ -205,66 +207,132 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check(key in config, key, "missing config key")
 
   m, l, o = config.model, config.loss, config.optimizer
-  _check_choice(m.conditioning, CONDITIONINGS,
-                "model.conditioning", "conditioning")
-  _check_choice(m.architecture, ARCHITECTURES,
-                "model.architecture", "architecture")
+  _check_choice(
+      m.conditioning, CONDITIONINGS, "model.conditioning", "conditioning"
+  )
+  _check_choice(
+      m.architecture, ARCHITECTURES, "model.architecture", "architecture"
+  )
   if m.architecture == "ign_dcgan":
-    _check(m.conditioning == "none", "model.conditioning",
-           f"the 'ign_dcgan' network is unconditional: it needs "
-           f"conditioning 'none', got {m.conditioning!r}")
-    _check(int(m.intermediate_dim) % 16 == 0, "model.intermediate_dim",
-           f"the 'ign_dcgan' decoder halves its channels four times: must "
-           f"be a multiple of 16, got {m.intermediate_dim}")
-  for key in ("latent_dim", "intermediate_dim", "embedding_dim", "num_classes",
-              "image_channels"):
+    _check(
+        m.conditioning == "none",
+        "model.conditioning",
+        f"the 'ign_dcgan' network is unconditional: it needs "
+        f"conditioning 'none', got {m.conditioning!r}",
+    )
+    _check(
+        int(m.intermediate_dim) % 16 == 0,
+        "model.intermediate_dim",
+        f"the 'ign_dcgan' decoder halves its channels four times: must "
+        f"be a multiple of 16, got {m.intermediate_dim}",
+    )
+  for key in (
+      "latent_dim",
+      "intermediate_dim",
+      "embedding_dim",
+      "num_classes",
+      "image_channels",
+  ):
     _check(int(m[key]) >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
-  _check(m.image_size == 28, "model.image_size",
-         f"the paper's architecture is for 28x28 images, got {m.image_size}")
-  _check(0.0 <= m.dropout_rate < 1.0, "model.dropout_rate",
-         f"must be in [0, 1), got {m.dropout_rate}")
-  for key in ("rec_weight", "idem_noise_weight", "tight_noise_weight",
-              "idem_mismatch_weight", "tight_mismatch_weight"):
-    _check(l[key] >= 0, f"loss.{key}", f"a loss weight must be >= 0, got "
-           f"{l[key]}")
+  _check(
+      m.image_size == 28,
+      "model.image_size",
+      f"the paper's architecture is for 28x28 images, got {m.image_size}",
+  )
+  _check(
+      0.0 <= m.dropout_rate < 1.0,
+      "model.dropout_rate",
+      f"must be in [0, 1), got {m.dropout_rate}",
+  )
+  for key in (
+      "rec_weight",
+      "idem_noise_weight",
+      "tight_noise_weight",
+      "idem_mismatch_weight",
+      "tight_mismatch_weight",
+  ):
+    _check(
+        l[key] >= 0,
+        f"loss.{key}",
+        f"a loss weight must be >= 0, got " f"{l[key]}",
+    )
   _check_choice(l.tightness, TIGHTNESS_KINDS, "loss.tightness", "tightness")
-  _check(l.tightness_clamp_a > 0, "loss.tightness_clamp_a",
-         f"must be > 0, got {l.tightness_clamp_a}")
-  _check(0 <= l.num_mismatch_labels <= m.num_classes - 1,
-         "loss.num_mismatch_labels",
-         f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}")
+  _check(
+      l.tightness_clamp_a > 0,
+      "loss.tightness_clamp_a",
+      f"must be > 0, got {l.tightness_clamp_a}",
+  )
+  _check(
+      0 <= l.num_mismatch_labels <= m.num_classes - 1,
+      "loss.num_mismatch_labels",
+      f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}",
+  )
   _check_choice(o.name, OPTIMIZERS, "optimizer.name", "optimizer")
-  _check(o.learning_rate > 0, "optimizer.learning_rate",
-         f"must be > 0, got {o.learning_rate}")
-  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optimizer.b1",
-         f"betas must be in [0, 1), got {o.b1}, {o.b2}")
-  _check(o.weight_decay >= 0, "optimizer.weight_decay",
-         f"must be >= 0, got {o.weight_decay}")
-  _check_choice(o.lr_schedule, LR_SCHEDULES,
-                "optimizer.lr_schedule", "schedule")
-  _check(0.0 <= config.ema_decay < 1.0, "ema_decay",
-         f"must be in [0, 1), got {config.ema_decay}")
+  _check(
+      o.learning_rate > 0,
+      "optimizer.learning_rate",
+      f"must be > 0, got {o.learning_rate}",
+  )
+  _check(
+      0 <= o.b1 < 1 and 0 <= o.b2 < 1,
+      "optimizer.b1",
+      f"betas must be in [0, 1), got {o.b1}, {o.b2}",
+  )
+  _check(
+      o.weight_decay >= 0,
+      "optimizer.weight_decay",
+      f"must be >= 0, got {o.weight_decay}",
+  )
+  _check_choice(
+      o.lr_schedule, LR_SCHEDULES, "optimizer.lr_schedule", "schedule"
+  )
+  _check(
+      0.0 <= config.ema_decay < 1.0,
+      "ema_decay",
+      f"must be in [0, 1), got {config.ema_decay}",
+  )
   _check_choice(config.data.dataset, DATASETS, "data.dataset", "dataset")
-  _check(config.data.train_noise_std >= 0, "data.train_noise_std",
-         f"must be >= 0, got {config.data.train_noise_std}")
-  _check(config.batch_size >= 1, "batch_size",
-         f"must be >= 1, got {config.batch_size}")
-  _check(config.num_epochs >= 1 or config.num_train_steps > 0, "num_epochs",
-         f"must be >= 1 when num_train_steps is not set, got "
-         f"{config.num_epochs}")
-  for key in ("log_every_steps", "sample_every_steps", "checkpoint_every_steps",
-              "keep_checkpoints"):
+  _check(
+      config.data.train_noise_std >= 0,
+      "data.train_noise_std",
+      f"must be >= 0, got {config.data.train_noise_std}",
+  )
+  _check(
+      config.batch_size >= 1,
+      "batch_size",
+      f"must be >= 1, got {config.batch_size}",
+  )
+  _check(
+      config.num_epochs >= 1 or config.num_train_steps > 0,
+      "num_epochs",
+      f"must be >= 1 when num_train_steps is not set, got "
+      f"{config.num_epochs}",
+  )
+  for key in (
+      "log_every_steps",
+      "sample_every_steps",
+      "checkpoint_every_steps",
+      "keep_checkpoints",
+  ):
     _check(config[key] >= 1, key, f"must be >= 1, got {config[key]}")
   _check_choice(config.compute_dtype, COMPUTE_DTYPES, "compute_dtype", "dtype")
-  _check_choice(config.matmul_precision, MATMUL_PRECISIONS,
-                "matmul_precision", "precision")
+  _check_choice(
+      config.matmul_precision,
+      MATMUL_PRECISIONS,
+      "matmul_precision",
+      "precision",
+  )
   _check_choice(l.passes, LOSS_PASSES, "loss.passes", "passes")
-  _check_choice(m.channel_conv, CHANNEL_CONVS,
-                "model.channel_conv", "channel_conv")
+  _check_choice(
+      m.channel_conv, CHANNEL_CONVS, "model.channel_conv", "channel_conv"
+  )
   _validate_evaluation(config)
-  _check(len(config.mesh_shape) == len(config.mesh_axis_names), "mesh_shape",
-         f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
-         f"{tuple(config.mesh_axis_names)}")
+  _check(
+      len(config.mesh_shape) == len(config.mesh_axis_names),
+      "mesh_shape",
+      f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
+      f"{tuple(config.mesh_axis_names)}",
+  )
   return config
 
 
@@ -290,35 +358,52 @@ def _validate_evaluation(config: ml_collections.ConfigDict):
   # Which names exist, what each needs and which way it is better are the
   # metric modules' to say: cign_jax.evaluation.in_loop checks those when it
   # builds the evaluator (the core does not import cign_jax.evaluation).
-  for key in ("eval_every_epochs", "eval_every_steps",
-              "eval_samples_per_label"):
+  for key in (
+      "eval_every_epochs",
+      "eval_every_steps",
+      "eval_samples_per_label",
+  ):
     _check(config[key] >= 0, key, f"must be >= 0, got {config[key]}")
-  _check(config.eval_num_examples >= -1, "eval_num_examples",
-         f"must be -1 (all), 0 (none) or a count, got "
-         f"{config.eval_num_examples}")
+  _check(
+      config.eval_num_examples >= -1,
+      "eval_num_examples",
+      f"must be -1 (all), 0 (none) or a count, got "
+      f"{config.eval_num_examples}",
+  )
   names = config.eval_metrics
-  _check(isinstance(names, (tuple, list)) and
-         all(isinstance(n, str) and n for n in names), "eval_metrics",
-         f"must be a tuple of metric names, got {names!r}")
+  _check(
+      isinstance(names, (tuple, list))
+      and all(isinstance(n, str) and n for n in names),
+      "eval_metrics",
+      f"must be a tuple of metric names, got {names!r}",
+  )
   repeated = sorted({n for n in names if list(names).count(n) > 1})
   _check(not repeated, "eval_metrics", f"lists {repeated} more than once")
   sizes = tuple(config.eval_fid_sizes)
-  _check(not sizes, "eval_fid_sizes",
-         f"retired; list "
-         f"{tuple(f'fid{int(s)}' for s in sizes)} in config.eval_metrics "
-         f"instead (computed on config.eval_samples_per_label samples per "
-         f"label) and leave eval_fid_sizes = ()")
+  _check(
+      not sizes,
+      "eval_fid_sizes",
+      f"retired; list "
+      f"{tuple(f'fid{int(s)}' for s in sizes)} in config.eval_metrics "
+      f"instead (computed on config.eval_samples_per_label samples per "
+      f"label) and leave eval_fid_sizes = ()",
+  )
   if config.eval_samples_per_label > 0:
-    _check(config.model.conditioning != "none", "eval_samples_per_label",
-           "in-loop metrics are per class and need a conditional model; "
-           "this config is unconditional (model.conditioning = 'none')")
+    _check(
+        config.model.conditioning != "none",
+        "eval_samples_per_label",
+        "in-loop metrics are per class and need a conditional model; "
+        "this config is unconditional (model.conditioning = 'none')",
+    )
   available = computed_metrics(config)
-  _check(config.best_metric == "" or config.best_metric in available,
-         "best_metric",
-         f"{config.best_metric!r} is not computed by this run; it computes "
-         f"{available or 'nothing'} ('val_loss' needs eval_num_examples != 0, "
-         f"the names of eval_metrics eval_samples_per_label > 0; '' keeps no "
-         f"best checkpoint)")
+  _check(
+      config.best_metric == "" or config.best_metric in available,
+      "best_metric",
+      f"{config.best_metric!r} is not computed by this run; it computes "
+      f"{available or 'nothing'} ('val_loss' needs eval_num_examples != 0, "
+      f"the names of eval_metrics eval_samples_per_label > 0; '' keeps no "
+      f"best checkpoint)",
+  )
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
@@ -339,6 +424,7 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location("_cign_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config() if variant is None else module.get_config(
-      variant)
+  config = (
+      module.get_config() if variant is None else module.get_config(variant)
+  )
   return validate(config)

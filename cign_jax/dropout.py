@@ -47,8 +47,10 @@ _PARITY = 0x1BD11BDA
 
 
 def _rotate_left(x, r: int):
-  return lax.bitwise_or(lax.shift_left(x, np.uint32(r)),
-                        lax.shift_right_logical(x, np.uint32(32 - r)))
+  return lax.bitwise_or(
+      lax.shift_left(x, np.uint32(r)),
+      lax.shift_right_logical(x, np.uint32(32 - r)),
+  )
 
 
 def threefry2x32_20(key0, key1, x0, x1):
@@ -63,12 +65,19 @@ def threefry2x32_20(key0, key1, x0, x1):
   """
   words = [jnp.asarray(w, jnp.uint32) for w in (key0, key1, x0, x1)]
   shape = jnp.broadcast_shapes(*(w.shape for w in words))
-  key0, key1, x0, x1 = (w if w.shape == shape else
-                        lax.broadcast_in_dim(w, shape, tuple(range(
-                            len(shape) - w.ndim, len(shape))))
-                        for w in words)
-  schedule = (key0, key1,
-              lax.bitwise_xor(lax.bitwise_xor(key0, key1), np.uint32(_PARITY)))
+  key0, key1, x0, x1 = (
+      w
+      if w.shape == shape
+      else lax.broadcast_in_dim(
+          w, shape, tuple(range(len(shape) - w.ndim, len(shape)))
+      )
+      for w in words
+  )
+  schedule = (
+      key0,
+      key1,
+      lax.bitwise_xor(lax.bitwise_xor(key0, key1), np.uint32(_PARITY)),
+  )
   x0 = lax.add(x0, schedule[0])
   x1 = lax.add(x1, schedule[1])
   for block in range(5):
@@ -78,8 +87,9 @@ def threefry2x32_20(key0, key1, x0, x1):
       x1 = lax.bitwise_xor(x1, x0)
     injection = block + 1
     x0 = lax.add(x0, schedule[injection % 3])
-    x1 = lax.add(lax.add(x1, schedule[(injection + 1) % 3]),
-                 np.uint32(injection))
+    x1 = lax.add(
+        lax.add(x1, schedule[(injection + 1) % 3]), np.uint32(injection)
+    )
   return x0, x1
 
 
@@ -106,9 +116,11 @@ def key_words(key) -> jax.Array:
     return jax.random.bits(key, (2,), jnp.uint32)
   key = jnp.asarray(key)
   if key.shape != (2,) or key.dtype != jnp.uint32:
-    raise ValueError(f"a raw key must be a Threefry key, uint32 of shape (2,); "
-                     f"got {key.dtype} {tuple(key.shape)} (or pass a typed "
-                     "key from jax.random.key)")
+    raise ValueError(
+        f"a raw key must be a Threefry key, uint32 of shape (2,); "
+        f"got {key.dtype} {tuple(key.shape)} (or pass a typed "
+        "key from jax.random.key)"
+    )
   return key
 
 
@@ -122,13 +134,17 @@ def element_bits(key, shape, stream: int = 0):
   """
   size = int(np.prod(shape))
   if size >= 2**32:
-    raise ValueError(f"an array of {size} elements is too large for 32-bit "
-                     "element counters")
+    raise ValueError(
+        f"an array of {size} elements is too large for 32-bit "
+        "element counters"
+    )
   words = key_words(key)
-  index = lax.iota(jnp.uint32, size).reshape(shape) if shape else (
-      jnp.uint32(0))
-  bits, _ = threefry2x32_20(words[0], words[1], index,
-                            jnp.uint32(check_stream(stream)))
+  index = (
+      lax.iota(jnp.uint32, size).reshape(shape) if shape else (jnp.uint32(0))
+  )
+  bits, _ = threefry2x32_20(
+      words[0], words[1], index, jnp.uint32(check_stream(stream))
+  )
   return bits
 
 
@@ -142,7 +158,8 @@ def check_stream(stream: int) -> int:
 def keep_mask(key, keep_prob: float, shape, stream: int = 0):
   """Boolean mask, True with probability keep_prob, independently per element."""
   return element_bits(key, shape, stream) < jnp.uint32(
-      keep_threshold(keep_prob))
+      keep_threshold(keep_prob)
+  )
 
 
 def dropout(x, rate: float, key, stream: int = 0):
@@ -164,10 +181,10 @@ def drop_by_bits(x, rate: float, bits):
   # The barrier makes XLA compute the mask once (1 byte per element) instead
   # of fusing the 20 Threefry rounds into every consumer of the activation
   # (the next BatchNorm's reductions, the backward pass, ...).
-  keep = lax.optimization_barrier(
-      bits < jnp.uint32(keep_threshold(1.0 - rate)))
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
-                   jnp.zeros((), x.dtype))
+  keep = lax.optimization_barrier(bits < jnp.uint32(keep_threshold(1.0 - rate)))
+  return jnp.where(
+      keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype)
+  )
 
 
 def channel_dropout(x, rate: float, key):
@@ -181,10 +198,13 @@ def channel_dropout(x, rate: float, key):
   if not 0.0 <= rate < 1.0:
     raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
   if x.ndim != 4:
-    raise ValueError(f"channel dropout needs (B, H, W, C) activations, got "
-                     f"shape {tuple(x.shape)}")
+    raise ValueError(
+        f"channel dropout needs (B, H, W, C) activations, got "
+        f"shape {tuple(x.shape)}"
+    )
   if rate == 0.0:
     return x
   keep = keep_mask(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype),
-                   jnp.zeros((), x.dtype))
+  return jnp.where(
+      keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype)
+  )

@@ -45,8 +45,13 @@ import ml_collections
 from cign_jax import config as config_lib
 from cign_jax import grouped
 
-LOSS_TERMS = ("loss_rec", "loss_idem_noise", "loss_tight_noise",
-              "loss_idem_mismatch", "loss_tight_mismatch")
+LOSS_TERMS = (
+    "loss_rec",
+    "loss_idem_noise",
+    "loss_tight_noise",
+    "loss_idem_mismatch",
+    "loss_tight_mismatch",
+)
 
 
 def l1_distance(a, b):
@@ -55,8 +60,10 @@ def l1_distance(a, b):
 
 
 def per_sample_l1(a, b):
-  return jnp.mean(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)),
-                  axis=tuple(range(1, a.ndim)))
+  return jnp.mean(
+      jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)),
+      axis=tuple(range(1, a.ndim)),
+  )
 
 
 def sample_prior(key, shape, clip: bool):
@@ -69,12 +76,14 @@ def add_training_noise(key, images, std: float):
   """The training images' regulariser: x + std N(0, 1), clamped to [-1, 1]."""
   if std == 0:
     return images
-  return jnp.clip(images + std * jax.random.normal(key, images.shape,
-                                                   images.dtype), -1.0, 1.0)
+  return jnp.clip(
+      images + std * jax.random.normal(key, images.shape, images.dtype),
+      -1.0,
+      1.0,
+  )
 
 
-def mismatch_batch(images, labels, num_classes: int, num_wrong: int,
-                   key=None):
+def mismatch_batch(images, labels, num_classes: int, num_wrong: int, key=None):
   """Pairs every image with wrong labels, vectorised.
 
   num_wrong == num_classes - 1: all wrong labels, in increasing order (the
@@ -84,20 +93,24 @@ def mismatch_batch(images, labels, num_classes: int, num_wrong: int,
   """
   b = images.shape[0]
   if not 0 <= num_wrong <= num_classes - 1:
-    raise ValueError(f"num_wrong must be in 0..{num_classes - 1}, got "
-                     f"{num_wrong}")
+    raise ValueError(
+        f"num_wrong must be in 0..{num_classes - 1}, got " f"{num_wrong}"
+    )
   if num_wrong == num_classes - 1:
     slots = jnp.broadcast_to(jnp.arange(num_classes - 1), (b, num_wrong))
   else:
     if key is None:
-      raise ValueError("a key is needed to draw a random subset of wrong "
-                       "labels")
+      raise ValueError(
+          "a key is needed to draw a random subset of wrong " "labels"
+      )
     order = jnp.argsort(jax.random.uniform(key, (b, num_classes - 1)), axis=1)
     slots = order[:, :num_wrong]
   # Slot j in 0..num_classes-2 names the j-th label other than the true one.
   wrong = slots + (slots >= labels[:, None]).astype(slots.dtype)
-  return (jnp.repeat(images, num_wrong, axis=0),
-          wrong.reshape(-1).astype(jnp.int32))
+  return (
+      jnp.repeat(images, num_wrong, axis=0),
+      wrong.reshape(-1).astype(jnp.int32),
+  )
 
 
 class LossConfig(NamedTuple):
@@ -117,15 +130,20 @@ class LossConfig(NamedTuple):
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "LossConfig":
     l, m = config.loss, config.model
-    return cls(rec_weight=l.rec_weight, idem_noise_weight=l.idem_noise_weight,
-               tight_noise_weight=l.tight_noise_weight,
-               idem_mismatch_weight=l.idem_mismatch_weight,
-               tight_mismatch_weight=l.tight_mismatch_weight,
-               tightness=l.tightness, tightness_clamp_a=l.tightness_clamp_a,
-               num_mismatch_labels=l.num_mismatch_labels,
-               num_classes=m.num_classes,
-               conditional=m.conditioning != "none",
-               clip_prior=m.clip_prior, passes=l.get("passes", "auto"))
+    return cls(
+        rec_weight=l.rec_weight,
+        idem_noise_weight=l.idem_noise_weight,
+        tight_noise_weight=l.tight_noise_weight,
+        idem_mismatch_weight=l.idem_mismatch_weight,
+        tight_mismatch_weight=l.tight_mismatch_weight,
+        tightness=l.tightness,
+        tightness_clamp_a=l.tightness_clamp_a,
+        num_mismatch_labels=l.num_mismatch_labels,
+        num_classes=m.num_classes,
+        conditional=m.conditioning != "none",
+        clip_prior=m.clip_prior,
+        passes=l.get("passes", "auto"),
+    )
 
 
 def _tightness(f_y, y, rec_scale, cfg: LossConfig):
@@ -139,10 +157,18 @@ def _tightness(f_y, y, rec_scale, cfg: LossConfig):
   raise ValueError(f"unknown tightness {cfg.tightness!r}")
 
 
-def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
-                    key, cfg: LossConfig, frozen_params: Optional[Any] = None,
-                    noise=None, noise_labels=None
-                    ) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], Any]]:
+def idempotent_loss(
+    apply_fn: Callable,
+    params,
+    batch_stats,
+    images,
+    labels,
+    key,
+    cfg: LossConfig,
+    frozen_params: Optional[Any] = None,
+    noise=None,
+    noise_labels=None,
+) -> Tuple[jax.Array, Tuple[Dict[str, jax.Array], Any]]:
   """Total loss and (weighted terms, updated batch_stats).
 
   apply_fn(variables, x, labels, train=True, rngs=..., mutable=[...]) is the
@@ -155,17 +181,26 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
   """
   b = images.shape[0]
   keys = jax.random.split(key, 10)
-  frozen = (jax.lax.stop_gradient(params) if frozen_params is None
-            else frozen_params)
+  frozen = (
+      jax.lax.stop_gradient(params) if frozen_params is None else frozen_params
+  )
 
   def f(p, stats, x, c, rng):
-    out, updates = apply_fn({"params": p, "batch_stats": stats}, x, c,
-                            train=True, rngs={"dropout": rng},
-                            mutable=["batch_stats"])
+    out, updates = apply_fn(
+        {"params": p, "batch_stats": stats},
+        x,
+        c,
+        train=True,
+        rngs={"dropout": rng},
+        mutable=["batch_stats"],
+    )
     return out, updates["batch_stats"]
 
-  z = (sample_prior(keys[0], images.shape, cfg.clip_prior) if noise is None
-       else noise)
+  z = (
+      sample_prior(keys[0], images.shape, cfg.clip_prior)
+      if noise is None
+      else noise
+  )
   if noise_labels is not None:
     z_labels = noise_labels
   elif cfg.conditional:
@@ -174,8 +209,9 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
     z_labels = jnp.zeros((b,), jnp.int32)
   use_mismatch = cfg.conditional and cfg.num_mismatch_labels > 0
   if use_mismatch:
-    mm_images, mm_labels = mismatch_batch(images, labels, cfg.num_classes,
-                                          cfg.num_mismatch_labels, keys[2])
+    mm_images, mm_labels = mismatch_batch(
+        images, labels, cfg.num_classes, cfg.num_mismatch_labels, keys[2]
+    )
 
   calls = [(images, labels, keys[3]), (z, z_labels, keys[4])]
   if use_mismatch:
@@ -193,12 +229,20 @@ def idempotent_loss(apply_fn: Callable, params, batch_stats, images, labels,
     # then mismatch. In training mode a call's output does not depend on
     # the running statistics it is given, so only the statistics' order
     # matters, and it is the sequential one.
-    copies, _ = grouped.call(apply_fn, frozen, stats, [
-        (f_z, z_labels, keys[6])] + (
-            [(f_m, mm_labels, keys[8])] if use_mismatch else []))
-    tights, stats = grouped.call(apply_fn, params, stats, [
-        (y_z, z_labels, keys[7])] + (
-            [(y_m, mm_labels, keys[9])] if use_mismatch else []))
+    copies, _ = grouped.call(
+        apply_fn,
+        frozen,
+        stats,
+        [(f_z, z_labels, keys[6])]
+        + ([(f_m, mm_labels, keys[8])] if use_mismatch else []),
+    )
+    tights, stats = grouped.call(
+        apply_fn,
+        params,
+        stats,
+        [(y_z, z_labels, keys[7])]
+        + ([(y_m, mm_labels, keys[9])] if use_mismatch else []),
+    )
   else:
     # The reference: seven calls in the original's order.
     stats = batch_stats

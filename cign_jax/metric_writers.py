@@ -26,6 +26,7 @@ from absl import logging
 from clu.internal import utils as clu_utils
 import numpy as np
 from PIL import Image
+
 # TensorBoard's summary helpers and event writer; none of these modules
 # imports TensorFlow (tensorboard.compat loads it lazily, only when used).
 from tensorboard.compat.proto import event_pb2
@@ -61,7 +62,9 @@ def _clu_writer_module(name: str):
     return importlib.import_module(full_name)
   spec = importlib.util.find_spec(_CLU_WRITERS)
   if spec is None:
-    raise ImportError(f"{_CLU_WRITERS} not found; install clu (pip install clu)")
+    raise ImportError(
+        f"{_CLU_WRITERS} not found; install clu (pip install clu)"
+    )
   package = importlib.util.module_from_spec(spec)
   sys.modules[_CLU_WRITERS] = package
   try:
@@ -107,8 +110,10 @@ def image_to_uint8(images: Any) -> np.ndarray:
   if np.issubdtype(images.dtype, np.floating):
     scaled = images.astype(np.float64) * 255.5
     return np.clip(scaled, 0, 255).astype(np.uint8)
-  raise ValueError(f"images must be uint8 or floating point in [0, 1], "
-                   f"got dtype {images.dtype}")
+  raise ValueError(
+      f"images must be uint8 or floating point in [0, 1], "
+      f"got dtype {images.dtype}"
+  )
 
 
 class TensorBoardWriter(MetricWriter):
@@ -129,11 +134,16 @@ class TensorBoardWriter(MetricWriter):
     self._events = event_file_writer.EventFileWriter(logdir)
 
   def _write(self, step: int, summary) -> None:
-    self._events.add_event(event_pb2.Event(wall_time=time.time(),
-                                           step=int(step), summary=summary))
+    self._events.add_event(
+        event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+    )
 
-  def write_summaries(self, step: int, values: Mapping[str, Any],
-                      metadata: Optional[Mapping[str, Any]] = None):
+  def write_summaries(
+      self,
+      step: int,
+      values: Mapping[str, Any],
+      metadata: Optional[Mapping[str, Any]] = None,
+  ):
     summary = summary_pb2.Summary()
     for key, value in values.items():
       md = metadata.get(key) if metadata is not None else None
@@ -144,8 +154,11 @@ class TensorBoardWriter(MetricWriter):
       elif not isinstance(md, summary_pb2.SummaryMetadata):
         # The same message from another proto package (e.g. TensorFlow's).
         md = summary_pb2.SummaryMetadata.FromString(md.SerializeToString())
-      summary.value.add(tag=key, metadata=md,
-                        tensor=tensor_util.make_tensor_proto(np.asarray(value)))
+      summary.value.add(
+          tag=key,
+          metadata=md,
+          tensor=tensor_util.make_tensor_proto(np.asarray(value)),
+      )
     self._write(step, summary)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]):
@@ -160,7 +173,8 @@ class TensorBoardWriter(MetricWriter):
       if pixels.ndim != 4 or pixels.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(
             f"image {key!r}: shape {pixels.shape}; expected [N, H, W, C] or "
-            f"[H, W, C] with C in 1 (grey), 2 (grey+alpha), 3 (RGB), 4 (RGBA)")
+            f"[H, W, C] with C in 1 (grey), 2 (grey+alpha), 3 (RGB), 4 (RGBA)"
+        )
       # tf.summary.image's tensor: width, height, then one PNG per image.
       content = [str(pixels.shape[2]).encode(), str(pixels.shape[1]).encode()]
       content += [_png(image) for image in pixels]
@@ -168,29 +182,42 @@ class TensorBoardWriter(MetricWriter):
       summary.value.add(
           tag=key,
           metadata=image_metadata.create_summary_metadata(
-              display_name=None, description=None),
-          tensor=tensor_util.make_tensor_proto(np.array(content, dtype=object)))
+              display_name=None, description=None
+          ),
+          tensor=tensor_util.make_tensor_proto(np.array(content, dtype=object)),
+      )
       self._write(step, summary)
 
   def write_videos(self, step: int, videos: Mapping[str, Any]):
-    logging.log_first_n(logging.WARNING,
-                        "TensorBoardWriter does not write videos.", 1)
+    logging.log_first_n(
+        logging.WARNING, "TensorBoardWriter does not write videos.", 1
+    )
 
-  def write_audios(self, step: int, audios: Mapping[str, Any], *,
-                   sample_rate: int):
-    logging.log_first_n(logging.WARNING,
-                        "TensorBoardWriter does not write audios.", 1)
+  def write_audios(
+      self, step: int, audios: Mapping[str, Any], *, sample_rate: int
+  ):
+    logging.log_first_n(
+        logging.WARNING, "TensorBoardWriter does not write audios.", 1
+    )
 
   def write_texts(self, step: int, texts: Mapping[str, str]):
     for key, value in texts.items():
       self._write(step, text_summary.text_pb(key, value))
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Optional[Mapping[str, int]] = None):
+  def write_histograms(
+      self,
+      step: int,
+      arrays: Mapping[str, Any],
+      num_buckets: Optional[Mapping[str, int]] = None,
+  ):
     for key, value in arrays.items():
       buckets = None if num_buckets is None else num_buckets.get(key)
-      self._write(step, histogram_summary.histogram_pb(key, np.asarray(value),
-                                                buckets=buckets))
+      self._write(
+          step,
+          histogram_summary.histogram_pb(
+              key, np.asarray(value), buckets=buckets
+          ),
+      )
 
   def write_hparams(self, hparams: Mapping[str, Any]):
     # As clu: flattened names, None as "", written at step 0.
@@ -204,10 +231,13 @@ class TensorBoardWriter(MetricWriter):
     self._events.close()
 
 
-def create_default_writer(logdir: Optional[str] = None, *,
-                          just_logging: bool = False,
-                          asynchronous: bool = True,
-                          collection: Optional[str] = None) -> MetricWriter:
+def create_default_writer(
+    logdir: Optional[str] = None,
+    *,
+    just_logging: bool = False,
+    asynchronous: bool = True,
+    collection: Optional[str] = None,
+) -> MetricWriter:
   """clu's default writer, with or without TensorFlow.
 
   Args:
@@ -225,22 +255,33 @@ def create_default_writer(logdir: Optional[str] = None, *,
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    logging.info("clu's TensorFlow summary writer is unavailable (%s); "
-                 "writing TensorBoard events with the tensorboard package", e)
+    logging.info(
+        "clu's TensorFlow summary writer is unavailable (%s); "
+        "writing TensorBoard events with the tensorboard package",
+        e,
+    )
   else:
     return metric_writers.create_default_writer(
-        logdir, just_logging=just_logging, asynchronous=asynchronous,
-        collection=collection)
-  return create_tensorboard_writer(logdir, just_logging=just_logging,
-                                   asynchronous=asynchronous,
-                                   collection=collection)
+        logdir,
+        just_logging=just_logging,
+        asynchronous=asynchronous,
+        collection=collection,
+    )
+  return create_tensorboard_writer(
+      logdir,
+      just_logging=just_logging,
+      asynchronous=asynchronous,
+      collection=collection,
+  )
 
 
-def create_tensorboard_writer(logdir: Optional[str] = None, *,
-                              just_logging: bool = False,
-                              asynchronous: bool = True,
-                              collection: Optional[str] = None
-                              ) -> MetricWriter:
+def create_tensorboard_writer(
+    logdir: Optional[str] = None,
+    *,
+    just_logging: bool = False,
+    asynchronous: bool = True,
+    collection: Optional[str] = None,
+) -> MetricWriter:
   """The writers of clu's `create_default_writer`, without TensorFlow.
 
   Args: as `create_default_writer`.

@@ -47,10 +47,9 @@ DISCRIMINATOR_LAYOUT = ((4, 2, 1), (4, 2, 1), (3, 2, 1), (4, 2, 1), (2, 1, 0))
 GENERATOR_LAYOUT = ((2, 1, 0), (4, 2, 1), (3, 2, 1), (4, 2, 1), (4, 2, 1))
 
 
-
 def torch_uniform_init(fan_in: int):
   """PyTorch's default init of Linear/Conv weights and biases: U(+-1/sqrt(fan_in))."""
-  bound = 1.0 / max(fan_in, 1)**0.5
+  bound = 1.0 / max(fan_in, 1) ** 0.5
 
   def init(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -bound, bound)
@@ -74,6 +73,7 @@ class TorchBatchNorm(nn.Module):
   order, exactly as that many separate calls would (`cign_jax.grouped`, an
   alternative no default selects).
   """
+
   momentum: float = 0.1
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -113,8 +113,9 @@ class TorchBatchNorm(nn.Module):
       for g, n in enumerate(groups):
         self._update(ra_mean, ra_var, mean[g], var[g], n * per_image)
     mul = scale * jax.lax.rsqrt(var + self.epsilon)
-    y = (x32 * grouped.per_row(mul, groups, x32.shape) +
-         grouped.per_row(bias - mean * mul, groups, x32.shape))
+    y = x32 * grouped.per_row(mul, groups, x32.shape) + grouped.per_row(
+        bias - mean * mul, groups, x32.shape
+    )
     return y.astype(self.dtype)
 
 
@@ -130,6 +131,7 @@ class Conv(nn.Module):
   input channels (32, 64, ... instead of 33, 65, ...), which GPU kernels
   want, and the map's convolution runs on num_classes maps, not B.
   """
+
   features: int
   kernel_size: int
   stride: int
@@ -144,8 +146,9 @@ class Conv(nn.Module):
     # PyTorch computes fan_in from its weight layout: (Co, Ci, k, k) for a
     # conv, (Ci, Co, k, k) for a transposed conv.
     fan_in = (self.features if self.transpose else ci) * k * k
-    kernel = self.param("kernel", torch_uniform_init(fan_in),
-                        (k, k, ci, self.features))
+    kernel = self.param(
+        "kernel", torch_uniform_init(fan_in), (k, k, ci, self.features)
+    )
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     fn = ops.conv_transpose2d if self.transpose else ops.conv2d
@@ -153,14 +156,19 @@ class Conv(nn.Module):
       return fn(x, kernel, self.stride, self.padding)
     c = x.shape[-1]
     y = fn(x, kernel[:, :, :c], self.stride, self.padding)
-    per_class = fn(class_maps.astype(self.dtype), kernel[:, :, c:],
-                   self.stride, self.padding)
+    per_class = fn(
+        class_maps.astype(self.dtype),
+        kernel[:, :, c:],
+        self.stride,
+        self.padding,
+    )
     return y + ops.pick_by_label(per_class, labels)
 
 
 class Linear(nn.Module):
   """nn.Dense with PyTorch's Linear init; `__call__(None)` only returns
   (kernel (in, out), bias (out,)) for ops that take the weights directly."""
+
   in_features: int
   features: int
   dtype: Any = jnp.float32
@@ -185,6 +193,7 @@ class FilterConditionedConv(nn.Module):
   `channel_mixer_{index}` (the original's names). The Linear's outputs are in
   our (kh, kw, Ci) order; `convert` permutes the original's (Ci, kh, kw).
   """
+
   features: int
   kernel_size: int
   stride: int
@@ -197,18 +206,27 @@ class FilterConditionedConv(nn.Module):
   def __call__(self, x, embedding):
     b, _, _, ci = x.shape
     k = self.kernel_size
-    filters = jnp.tanh(
-        Linear(embedding.shape[-1], k * k * ci, name=f"linear_{self.index}")(
-            embedding)).reshape(b, k, k, ci).astype(self.dtype)
+    filters = (
+        jnp.tanh(
+            Linear(
+                embedding.shape[-1], k * k * ci, name=f"linear_{self.index}"
+            )(embedding)
+        )
+        .reshape(b, k, k, ci)
+        .astype(self.dtype)
+    )
     x = x.astype(self.dtype)
     if self.transpose:
       y = ops.per_sample_depthwise_transposed_correlation(
-          x, filters, self.stride, self.padding)
+          x, filters, self.stride, self.padding
+      )
     else:
-      y = ops.per_sample_depthwise_correlation(x, filters, self.stride,
-                                               self.padding)
-    return Linear(ci, self.features, dtype=self.dtype,
-                  name=f"channel_mixer_{self.index}")(y)
+      y = ops.per_sample_depthwise_correlation(
+          x, filters, self.stride, self.padding
+      )
+    return Linear(
+        ci, self.features, dtype=self.dtype, name=f"channel_mixer_{self.index}"
+    )(y)
 
 
 class ChannelConditioning(nn.Module):
@@ -218,13 +236,15 @@ class ChannelConditioning(nn.Module):
   result is the num_classes maps (num_classes, H, W, 1) (for `Conv`'s
   split formulation); x only gives (H, W).
   """
+
   index: int
 
   @nn.compact
   def __call__(self, x, embedding, per_class: bool = False):
     h, w = x.shape[1], x.shape[2]
-    kernel, bias = Linear(embedding.shape[-1], h * w,
-                          name=f"linear_{self.index}")()
+    kernel, bias = Linear(
+        embedding.shape[-1], h * w, name=f"linear_{self.index}"
+    )()
     if per_class:
       return ops.condition_maps(embedding, kernel, bias, h, w)
     return ops.channel_condition(x, embedding, kernel, bias)
@@ -232,6 +252,7 @@ class ChannelConditioning(nn.Module):
 
 class _Half(nn.Module):
   """One half of f: five conditioned blocks (shared code of both halves)."""
+
   conditioning: str
   channels: Sequence[int]  # output channels of the five blocks
   layout: Sequence[Tuple[int, int, int]]
@@ -252,13 +273,17 @@ class _Half(nn.Module):
     raise NotImplementedError
 
   @nn.compact
-  def __call__(self, x, labels, train: bool,
-               groups: Optional[Sequence[int]] = None):
+  def __call__(
+      self, x, labels, train: bool, groups: Optional[Sequence[int]] = None
+  ):
     embedding = table = None
     if self.conditioning != "none":
-      embed = nn.Embed(self.num_classes, self.embedding_dim,
-                       name="label_embedder",
-                       embedding_init=nn.initializers.normal(1.0))
+      embed = nn.Embed(
+          self.num_classes,
+          self.embedding_dim,
+          name="label_embedder",
+          embedding_init=nn.initializers.normal(1.0),
+      )
       embedding = embed(labels)
       if self.channel_conv == "per_class":
         table = embed(jnp.arange(self.num_classes))
@@ -266,42 +291,63 @@ class _Half(nn.Module):
     # stream i of it (no key derivation per layer).
     keys = None
     if train and self.dropout_rate > 0:
-      keys = [self.make_rng(grouped.dropout_stream(g))
-              for g in range(1 if groups is None else len(groups))]
+      keys = [
+          self.make_rng(grouped.dropout_stream(g))
+          for g in range(1 if groups is None else len(groups))
+      ]
     bn_index = 0
-    for i, (features, (k, s, p)) in enumerate(zip(self.channels, self.layout),
-                                              start=1):
+    for i, (features, (k, s, p)) in enumerate(
+        zip(self.channels, self.layout), start=1
+    ):
       if self._norm_before(i):
         bn_index += 1
         x = TorchBatchNorm(name=f"batch_norm_{bn_index}", dtype=self.dtype)(
-            x, train, groups)
+            x, train, groups
+        )
       if self.conditioning == "filter":
-        y = FilterConditionedConv(features, k, s, p, index=i,
-                                  transpose=self.transpose, dtype=self.dtype,
-                                  name=f"filter_conditioned_conv_{i}")(
-                                      x, embedding)
+        y = FilterConditionedConv(
+            features,
+            k,
+            s,
+            p,
+            index=i,
+            transpose=self.transpose,
+            dtype=self.dtype,
+            name=f"filter_conditioned_conv_{i}",
+        )(x, embedding)
       else:
-        conv = Conv(features, k, s, p, transpose=self.transpose,
-                    dtype=self.dtype, name=f"conv_{i}")
+        conv = Conv(
+            features,
+            k,
+            s,
+            p,
+            transpose=self.transpose,
+            dtype=self.dtype,
+            name=f"conv_{i}",
+        )
         if self.conditioning != "channel":
           y = conv(x)
         elif self.channel_conv == "per_class":
           maps = ChannelConditioning(index=i, name=f"channel_conditioning_{i}")(
-              x, table, per_class=True)
+              x, table, per_class=True
+          )
           y = conv(x, maps, labels)
         else:
           x = ChannelConditioning(index=i, name=f"channel_conditioning_{i}")(
-              x, embedding)
+              x, embedding
+          )
           y = conv(x)
       if self._dropout_in(i) and self.dropout_rate > 0:
         y = Dropout(self.dropout_rate, stream=i)(
-            y, deterministic=not train, groups=groups, keys=keys)
+            y, deterministic=not train, groups=groups, keys=keys
+        )
       x = self._activation(i, y)
     return x
 
 
 class Discriminator(_Half):
   """The encoder half: (B, 28, 28, 1) -> (B, 1, 1, intermediate_dim)."""
+
   transpose: bool = False
   layout: Sequence[Tuple[int, int, int]] = DISCRIMINATOR_LAYOUT
 
@@ -317,6 +363,7 @@ class Discriminator(_Half):
 
 class Generator(_Half):
   """The decoder half: (B, 1, 1, intermediate_dim) -> (B, 28, 28, 1)."""
+
   transpose: bool = True
   layout: Sequence[Tuple[int, int, int]] = GENERATOR_LAYOUT
 
@@ -348,22 +395,30 @@ class Dropout(nn.Module):
   `groups`: the batch concatenates several forward calls' batches of these
   sizes; each group gets the mask a separate call would (`grouped.dropout`).
   """
+
   rate: float
   stream: int = 0
 
   @nn.compact
-  def __call__(self, x, deterministic: bool,
-               groups: Optional[Sequence[int]] = None,
-               keys: Optional[Sequence[jax.Array]] = None):
+  def __call__(
+      self,
+      x,
+      deterministic: bool,
+      groups: Optional[Sequence[int]] = None,
+      keys: Optional[Sequence[jax.Array]] = None,
+  ):
     if deterministic or self.rate == 0.0:
       return x
     num_groups = 1 if groups is None else len(groups)
     if keys is None:
-      keys = [self.make_rng(grouped.dropout_stream(g))
-              for g in range(num_groups)]
+      keys = [
+          self.make_rng(grouped.dropout_stream(g)) for g in range(num_groups)
+      ]
     if len(keys) != num_groups:
-      raise ValueError(f"Dropout: {len(keys)} keys for {num_groups} groups; "
-                       "pass one key per group")
+      raise ValueError(
+          f"Dropout: {len(keys)} keys for {num_groups} groups; "
+          "pass one key per group"
+      )
     if num_groups == 1:
       return dropout_lib.dropout(x, self.rate, keys[0], self.stream)
     return grouped.dropout(x, self.rate, keys, groups, self.stream)
@@ -371,6 +426,7 @@ class Dropout(nn.Module):
 
 class IdempotentNetwork(nn.Module):
   """f(x, c) = generator(discriminator(x, c), c); c is ignored for 'none'."""
+
   conditioning: str = "channel"
   latent_dim: int = 32
   intermediate_dim: int = 128
@@ -390,25 +446,38 @@ class IdempotentNetwork(nn.Module):
 
   def setup(self):
     if self.conditioning not in config_lib.CONDITIONINGS:
-      raise ValueError(f"unknown conditioning {self.conditioning!r}; expected "
-                       f"one of {config_lib.CONDITIONINGS}")
+      raise ValueError(
+          f"unknown conditioning {self.conditioning!r}; expected "
+          f"one of {config_lib.CONDITIONINGS}"
+      )
     ld = self.latent_dim
-    common = dict(conditioning=self.conditioning,
-                  embedding_dim=self.embedding_dim,
-                  num_classes=self.num_classes,
-                  dropout_rate=self.dropout_rate, dtype=self.dtype,
-                  channel_conv=config_lib.resolve_channel_conv(
-                      self.channel_conv))
+    common = dict(
+        conditioning=self.conditioning,
+        embedding_dim=self.embedding_dim,
+        num_classes=self.num_classes,
+        dropout_rate=self.dropout_rate,
+        dtype=self.dtype,
+        channel_conv=config_lib.resolve_channel_conv(self.channel_conv),
+    )
     if self.matmul_precision not in config_lib.MATMUL_PRECISIONS:
-      raise ValueError(f"unknown matmul_precision {self.matmul_precision!r}; "
-                       f"expected one of {config_lib.MATMUL_PRECISIONS}")
+      raise ValueError(
+          f"unknown matmul_precision {self.matmul_precision!r}; "
+          f"expected one of {config_lib.MATMUL_PRECISIONS}"
+      )
     self.discriminator = Discriminator(
-        channels=(ld, 2 * ld, 4 * ld, 8 * ld, self.intermediate_dim), **common)
+        channels=(ld, 2 * ld, 4 * ld, 8 * ld, self.intermediate_dim), **common
+    )
     self.generator = Generator(
-        channels=(8 * ld, 4 * ld, 2 * ld, ld, self.image_channels), **common)
+        channels=(8 * ld, 4 * ld, 2 * ld, ld, self.image_channels), **common
+    )
 
-  def __call__(self, x, labels: Optional[jax.Array] = None,
-               train: bool = False, groups: Optional[Sequence[int]] = None):
+  def __call__(
+      self,
+      x,
+      labels: Optional[jax.Array] = None,
+      train: bool = False,
+      groups: Optional[Sequence[int]] = None,
+  ):
     """f(x, labels).
 
     Args:
@@ -425,14 +494,18 @@ class IdempotentNetwork(nn.Module):
       f(x, labels), float32, x's shape.
     """
     if x.ndim != 4 or x.shape[1:] != (28, 28, self.image_channels):
-      raise ValueError(f"expected images of shape (B, 28, 28, "
-                       f"{self.image_channels}), got {tuple(x.shape)}")
+      raise ValueError(
+          f"expected images of shape (B, 28, 28, "
+          f"{self.image_channels}), got {tuple(x.shape)}"
+      )
     if self.conditioning != "none":
       if labels is None:
         raise ValueError(f"a {self.conditioning}-conditioned CIGN needs labels")
       if labels.shape != (x.shape[0],):
-        raise ValueError(f"labels must have shape ({x.shape[0]},), got "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape ({x.shape[0]},), got "
+            f"{tuple(labels.shape)}"
+        )
       labels = labels.astype(jnp.int32)
     if groups is not None:
       grouped.check_groups(groups, x.shape[0])
@@ -458,16 +531,22 @@ def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
   if architecture == "ign_dcgan":
     return dcgan_model_from_config(config)
   if architecture != "cign":
-    raise ValueError(f"config.model.architecture: unknown architecture "
-                     f"{architecture!r}; expected 'cign' or 'ign_dcgan'")
+    raise ValueError(
+        f"config.model.architecture: unknown architecture "
+        f"{architecture!r}; expected 'cign' or 'ign_dcgan'"
+    )
   return IdempotentNetwork(
-      conditioning=m.conditioning, latent_dim=m.latent_dim,
-      intermediate_dim=m.intermediate_dim, embedding_dim=m.embedding_dim,
-      num_classes=m.num_classes, image_channels=m.image_channels,
+      conditioning=m.conditioning,
+      latent_dim=m.latent_dim,
+      intermediate_dim=m.intermediate_dim,
+      embedding_dim=m.embedding_dim,
+      num_classes=m.num_classes,
+      image_channels=m.image_channels,
       dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(config.get("compute_dtype", "float32")),
       channel_conv=m.get("channel_conv", "auto"),
-      matmul_precision=config.get("matmul_precision", "default"))
+      matmul_precision=config.get("matmul_precision", "default"),
+  )
 
 
 def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):
@@ -492,18 +571,24 @@ def check_labels(labels, num_classes: int, num_images: Optional[int] = None):
     raise ValueError(f"labels must be a vector, got shape {labels.shape}")
   if num_images is not None and labels.shape[0] != num_images:
     raise ValueError(f"got {labels.shape[0]} labels for {num_images} images")
-  if labels.dtype == bool or not (np.issubdtype(labels.dtype, np.integer) or
-                                  np.issubdtype(labels.dtype, np.floating)):
+  if labels.dtype == bool or not (
+      np.issubdtype(labels.dtype, np.integer)
+      or np.issubdtype(labels.dtype, np.floating)
+  ):
     # Booleans and strings are not class indices, though numpy would cast.
-    raise ValueError(f"labels must be integer class indices, got an array of "
-                     f"dtype {labels.dtype}")
+    raise ValueError(
+        f"labels must be integer class indices, got an array of "
+        f"dtype {labels.dtype}"
+    )
   if not np.issubdtype(labels.dtype, np.integer):
     if labels.size and not np.all(labels == np.round(labels)):
       raise ValueError("labels must be integers")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
     bad = labels[(labels < 0) | (labels >= num_classes)][0]
-    raise ValueError(f"label out of range: {bad} (labels must be in 0.."
-                     f"{num_classes - 1})")
+    raise ValueError(
+        f"label out of range: {bad} (labels must be in 0.."
+        f"{num_classes - 1})"
+    )
   return labels.astype(np.int32)
 
 
@@ -524,7 +609,8 @@ def check_finite(array, what: str):
     first = tuple(int(i) for i in np.argwhere(bad)[0])
     raise ValueError(
         f"{what} hold {count} non-finite value(s) (NaN or Inf) of {a.size}, "
-        f"the first at index {first} (value {a[first]})")
+        f"the first at index {first} (value {a[first]})"
+    )
 
 
 def check_images(images, image_channels: int = 1):
@@ -533,15 +619,20 @@ def check_images(images, image_channels: int = 1):
   if images.ndim == 3 and image_channels == 1:
     images = images[..., None]
   if images.ndim != 4 or images.shape[1:] != (28, 28, image_channels):
-    raise ValueError(f"wrong image shape {images.shape}: expected (N, 28, 28) "
-                     f"or (N, 28, 28, {image_channels})")
+    raise ValueError(
+        f"wrong image shape {images.shape}: expected (N, 28, 28) "
+        f"or (N, 28, 28, {image_channels})"
+    )
   if images.shape[0] == 0:
-    raise ValueError(f"no images: got shape {images.shape}; expected at least "
-                     "one")
+    raise ValueError(
+        f"no images: got shape {images.shape}; expected at least " "one"
+    )
   check_finite(images, "the images")
   if images.size and (images.min() < -1.0 - 1e-6 or images.max() > 1.0 + 1e-6):
-    raise ValueError(f"images must be in [-1, 1], got range [{images.min()}, "
-                     f"{images.max()}]")
+    raise ValueError(
+        f"images must be in [-1, 1], got range [{images.min()}, "
+        f"{images.max()}]"
+    )
   return images
 
 
@@ -563,6 +654,7 @@ class ChannelDropout(nn.Module):
   sample and channel) with probability `rate`, scales the rest by
   1 / (1 - rate); the mask from the 'dropout' RNG stream through
   `cign_jax.dropout.channel_dropout`."""
+
   rate: float
 
   @nn.compact
@@ -579,6 +671,7 @@ class DCGANEncoder(nn.Module):
   batch_norm_i after blocks 1-3; block 5: conv_5 alone (no norm, dropout or
   activation), the code.
   """
+
   channels: Sequence[int]
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
@@ -587,7 +680,8 @@ class DCGANEncoder(nn.Module):
   def __call__(self, x, train: bool):
     last = len(self.channels)
     for i, (features, (k, s, p)) in enumerate(
-        zip(self.channels, DCGAN_ENCODER_LAYOUT), start=1):
+        zip(self.channels, DCGAN_ENCODER_LAYOUT), start=1
+    ):
       x = Conv(features, k, s, p, dtype=self.dtype, name=f"conv_{i}")(x)
       if i == last:
         break
@@ -604,6 +698,7 @@ class DCGANDecoder(nn.Module):
   Blocks 1-4: batch_norm_i -> transposed conv_i (no bias) -> channel
   dropout -> ReLU; block 5: transposed conv_5 -> tanh.
   """
+
   channels: Sequence[int]
   dropout_rate: float = 0.1
   dtype: Any = jnp.float32
@@ -612,11 +707,13 @@ class DCGANDecoder(nn.Module):
   def __call__(self, x, train: bool):
     last = len(self.channels)
     for i, (features, (k, s, p)) in enumerate(
-        zip(self.channels, DCGAN_DECODER_LAYOUT), start=1):
+        zip(self.channels, DCGAN_DECODER_LAYOUT), start=1
+    ):
       if i < last:
         x = TorchBatchNorm(name=f"batch_norm_{i}", dtype=self.dtype)(x, train)
-      x = Conv(features, k, s, p, transpose=True, dtype=self.dtype,
-               name=f"conv_{i}")(x)
+      x = Conv(
+          features, k, s, p, transpose=True, dtype=self.dtype, name=f"conv_{i}"
+      )(x)
       if i < last:
         x = ChannelDropout(self.dropout_rate)(x, deterministic=not train)
         x = nn.relu(x)
@@ -642,6 +739,7 @@ class DCGANIdempotentNetwork(nn.Module):
     num_classes: only for the label checks of the sampling API.
     dtype: the compute dtype (BatchNorm statistics stay float32).
   """
+
   latent_dim: int = 64
   intermediate_dim: int = 512
   image_channels: int = 1
@@ -652,23 +750,30 @@ class DCGANIdempotentNetwork(nn.Module):
 
   def setup(self):
     if self.conditioning != "none":
-      raise ValueError(f"the DCGAN IGN network is unconditional: "
-                       f"conditioning must be 'none', got "
-                       f"{self.conditioning!r}")
+      raise ValueError(
+          f"the DCGAN IGN network is unconditional: "
+          f"conditioning must be 'none', got "
+          f"{self.conditioning!r}"
+      )
     if self.intermediate_dim < 16 or self.intermediate_dim % 16:
-      raise ValueError(f"intermediate_dim must be a multiple of 16 (the "
-                       f"decoder halves it four times), got "
-                       f"{self.intermediate_dim}")
+      raise ValueError(
+          f"intermediate_dim must be a multiple of 16 (the "
+          f"decoder halves it four times), got "
+          f"{self.intermediate_dim}"
+      )
     b, d = self.latent_dim, self.intermediate_dim
     common = dict(dropout_rate=self.dropout_rate, dtype=self.dtype)
-    self.discriminator = DCGANEncoder(channels=(b, 2 * b, 4 * b, 8 * b, d),
-                                      **common)
+    self.discriminator = DCGANEncoder(
+        channels=(b, 2 * b, 4 * b, 8 * b, d), **common
+    )
     self.generator = DCGANDecoder(
         channels=(d // 2, d // 4, d // 8, d // 16, self.image_channels),
-        **common)
+        **common,
+    )
 
-  def __call__(self, x, labels: Optional[jax.Array] = None,
-               train: bool = False):
+  def __call__(
+      self, x, labels: Optional[jax.Array] = None, train: bool = False
+  ):
     """f(x): (B, 28, 28, C) in [-1, 1] -> (B, 28, 28, C) float32.
 
     Args:
@@ -682,18 +787,25 @@ class DCGANIdempotentNetwork(nn.Module):
     """
     del labels
     if x.ndim != 4 or x.shape[1:] != (28, 28, self.image_channels):
-      raise ValueError(f"expected images of shape (B, 28, 28, "
-                       f"{self.image_channels}), got {tuple(x.shape)}")
+      raise ValueError(
+          f"expected images of shape (B, 28, 28, "
+          f"{self.image_channels}), got {tuple(x.shape)}"
+      )
     h = self.discriminator(x, train)
     return self.generator(h, train).astype(jnp.float32)
 
 
-def dcgan_model_from_config(config: ml_collections.ConfigDict
-                            ) -> DCGANIdempotentNetwork:
+def dcgan_model_from_config(
+    config: ml_collections.ConfigDict,
+) -> DCGANIdempotentNetwork:
   """`DCGANIdempotentNetwork` from config.model (architecture 'ign_dcgan')."""
   m = config.model
   return DCGANIdempotentNetwork(
-      latent_dim=m.latent_dim, intermediate_dim=m.intermediate_dim,
-      image_channels=m.image_channels, dropout_rate=m.dropout_rate,
-      num_classes=m.num_classes, conditioning=m.conditioning,
-      dtype=jnp.dtype(config.get("compute_dtype", "float32")))
+      latent_dim=m.latent_dim,
+      intermediate_dim=m.intermediate_dim,
+      image_channels=m.image_channels,
+      dropout_rate=m.dropout_rate,
+      num_classes=m.num_classes,
+      conditioning=m.conditioning,
+      dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+  )

@@ -65,8 +65,10 @@ conv_transpose_output_size = shared.conv_transpose_output_size
 
 def _check_rank(name: str, array, rank: int, what: str):
   if array.ndim != rank:
-    raise ValueError(f"{name}: expected {what} of rank {rank}, got shape "
-                     f"{tuple(array.shape)}")
+    raise ValueError(
+        f"{name}: expected {what} of rank {rank}, got shape "
+        f"{tuple(array.shape)}"
+    )
 
 
 def _check_per_sample(name, x, filters):
@@ -75,11 +77,13 @@ def _check_per_sample(name, x, filters):
   if x.shape[0] != filters.shape[0] or x.shape[3] != filters.shape[3]:
     raise ValueError(
         f"{name}: x {tuple(x.shape)} and filters {tuple(filters.shape)} must "
-        "agree in batch (axis 0) and channels (axis 3)")
+        "agree in batch (axis 0) and channels (axis 3)"
+    )
 
 
-def per_sample_depthwise_correlation_reference(x, filters, stride: int,
-                                               padding: int):
+def per_sample_depthwise_correlation_reference(
+    x, filters, stride: int, padding: int
+):
   """vmap over samples of a depthwise lax.conv_general_dilated."""
   _check_per_sample("per_sample_depthwise_correlation", x, filters)
   channels = x.shape[-1]
@@ -87,15 +91,20 @@ def per_sample_depthwise_correlation_reference(x, filters, stride: int,
   def one(xi, fi):
     # fi (kh, kw, C) -> HWIO (kh, kw, 1, C): one input channel per group.
     return lax.conv_general_dilated(
-        xi[None], fi[:, :, None, :], window_strides=(stride, stride),
+        xi[None],
+        fi[:, :, None, :],
+        window_strides=(stride, stride),
         padding=((padding, padding), (padding, padding)),
-        dimension_numbers=_DIMS, feature_group_count=channels)[0]
+        dimension_numbers=_DIMS,
+        feature_group_count=channels,
+    )[0]
 
   return jax.vmap(one)(x, filters)
 
 
 def per_sample_depthwise_transposed_correlation_reference(
-    x, filters, stride: int, padding: int):
+    x, filters, stride: int, padding: int
+):
   """vmap over samples of a depthwise transposed lax convolution."""
   _check_per_sample("per_sample_depthwise_transposed_correlation", x, filters)
   channels = x.shape[-1]
@@ -103,10 +112,14 @@ def per_sample_depthwise_transposed_correlation_reference(
 
   def one(xi, fi):
     return lax.conv_general_dilated(
-        xi[None], fi[::-1, ::-1, None, :], window_strides=(1, 1),
+        xi[None],
+        fi[::-1, ::-1, None, :],
+        window_strides=(1, 1),
         padding=((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2),
-        lhs_dilation=(stride, stride), dimension_numbers=_DIMS,
-        feature_group_count=channels)[0]
+        lhs_dilation=(stride, stride),
+        dimension_numbers=_DIMS,
+        feature_group_count=channels,
+    )[0]
 
   return jax.vmap(one)(x, filters)
 
@@ -120,8 +133,10 @@ def channel_condition(x, embedding, kernel, bias):
   _check_rank("channel_condition", x, 4, "x (B, H, W, C)")
   b, h, w, _ = x.shape
   if kernel.shape[-1] != h * w:
-    raise ValueError(f"channel_condition: the linear map gives "
-                     f"{kernel.shape[-1]} values, the input needs H*W = {h * w}")
+    raise ValueError(
+        f"channel_condition: the linear map gives "
+        f"{kernel.shape[-1]} values, the input needs H*W = {h * w}"
+    )
   cond = jnp.tanh(embedding @ kernel + bias).reshape(b, h, w, 1)
   return jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
 
@@ -134,8 +149,10 @@ def condition_maps(class_embeddings, kernel, bias, h: int, w: int):
   is row c of this.
   """
   if kernel.shape[-1] != h * w:
-    raise ValueError(f"condition_maps: the linear map gives "
-                     f"{kernel.shape[-1]} values, the input needs H*W = {h * w}")
+    raise ValueError(
+        f"condition_maps: the linear map gives "
+        f"{kernel.shape[-1]} values, the input needs H*W = {h * w}"
+    )
   n = class_embeddings.shape[0]
   return jnp.tanh(class_embeddings @ kernel + bias).reshape(n, h, w, 1)
 
@@ -171,8 +188,8 @@ def _depthwise_placed(x, filters, stride):
   correlation."""
   kh, kw = filters.shape[1], filters.shape[2]
   return shared.place_taps(
-      lambda di, dj: x * filters[:, di, dj, :][:, None, None, :],
-      kh, kw, stride)
+      lambda di, dj: x * filters[:, di, dj, :][:, None, None, :], kh, kw, stride
+  )
 
 
 def _depthwise_transposed(x, filters, stride, padding):
@@ -180,8 +197,13 @@ def _depthwise_transposed(x, filters, stride, padding):
 
 
 def _stack_taps(sums, kh, kw):
-  return jnp.stack([jnp.stack([sums[(di, dj)] for dj in range(kw)], axis=1)
-                    for di in range(kh)], axis=1)
+  return jnp.stack(
+      [
+          jnp.stack([sums[(di, dj)] for dj in range(kw)], axis=1)
+          for di in range(kh)
+      ],
+      axis=1,
+  )
 
 
 def _filter_grad(taps, g, kh, kw, crop=None):
@@ -189,12 +211,15 @@ def _filter_grad(taps, g, kh, kw, crop=None):
 
   taps: [((di, dj), tap)] in row-major tap order; `crop` (h, w): multiply
   g's taps cropped to that size with g itself (`g` is then x)."""
+
   def product(tap):
     if crop is not None:
-      tap = tap[:, :crop[0], :crop[1]]
+      tap = tap[:, : crop[0], : crop[1]]
     return tap * g
-  return _stack_taps({key: jnp.sum(product(tap), axis=(1, 2))
-                      for key, tap in taps}, kh, kw)
+
+  return _stack_taps(
+      {key: jnp.sum(product(tap), axis=(1, 2)) for key, tap in taps}, kh, kw
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -211,9 +236,12 @@ def _dc_bwd(stride, padding, res, g):
   # the filter gradient is, per tap, sum_{i,j} x_tap * g.
   x, filters = res
   kh, kw = filters.shape[1], filters.shape[2]
-  dx = shared.input_window(_depthwise_placed(g, filters, stride), padding,
-                           x.shape[1], x.shape[2])
-  df = _filter_grad(list(shared.tap_slices(x, kh, kw, stride, padding)), g, kh, kw)
+  dx = shared.input_window(
+      _depthwise_placed(g, filters, stride), padding, x.shape[1], x.shape[2]
+  )
+  df = _filter_grad(
+      list(shared.tap_slices(x, kh, kw, stride, padding)), g, kh, kw
+  )
   return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
@@ -236,8 +264,13 @@ def _dt_bwd(stride, padding, res, g):
   kh, kw = filters.shape[1], filters.shape[2]
   dx = _depthwise_correlation(g, filters, stride, padding)
   h, w = x.shape[1], x.shape[2]
-  df = _filter_grad(list(shared.tap_slices(g, kh, kw, stride, padding)), x, kh, kw,
-                    crop=(h, w))
+  df = _filter_grad(
+      list(shared.tap_slices(g, kh, kw, stride, padding)),
+      x,
+      kh,
+      kw,
+      crop=(h, w),
+  )
   return dx.astype(x.dtype), df.astype(filters.dtype)
 
 
@@ -255,8 +288,9 @@ def per_sample_depthwise_correlation(x, filters, stride: int, padding: int):
   return _depthwise_correlation_vjp(x, filters, stride, padding)
 
 
-def per_sample_depthwise_transposed_correlation(x, filters, stride: int,
-                                                padding: int):
+def per_sample_depthwise_transposed_correlation(
+    x, filters, stride: int, padding: int
+):
   """out[b, i*s - p + di, j*s - p + dj, c] += x[b,i,j,c] filters[b,di,dj,c].
 
   x: (B, H, W, C); filters: (B, kh, kw, C) -> (B, (H-1)s - 2p + kh, ..., C),
@@ -264,7 +298,6 @@ def per_sample_depthwise_transposed_correlation(x, filters, stride: int,
   """
   _check_per_sample("per_sample_depthwise_transposed_correlation", x, filters)
   return _depthwise_transposed_vjp(x, filters, stride, padding)
-
 
 
 def _use_matmul_convs() -> bool:
@@ -275,13 +308,25 @@ def conv2d(x, kernel, stride: int, padding: int):
   """Cross-correlation with a shared kernel; see `cign_jax.ops`."""
   _check_rank("conv2d", x, 4, "x (B, H, W, C)")
   if x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f"conv2d: x has {x.shape[-1]} channels, the kernel "
-                     f"{tuple(kernel.shape)} expects {kernel.shape[2]}")
+    raise ValueError(
+        f"conv2d: x has {x.shape[-1]} channels, the kernel "
+        f"{tuple(kernel.shape)} expects {kernel.shape[2]}"
+    )
   if _use_matmul_convs():
     return cpu_conv.conv2d_cpu(
-        x, kernel, stride, padding,
-        cpu_conv.cpu_plan(False, x.shape, kernel.shape, stride, padding,
-                          jnp.result_type(x, kernel)))
+        x,
+        kernel,
+        stride,
+        padding,
+        cpu_conv.cpu_plan(
+            False,
+            x.shape,
+            kernel.shape,
+            stride,
+            padding,
+            jnp.result_type(x, kernel),
+        ),
+    )
   return conv2d_reference(x, kernel, stride, padding)
 
 
@@ -289,12 +334,23 @@ def conv_transpose2d(x, kernel, stride: int, padding: int):
   """PyTorch-style transposed convolution; see `cign_jax.ops`."""
   _check_rank("conv_transpose2d", x, 4, "x (B, H, W, C)")
   if x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f"conv_transpose2d: x has {x.shape[-1]} channels, the "
-                     f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}")
+    raise ValueError(
+        f"conv_transpose2d: x has {x.shape[-1]} channels, the "
+        f"kernel {tuple(kernel.shape)} expects {kernel.shape[2]}"
+    )
   if _use_matmul_convs():
     return cpu_conv.conv_transpose2d_cpu(
-        x, kernel, stride, padding,
-        cpu_conv.cpu_plan(True, x.shape, kernel.shape, stride, padding,
-                          jnp.result_type(x, kernel)))
+        x,
+        kernel,
+        stride,
+        padding,
+        cpu_conv.cpu_plan(
+            True,
+            x.shape,
+            kernel.shape,
+            stride,
+            padding,
+            jnp.result_type(x, kernel),
+        ),
+    )
   return conv_transpose2d_reference(x, kernel, stride, padding)
-

@@ -65,10 +65,12 @@ class WorkdirLock:
       holder = holder or "holder unknown"
       raise RunLockedError(
           f"{workdir} is being trained by another process ({holder}); wait "
-          "for it to end or stop it, or use another --workdir") from None
+          "for it to end or stop it, or use another --workdir"
+      ) from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n"
-              .encode(), 0)
+    os.pwrite(
+        fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0
+    )
     self._fd = fd
 
   def release(self):
@@ -151,8 +153,10 @@ def read_digest(step_dir: str) -> Optional[str]:
     The hex digest; "unreadable" when the file is damaged; None when the
     step records none.
   """
-  for path in (os.path.join(step_dir, CHECKSUM_ITEM, CHECKSUM_FILE),
-               os.path.join(step_dir, CHECKSUM_FILE)):
+  for path in (
+      os.path.join(step_dir, CHECKSUM_ITEM, CHECKSUM_FILE),
+      os.path.join(step_dir, CHECKSUM_FILE),
+  ):
     try:
       with open(path) as f:
         return json.load(f)["sha256"]
@@ -215,8 +219,12 @@ def noting_sigterm():
   finally:
     _SIGTERM.depth -= 1
     if outermost and _SIGTERM.installed:
-      signal.signal(signal.SIGTERM, _SIGTERM.previous
-                    if _SIGTERM.previous is not None else signal.SIG_DFL)
+      signal.signal(
+          signal.SIGTERM,
+          _SIGTERM.previous
+          if _SIGTERM.previous is not None
+          else signal.SIG_DFL,
+      )
       _SIGTERM.installed = False
       _SIGTERM.previous = None
 

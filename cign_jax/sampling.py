@@ -30,8 +30,14 @@ def _apply_n(model, variables, x, labels, applications: int):
   return x
 
 
-def apply_repeatedly(model: models.IdempotentNetwork, variables, x, labels,
-                     applications: int = 1, batch_size: int = 1000):
+def apply_repeatedly(
+    model: models.IdempotentNetwork,
+    variables,
+    x,
+    labels,
+    applications: int = 1,
+    batch_size: int = 1000,
+):
   """f^applications(x, c) in batches (the last batch padded, not recompiled)."""
   if applications < 1:
     raise ValueError(f"applications must be >= 1, got {applications}")
@@ -43,25 +49,33 @@ def apply_repeatedly(model: models.IdempotentNetwork, variables, x, labels,
   bs = min(batch_size, n)
   outs = []
   for start in range(0, n, bs):
-    xb, cb = x[start:start + bs], labels[start:start + bs]
+    xb, cb = x[start : start + bs], labels[start : start + bs]
     pad = bs - xb.shape[0]
     if pad:
       xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
       cb = np.concatenate([cb, np.zeros((pad,), cb.dtype)])
-    out = _apply_n(model, variables, jnp.asarray(xb), jnp.asarray(cb),
-                   applications)
-    outs.append(np.asarray(out)[:bs - pad])
+    out = _apply_n(
+        model, variables, jnp.asarray(xb), jnp.asarray(cb), applications
+    )
+    outs.append(np.asarray(out)[: bs - pad])
   return np.concatenate(outs)
 
 
 def prior_noise(key, num: int, image_channels: int = 1, clip: bool = False):
-  return np.asarray(losses.sample_prior(key, (num, 28, 28, image_channels),
-                                        clip))
+  return np.asarray(
+      losses.sample_prior(key, (num, 28, 28, image_channels), clip)
+  )
 
 
-def generate(model: models.IdempotentNetwork, variables, labels: Sequence[int],
-             key, applications: int = 1, clip: bool = False,
-             batch_size: int = 1000):
+def generate(
+    model: models.IdempotentNetwork,
+    variables,
+    labels: Sequence[int],
+    key,
+    applications: int = 1,
+    clip: bool = False,
+    batch_size: int = 1000,
+):
   """Samples f^applications(z, c) with z ~ N(0, 1).
 
   Args:
@@ -79,13 +93,17 @@ def generate(model: models.IdempotentNetwork, variables, labels: Sequence[int],
   """
   labels = models.check_labels(labels, model.num_classes)
   z = prior_noise(key, labels.shape[0], model.image_channels, clip)
-  return apply_repeatedly(model, variables, z, labels, applications,
-                          batch_size)
+  return apply_repeatedly(model, variables, z, labels, applications, batch_size)
 
 
-def project(model: models.IdempotentNetwork, variables, images,
-            labels: Optional[Sequence[int]] = None, applications: int = 1,
-            batch_size: int = 1000):
+def project(
+    model: models.IdempotentNetwork,
+    variables,
+    images,
+    labels: Optional[Sequence[int]] = None,
+    applications: int = 1,
+    batch_size: int = 1000,
+):
   """IGN's projection of given inputs onto the model's fixed points.
 
   Args:
@@ -106,13 +124,20 @@ def project(model: models.IdempotentNetwork, variables, images,
       raise ValueError("projection with a conditional model needs labels")
     labels = np.zeros((images.shape[0],), np.int32)
   labels = models.check_labels(labels, model.num_classes, images.shape[0])
-  return apply_repeatedly(model, variables, images, labels, applications,
-                          batch_size)
+  return apply_repeatedly(
+      model, variables, images, labels, applications, batch_size
+  )
 
 
-def label_grid(model: models.IdempotentNetwork, variables, key,
-               num_per_label: int = 10, applications: int = 1,
-               clip: bool = False, labels: Optional[Sequence[int]] = None):
+def label_grid(
+    model: models.IdempotentNetwork,
+    variables,
+    key,
+    num_per_label: int = 10,
+    applications: int = 1,
+    clip: bool = False,
+    labels: Optional[Sequence[int]] = None,
+):
   """The paper's appendix figure: one row per label (`labels`, default every
   class), the same noise in every row. Returns images (len(labels),
   num_per_label, 28, 28, C)."""
@@ -124,19 +149,29 @@ def label_grid(model: models.IdempotentNetwork, variables, key,
     raise ValueError(f"num_per_label must be >= 1, got {num_per_label}")
   z = prior_noise(key, num_per_label, model.image_channels, clip)
   x = np.tile(z, (len(labels), 1, 1, 1))
-  out = apply_repeatedly(model, variables, x,
-                         np.repeat(labels, num_per_label), applications)
+  out = apply_repeatedly(
+      model, variables, x, np.repeat(labels, num_per_label), applications
+  )
   return out.reshape((len(labels), num_per_label) + out.shape[1:])
 
 
-def write_sample_grid(config, model: models.IdempotentNetwork, variables,
-                      path: Optional[str] = None, num_per_label: int = 10):
+def write_sample_grid(
+    config,
+    model: models.IdempotentNetwork,
+    variables,
+    path: Optional[str] = None,
+    num_per_label: int = 10,
+):
   """The paper's figure for a run (`config.samples_noise_seed`, its prior):
   a row per label, the same noise in every row; as a uint8 image, also
   written to `path` as PNG when given."""
-  rows = label_grid(model, variables, jax.random.key(config.samples_noise_seed),
-                    num_per_label=num_per_label,
-                    clip=config.model.clip_prior)
+  rows = label_grid(
+      model,
+      variables,
+      jax.random.key(config.samples_noise_seed),
+      num_per_label=num_per_label,
+      clip=config.model.clip_prior,
+  )
   grid = grid_image(rows)
   if path:
     save_png(grid, path)
@@ -151,12 +186,13 @@ def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
     for j in range(c):
       img = rows[i, j].reshape(h, w, -1)[..., 0]
       top, left = pad + i * (h + pad), pad + j * (w + pad)
-      canvas[top:top + h, left:left + w] = (img + 1.0) / 2.0
+      canvas[top : top + h, left : left + w] = (img + 1.0) / 2.0
   return np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
 
 
-def save_png(image_u8: np.ndarray, path: str, scale: int = 2,
-             text: Optional[dict] = None):
+def save_png(
+    image_u8: np.ndarray, path: str, scale: int = 2, text: Optional[dict] = None
+):
   """Writes a uint8 image as PNG (`text`: tEXt entries, e.g. the step)."""
   img = Image.fromarray(image_u8)
   if scale > 1:
@@ -178,25 +214,34 @@ def open_npz(path: str, what: str) -> dict:
   here, not at first use). `what` is the file's role in words (such as 'the
   inputs file'): each error starts with it and names the file."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{what} {path} does not exist; expected an .npz "
-                            "written by numpy.savez with an 'images' array")
+    raise FileNotFoundError(
+        f"{what} {path} does not exist; expected an .npz "
+        "written by numpy.savez with an 'images' array"
+    )
   with open(path, "rb") as f:
     head = f.read(len(_NPY_MAGIC))
   if not head:
-    raise ValueError(f"{what} {path} is empty; expected an .npz written "
-                     "by numpy.savez with an 'images' array")
+    raise ValueError(
+        f"{what} {path} is empty; expected an .npz written "
+        "by numpy.savez with an 'images' array"
+    )
   if head == _NPY_MAGIC:
-    raise ValueError(f"{what} {path} holds a single array (.npy), not an "
-                     ".npz with named arrays ('images', 'labels')")
+    raise ValueError(
+        f"{what} {path} holds a single array (.npy), not an "
+        ".npz with named arrays ('images', 'labels')"
+    )
   if not head.startswith(_ZIP_MAGIC):
-    raise ValueError(f"{what} {path} is not an .npz (it does not start "
-                     "as a zip archive does); expected one written by "
-                     "numpy.savez with an 'images' array")
+    raise ValueError(
+        f"{what} {path} is not an .npz (it does not start "
+        "as a zip archive does); expected one written by "
+        "numpy.savez with an 'images' array"
+    )
   try:
     with np.load(path, allow_pickle=False) as data:
       return {name: data[name] for name in data.files}
-  except (ValueError, OSError, EOFError, zipfile.BadZipFile,
-          zlib.error) as e:
-    raise ValueError(f"{what} {path} cannot be read as an .npz ({e}); "
-                     "expected a whole one written by numpy.savez, without "
-                     "object arrays") from None
+  except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    raise ValueError(
+        f"{what} {path} cannot be read as an .npz ({e}); "
+        "expected a whole one written by numpy.savez, without "
+        "object arrays"
+    ) from None

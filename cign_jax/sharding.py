@@ -33,21 +33,29 @@ def initialize_distributed(multihost=None, environ=None) -> bool:
   if not multihost:
     return False
   kwargs = {}
-  for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
-                    ("process_id", "JAX_PROCESS_ID")):
+  for key, name in (
+      ("num_processes", "JAX_NUM_PROCESSES"),
+      ("process_id", "JAX_PROCESS_ID"),
+  ):
     value = environ.get(name, "")
     if value:
       try:
         kwargs[key] = int(value)
       except ValueError:
-        raise app.UsageError(f"{name} must be an integer, got {value!r}") from None
+        raise app.UsageError(
+            f"{name} must be an integer, got {value!r}"
+        ) from None
   coordinator = environ.get("JAX_COORDINATOR_ADDRESS")
   if coordinator:
     kwargs["coordinator_address"] = coordinator
   jax.distributed.initialize(**kwargs)
-  logging.info("jax.distributed: process %d of %d, %d local and %d global "
-               "devices", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  logging.info(
+      "jax.distributed: process %d of %d, %d local and %d global " "devices",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   return True
 
 
@@ -61,12 +69,17 @@ def create_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
   if -1 in shape:
     shape[shape.index(-1)] = len(devices) // known
   if math.prod(shape) != len(devices):
-    raise ValueError(f"config.mesh_shape {tuple(config.mesh_shape)} does not "
-                     f"cover the {len(devices)} devices")
+    raise ValueError(
+        f"config.mesh_shape {tuple(config.mesh_shape)} does not "
+        f"cover the {len(devices)} devices"
+    )
   names = tuple(config.mesh_axis_names)
   try:
-    return jax.make_mesh(tuple(shape), names,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+    return jax.make_mesh(
+        tuple(shape),
+        names,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+    )
   except (AttributeError, TypeError):  # older JAX without axis_types
     return jax.sharding.Mesh(np.array(devices).reshape(shape), names)
 
@@ -82,15 +95,18 @@ def replicated(mesh) -> NamedSharding:
 def check_batch_divides(config, mesh):
   n = mesh.size
   if config.batch_size % n:
-    raise ValueError(f"config.batch_size {config.batch_size} does not divide "
-                     f"by the {n} devices of the mesh; choose a multiple of "
-                     f"{n}")
+    raise ValueError(
+        f"config.batch_size {config.batch_size} does not divide "
+        f"by the {n} devices of the mesh; choose a multiple of "
+        f"{n}"
+    )
 
 
 def put_global_batch(array: np.ndarray, sharding: NamedSharding):
   """Places a global batch (the same numpy array on every host) sharded."""
-  return jax.make_array_from_callback(array.shape, sharding,
-                                      lambda index: array[index])
+  return jax.make_array_from_callback(
+      array.shape, sharding, lambda index: array[index]
+  )
 
 
 def put_replicated(tree, mesh):
@@ -104,9 +120,11 @@ def put_replicated(tree, mesh):
 
   def put(leaf):
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
-        leaf.dtype, jax.dtypes.prng_key):
-      return jax.random.wrap_key_data(put(jax.random.key_data(leaf)),
-                                      impl=jax.random.key_impl(leaf))
+        leaf.dtype, jax.dtypes.prng_key
+    ):
+      return jax.random.wrap_key_data(
+          put(jax.random.key_data(leaf)), impl=jax.random.key_impl(leaf)
+      )
     return jax.device_put(np.asarray(jax.device_get(leaf)), sharding)
 
   return jax.tree_util.tree_map(put, tree)

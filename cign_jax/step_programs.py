@@ -28,12 +28,17 @@ def compile_train_step(config, mesh):
   """The jitted step with the mesh's shardings; the state is donated."""
   step = train_step_lib.make_train_step(config)
   repl, batch = sharding.replicated(mesh), sharding.data_sharding(mesh)
-  return jax.jit(step, in_shardings=(repl, batch, batch, repl),
-                 out_shardings=(repl, repl), donate_argnums=(0,))
+  return jax.jit(
+      step,
+      in_shardings=(repl, batch, batch, repl),
+      out_shardings=(repl, repl),
+      donate_argnums=(0,),
+  )
 
 
 class StepProgram(NamedTuple):
   """The network, optimiser and jitted step of a run (`get`)."""
+
   model: Any
   tx: Any
   step_fn: Any
@@ -42,7 +47,8 @@ class StepProgram(NamedTuple):
 # The step programs of this process's runs, most recently used last; a lock,
 # since runs may start from several threads.
 _PROGRAMS: "collections.OrderedDict[Any, StepProgram]" = (
-    collections.OrderedDict())
+    collections.OrderedDict()
+)
 _KEPT = 4
 _LOCK = threading.Lock()
 
@@ -55,19 +61,23 @@ def signature(config, mesh, total_steps: int):
   traced). Not the seed (the step's key is an argument), nor how long or
   how often a run logs, samples, evaluates or saves."""
   parts = {
-      "model": config.model.to_dict(), "loss": config.loss.to_dict(),
+      "model": config.model.to_dict(),
+      "loss": config.loss.to_dict(),
       "optimizer": config.optimizer.to_dict(),
-      "schedule_steps": (None if config.optimizer.lr_schedule == "constant"
-                         else int(total_steps)),
+      "schedule_steps": (
+          None
+          if config.optimizer.lr_schedule == "constant"
+          else int(total_steps)
+      ),
       "train_noise_std": config.data.train_noise_std,
-      "ema_decay": config.ema_decay, "batch_size": config.batch_size,
+      "ema_decay": config.ema_decay,
+      "batch_size": config.batch_size,
       "compute_dtype": config.compute_dtype,
       "matmul_precision": config.matmul_precision,
   }
   # The kernels are asked about only where the step's convolutions would use
   # them (`ops`: CPU), so that a GPU run does not build them.
-  native = (native_conv.available() if jax.default_backend() == "cpu"
-            else None)
+  native = native_conv.available() if jax.default_backend() == "cpu" else None
   return json.dumps(parts, sort_keys=True, default=repr), mesh, native
 
 
@@ -83,7 +93,8 @@ def get(config, mesh, total_steps: int) -> StepProgram:
       program = StepProgram(
           model=models.model_from_config(config),
           tx=train_step_lib.make_optimizer(config, total_steps),
-          step_fn=compile_train_step(config, mesh))
+          step_fn=compile_train_step(config, mesh),
+      )
       _PROGRAMS[key] = program
       while len(_PROGRAMS) > _KEPT:
         _PROGRAMS.popitem(last=False)
@@ -97,4 +108,3 @@ def forget():
   was reloaded or patched in a running process)."""
   with _LOCK:
     _PROGRAMS.clear()
-

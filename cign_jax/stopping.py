@@ -36,11 +36,15 @@ class StoppedBySignal(Exception):
   def __init__(self, step: Optional[int]):
     self.step = step
     if step is None:
-      message = ("stopped by SIGTERM before the first step; nothing to save; "
-                 "run the same command to start")
+      message = (
+          "stopped by SIGTERM before the first step; nothing to save; "
+          "run the same command to start"
+      )
     else:
-      message = (f"stopped by SIGTERM at step {step}; checkpoint saved; run "
-                 "the same command to resume")
+      message = (
+          f"stopped by SIGTERM at step {step}; checkpoint saved; run "
+          "the same command to resume"
+      )
     super().__init__(message)
 
 
@@ -54,8 +58,10 @@ def wish(t_begin: float, time_limit_seconds: Optional[float]) -> int:
   `run_dir.noting_sigterm`), OUT_OF_TIME past the time limit, else GO_ON."""
   if run_dir.sigterm_received():
     return SIGTERM
-  if (time_limit_seconds is not None and
-      time.time() - t_begin >= time_limit_seconds):
+  if (
+      time_limit_seconds is not None
+      and time.time() - t_begin >= time_limit_seconds
+  ):
     return OUT_OF_TIME
   return GO_ON
 
@@ -84,8 +90,9 @@ class StopAgreement:
     # One value per device; each process fills its own devices' with its
     # wish.
     local = np.full((self._mesh.size,), wish_now, np.int32)
-    return self._max(sharding.put_global_batch(
-        local, sharding.data_sharding(self._mesh)))
+    return self._max(
+        sharding.put_global_batch(local, sharding.data_sharding(self._mesh))
+    )
 
   @staticmethod
   def _read(value) -> int:

@@ -45,10 +45,18 @@ from cign_jax import validation
 from cign_jax.data import reader
 
 # Fields that may change when a run is resumed (how long / how often).
-RESUMABLE_CHANGES = ("num_epochs", "num_train_steps", "log_every_steps",
-                     "sample_every_steps", "checkpoint_every_steps",
-                     "keep_checkpoints", "mesh_shape", "mesh_axis_names",
-                     "eval_every_epochs", "eval_every_steps")
+RESUMABLE_CHANGES = (
+    "num_epochs",
+    "num_train_steps",
+    "log_every_steps",
+    "sample_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "mesh_shape",
+    "mesh_axis_names",
+    "eval_every_epochs",
+    "eval_every_steps",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -60,12 +68,14 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
   if not os.path.isfile(path):
     ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
     if os.path.isdir(ckpt_dir) and any(
-        name.isdigit() for name in os.listdir(ckpt_dir)):
+        name.isdigit() for name in os.listdir(ckpt_dir)
+    ):
       raise ValueError(
           f"{workdir} holds checkpoints but no {checkpoints.CONFIG_FILE}, so "
           "it cannot be checked that they fit this config; restore its "
           f"{checkpoints.CONFIG_FILE} (the config the checkpoints were "
-          "trained with), or use a new run directory")
+          "trained with), or use a new run directory"
+      )
     return
   previous = checkpoints.load_config(workdir)
   old = json.loads(previous.to_json())
@@ -77,7 +87,8 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
       raise ValueError(
           f"config.{key} differs from the run in {workdir} ({old.get(key)} "
           f"there, {new.get(key)} now); use a new run directory or the same "
-          "config")
+          "config"
+      )
 
 
 def _format_eta(seconds: float) -> str:
@@ -92,16 +103,25 @@ def _check_samples_finite(config, model, state, step, mngr, workdir):
   finite (finite but huge weights or BatchNorm statistics can overflow the
   running-statistics forward pass that the training step never takes)."""
   k = model.num_classes if model.conditioning != "none" else 1
-  z = sampling.prior_noise(jax.random.key(config.samples_noise_seed), k,
-                           model.image_channels, config.model.clip_prior)
-  out = sampling.apply_repeatedly(model, train_step_lib.eval_variables(state),
-                                  z, np.arange(k, dtype=np.int32))
+  z = sampling.prior_noise(
+      jax.random.key(config.samples_noise_seed),
+      k,
+      model.image_channels,
+      config.model.clip_prior,
+  )
+  out = sampling.apply_repeatedly(
+      model,
+      train_step_lib.eval_variables(state),
+      z,
+      np.arange(k, dtype=np.int32),
+  )
   if not np.all(np.isfinite(out)):
     raise NonFiniteLossError(
         f"the state after step {step} samples non-finite images (its weights "
         f"or BatchNorm statistics overflow); it was not checkpointed and "
         f"training stopped. {_last_good(mngr, workdir)}; lower the "
-        "learning rate or check the data")
+        "learning rate or check the data"
+    )
 
 
 def _last_good(mngr, workdir) -> str:
@@ -111,12 +131,13 @@ def _last_good(mngr, workdir) -> str:
   return f"The last good checkpoint (step {latest}) in {workdir} is kept"
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[Any] = None,
-                       evaluator: Optional[Callable[..., Dict[str, float]]]
-                       = None,
-                       time_limit_seconds: Optional[float] = None
-                       ) -> train_step_lib.TrainState:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: Optional[Any] = None,
+    evaluator: Optional[Callable[..., Dict[str, float]]] = None,
+    time_limit_seconds: Optional[float] = None,
+) -> train_step_lib.TrainState:
   """Trains (or resumes) the run in `workdir`.
 
   Args:
@@ -156,32 +177,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   sharding.check_batch_divides(config, mesh)
 
   if dataset is None:
-    images, labels = reader.load_split(config.data.dataset, "train",
-                                         config.data.data_dir)
+    images, labels = reader.load_split(
+        config.data.dataset, "train", config.data.data_dir
+    )
     test = None
     if config.eval_num_examples != 0:
-      test = reader.load_split(config.data.dataset, "test",
-                               config.data.data_dir)
+      test = reader.load_split(
+          config.data.dataset, "test", config.data.data_dir
+      )
   else:
     (images, labels), test = reader.split_dataset(dataset)
   val_split = validation.validation_split(config, test)
   if config.best_metric == "val_loss" and val_split is None:
-    others = [repr(m) for m in config_lib.computed_metrics(config)
-              if m != "val_loss"]
+    others = [
+        repr(m) for m in config_lib.computed_metrics(config) if m != "val_loss"
+    ]
     raise ValueError(
         "config.best_metric is 'val_loss' but the run has no validation "
         "split: pass dataset={'train': (images, labels), 'test': (images, "
         "labels)}, or set config.best_metric to "
-        + " or ".join(others + ["'' (no best checkpoint)"]))
+        + " or ".join(others + ["'' (no best checkpoint)"])
+    )
   if config_lib.needs_evaluator(config) and evaluator is None:
     raise ValueError(
         f"config.eval_samples_per_label = {config.eval_samples_per_label} "
         "asks for evaluation during training, which lives in "
         "cign_jax.evaluation: call cign_jax.evaluation.in_loop."
         "train_and_evaluate (what `python -m cign_jax.main` does) or pass "
-        "evaluator=")
-  batches = reader.TrainBatches(images, labels, config.batch_size,
-                                  config.seed)
+        "evaluator="
+    )
+  batches = reader.TrainBatches(images, labels, config.batch_size, config.seed)
   _check_labels_fit(config, labels)
   total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
@@ -190,8 +215,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
   try:
     with run_dir.noting_sigterm():
-      return _train(config, workdir, mesh, batches, total_steps, val_split,
-                    evaluator, t_begin, time_limit_seconds)
+      return _train(
+          config,
+          workdir,
+          mesh,
+          batches,
+          total_steps,
+          val_split,
+          evaluator,
+          t_begin,
+          time_limit_seconds,
+      )
   finally:
     if lock is not None:
       lock.release()
@@ -211,7 +245,8 @@ def _check_labels_fit(config, labels):
         f"the training labels span {low}..{high}, but config.model."
         f"num_classes={config.model.num_classes} represents only 0.."
         f"{config.model.num_classes - 1}; set config.model.num_classes="
-        f"{high + 1} (or more) for this dataset")
+        f"{high + 1} (or more) for this dataset"
+    )
 
 
 class _FiniteChecks:
@@ -232,7 +267,8 @@ class _FiniteChecks:
             f"non-finite loss, gradient, parameters or BatchNorm statistics "
             f"at step {step_done} (that step was not applied); training "
             f"stopped. {_last_good(self._mngr, self._workdir)}; lower the "
-            "learning rate or check the data")
+            "learning rate or check the data"
+        )
     self._pending = []
 
 
@@ -247,74 +283,109 @@ class _ThroughputLog:
     self._images += images
 
   def log(self, done: int, metrics):
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()
-               if k != "finite"}
+    scalars = {
+        k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"
+    }
     now = time.time()
     ips = self._images / max(now - self._t, 1e-9)
     steps_per_s = (done - self._last) / max(now - self._t, 1e-9)
     eta = (self._total_steps - done) / max(steps_per_s, 1e-9)
     scalars["images_per_second"] = ips
     self._writer.write_scalars(done, scalars)
-    logging.info("step %d/%d | loss %.4f | %.1f images/s | ETA %s", done,
-                 self._total_steps, scalars["loss"], ips, _format_eta(eta))
+    logging.info(
+        "step %d/%d | loss %.4f | %.1f images/s | ETA %s",
+        done,
+        self._total_steps,
+        scalars["loss"],
+        ips,
+        _format_eta(eta),
+    )
     self._t, self._images, self._last = now, 0, done
 
 
 def _summary_scalars(metrics) -> Dict[str, float]:
   """An evaluation point's numbers under their TensorBoard names: the
   validation losses under val/, the evaluator's metrics under eval/."""
-  return {(k.replace("val_", "val/", 1) if k.startswith("val_") else
-           f"eval/{k}"): v for k, v in metrics.items()
-          if isinstance(v, (int, float)) and v is not None}
+  return {
+      (k.replace("val_", "val/", 1) if k.startswith("val_") else f"eval/{k}"): v
+      for k, v in metrics.items()
+      if isinstance(v, (int, float)) and v is not None
+  }
 
 
 def _evaluation_line(config, metrics, best, improved: bool) -> str:
   """The log line's numbers: the validation losses, the metrics the config
   names, and the best checkpoint so far."""
-  parts = [f"{k} {v:.4f}" for k, v in metrics.items()
-           if k != "epoch" and isinstance(v, float)
-           and (k.startswith("val_loss") or k in config.eval_metrics)]
+  parts = [
+      f"{k} {v:.4f}"
+      for k, v in metrics.items()
+      if k != "epoch"
+      and isinstance(v, float)
+      and (k.startswith("val_loss") or k in config.eval_metrics)
+  ]
   if best is not None:
-    parts.append(f"best {config.best_metric} {best[config.best_metric]:.4f}"
-                 f" at step {best['step']}{' (new)' if improved else ''}")
+    parts.append(
+        f"best {config.best_metric} {best[config.best_metric]:.4f}"
+        f" at step {best['step']}{' (new)' if improved else ''}"
+    )
   return " | ".join(parts)
 
 
-def _evaluate_point(config, model, state, done, steps_per_epoch, val_split,
-                    evaluator, evaluations, writer):
+def _evaluate_point(
+    config,
+    model,
+    state,
+    done,
+    steps_per_epoch,
+    val_split,
+    evaluator,
+    evaluations,
+    writer,
+):
   """The validation loss and the evaluator's metrics after step `done`,
   recorded (the best checkpoint), written and logged."""
   variables = train_step_lib.eval_variables(state)
   metrics = {"epoch": done / steps_per_epoch}
   if val_split is not None:
-    metrics.update(validation.validation_loss(
-        model, variables, *val_split, config, done // steps_per_epoch))
+    metrics.update(
+        validation.validation_loss(
+            model, variables, *val_split, config, done // steps_per_epoch
+        )
+    )
   if evaluator is not None:
     metrics.update(evaluator(model, variables, done))
   improved = evaluations.record(state, metrics)
   writer.write_scalars(done, _summary_scalars(metrics))
-  logging.info("evaluation at step %d (epoch %.2f) | %s", done,
-               metrics["epoch"],
-               _evaluation_line(config, metrics, evaluations.best, improved))
+  logging.info(
+      "evaluation at step %d (epoch %.2f) | %s",
+      done,
+      metrics["epoch"],
+      _evaluation_line(config, metrics, evaluations.best, improved),
+  )
 
 
 def _restore(config, workdir, program, total_steps):
   """The run's state (restored from its latest checkpoint, if any) and its
   checkpoint manager."""
-  state = train_step_lib.create_train_state(config, model=program.model,
-                                           tx=program.tx)
+  state = train_step_lib.create_train_state(
+      config, model=program.model, tx=program.tx
+  )
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   if mngr.latest_step() is not None:
     state = checkpoints.restore(mngr, state)
-    logging.info("Resumed from the checkpoint of step %d in %s",
-                 int(state.step), workdir)
+    logging.info(
+        "Resumed from the checkpoint of step %d in %s", int(state.step), workdir
+    )
   resumed_at = int(jax.device_get(state.step))
   if resumed_at > total_steps:
     logging.warning(
         "The run in %s is at step %d, past the %d steps asked for: nothing "
         "to do (config.json is left as it was); give a larger "
-        "config.num_train_steps to train further", workdir, resumed_at,
-        total_steps)
+        "config.num_train_steps to train further",
+        workdir,
+        resumed_at,
+        total_steps,
+    )
   return state, mngr
 
 
@@ -327,17 +398,31 @@ def _open_records(config, workdir, start):
   evaluations = validation.BestCheckpoint(workdir, config.best_metric)
   evaluations.resume(start)
   if evaluations.best is not None:
-    logging.info("Best so far: step %d, %s = %.6g", evaluations.best["step"],
-                 config.best_metric, evaluations.best[config.best_metric])
+    logging.info(
+        "Best so far: step %d, %s = %.6g",
+        evaluations.best["step"],
+        config.best_metric,
+        evaluations.best[config.best_metric],
+    )
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False
+  )
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config).items()})
   return evaluations, writer
 
 
-def _train(config, workdir, mesh, batches, total_steps, val_split,
-           evaluator, t_begin, time_limit_seconds):
+def _train(
+    config,
+    workdir,
+    mesh,
+    batches,
+    total_steps,
+    val_split,
+    evaluator,
+    t_begin,
+    time_limit_seconds,
+):
   """The training loop of `train_and_evaluate`, once every check passed and
   the run's lock is held."""
   program = step_programs.get(config, mesh, total_steps)
@@ -351,10 +436,16 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
   state = sharding.put_replicated(state, mesh)
   base_key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   batch_sharding = sharding.data_sharding(mesh)
-  logging.info("Training %s for %d steps (%d per epoch), from step %d, on %d "
-               "device(s); %d parameters", config.model.conditioning,
-               total_steps, batches.steps_per_epoch, start, mesh.size,
-               models.count_parameters(state.params))
+  logging.info(
+      "Training %s for %d steps (%d per epoch), from step %d, on %d "
+      "device(s); %d parameters",
+      config.model.conditioning,
+      total_steps,
+      batches.steps_per_epoch,
+      start,
+      mesh.size,
+      models.count_parameters(state.params),
+  )
   finite = _FiniteChecks(mngr, workdir)
   throughput = _ThroughputLog(writer, total_steps, start)
   t_start = time.time()
@@ -363,8 +454,9 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
   # A signal that came before the loop (while restoring or loading): stop
   # before running a step, the restored checkpoint (if any) being the one
   # to resume from.
-  stopped = stops.now(stopping.SIGTERM if run_dir.sigterm_received()
-                      else stopping.GO_ON)
+  stopped = stops.now(
+      stopping.SIGTERM if run_dir.sigterm_received() else stopping.GO_ON
+  )
   if stopped == stopping.SIGTERM:
     writer.flush()
     evaluations.close()
@@ -375,8 +467,11 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
   for step in range(start, total_steps):
     x, c = batches.batch(step)
     state, metrics = program.step_fn(
-        state, sharding.put_global_batch(x, batch_sharding),
-        sharding.put_global_batch(c, batch_sharding), base_key)
+        state,
+        sharding.put_global_batch(x, batch_sharding),
+        sharding.put_global_batch(c, batch_sharding),
+        base_key,
+    )
     # Check the previous step while this one runs (no pipeline stall).
     finite.check()
     finite.add(step + 1, metrics)
@@ -388,63 +483,90 @@ def _train(config, workdir, mesh, batches, total_steps, val_split,
       throughput.log(done, metrics)
 
     if done % config.sample_every_steps == 0 or done == total_steps:
-      grid = sampling.write_sample_grid(config, model,
-                                        train_step_lib.eval_variables(state))
+      grid = sampling.write_sample_grid(
+          config, model, train_step_lib.eval_variables(state)
+      )
       writer.write_images(done, {"samples": grid[None, :, :, None]})
 
     at_evaluation = (
-        (val_split is not None or evaluator is not None) and
-        validation.is_evaluation_point(done, total_steps,
-                                       batches.steps_per_epoch, config))
+        val_split is not None or evaluator is not None
+    ) and validation.is_evaluation_point(
+        done, total_steps, batches.steps_per_epoch, config
+    )
     if at_evaluation:
       finite.check()
-      _evaluate_point(config, model, state, done, batches.steps_per_epoch,
-                      val_split, evaluator, evaluations, writer)
+      _evaluate_point(
+          config,
+          model,
+          state,
+          done,
+          batches.steps_per_epoch,
+          val_split,
+          evaluator,
+          evaluations,
+          writer,
+      )
     # Every process takes part in the agreement at every step, the last
     # included, so that they dispatch the same collectives.
     stopped = stops.after_step(stopping.wish(t_begin, time_limit_seconds))
     if done == total_steps:
       stopped = stopping.GO_ON  # the run is finished: nothing to stop
-    if (done % config.checkpoint_every_steps == 0 or done == total_steps or
-        at_evaluation or stopped):
+    if (
+        done % config.checkpoint_every_steps == 0
+        or done == total_steps
+        or at_evaluation
+        or stopped
+    ):
       finite.check()
       _check_samples_finite(config, model, state, done, mngr, workdir)
       checkpoints.save(mngr, state)
       evaluations.commit()
     if stopped == stopping.OUT_OF_TIME:
-      logging.info("Time limit of %.0f s reached: stopped after step %d of "
-                   "%d; the same command resumes from here",
-                   time_limit_seconds, done, total_steps)
+      logging.info(
+          "Time limit of %.0f s reached: stopped after step %d of "
+          "%d; the same command resumes from here",
+          time_limit_seconds,
+          done,
+          total_steps,
+      )
     if stopped:
       break
 
   finite.check()
   writer.flush()
   evaluations.close()
-  _end(config, workdir, model, state, mngr, stopped, done, total_steps,
-       t_start)
+  _end(config, workdir, model, state, mngr, stopped, done, total_steps, t_start)
   return state
 
 
-def _end(config, workdir, model, state, mngr, stopped, done, total_steps,
-         t_start):
+def _end(
+    config, workdir, model, state, mngr, stopped, done, total_steps, t_start
+):
   """After the loop: SIGTERM raises `stopping.StoppedBySignal`; a finished
   run writes its final sample grid (samples.png)."""
   if stopped == stopping.SIGTERM:
     mngr.close()
-    logging.info("SIGTERM: stopped after step %d of %d, its checkpoint "
-                 "saved", done, total_steps)
+    logging.info(
+        "SIGTERM: stopped after step %d of %d, its checkpoint " "saved",
+        done,
+        total_steps,
+    )
     raise stopping.StoppedBySignal(done)
   if stopped:
     mngr.close()
     return
   path = os.path.join(workdir, "samples.png")
   if jax.process_index() == 0:
-    sampling.write_sample_grid(config, model,
-                               train_step_lib.eval_variables(state), path)
+    sampling.write_sample_grid(
+        config, model, train_step_lib.eval_variables(state), path
+    )
   mngr.close()
-  logging.info("Done: %d steps in %s; samples in %s", total_steps,
-               _format_eta(time.time() - t_start), path)
+  logging.info(
+      "Done: %d steps in %s; samples in %s",
+      total_steps,
+      _format_eta(time.time() - t_start),
+      path,
+  )
 
 
 def _flat(config, prefix="") -> Dict[str, Any]:
@@ -453,6 +575,7 @@ def _flat(config, prefix="") -> Dict[str, Any]:
     if isinstance(value, ml_collections.ConfigDict):
       out.update(_flat(value, f"{prefix}{key}."))
     else:
-      out[f"{prefix}{key}"] = str(value) if isinstance(value, (tuple, list)) \
-          else value
+      out[f"{prefix}{key}"] = (
+          str(value) if isinstance(value, (tuple, list)) else value
+      )
   return out

@@ -33,8 +33,10 @@ class TrainState(train_state.TrainState):
   ema_params: Any = None
 
 
-def total_train_steps(config: ml_collections.ConfigDict,
-                      num_examples: int = data.SPLIT_SIZES["train"]) -> int:
+def total_train_steps(
+    config: ml_collections.ConfigDict,
+    num_examples: int = data.SPLIT_SIZES["train"],
+) -> int:
   """`num_train_steps` when > 0, else `num_epochs` epochs of full batches."""
   if config.num_train_steps > 0:
     return int(config.num_train_steps)
@@ -52,8 +54,9 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps=None):
   return optax.cosine_decay_schedule(o.learning_rate, max(int(total_steps), 1))
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps=None) -> optax.GradientTransformation:
+def make_optimizer(
+    config: ml_collections.ConfigDict, total_steps=None
+) -> optax.GradientTransformation:
   """The optimiser `config.optimizer.name` names, as PyTorch defines it.
 
   'adamw': AdamW, the weight decay decoupled from the moments (the CIGN
@@ -65,18 +68,32 @@ def make_optimizer(config: ml_collections.ConfigDict,
   lr = learning_rate(config, total_steps)
   name = o.get("name", "adamw")
   if name == "adamw":
-    return optax.adamw(learning_rate=lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                       weight_decay=o.weight_decay)
+    return optax.adamw(
+        learning_rate=lr,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+    )
   if name == "adam":
-    return optax.chain(optax.add_decayed_weights(o.weight_decay),
-                       optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
-                       optax.scale_by_learning_rate(lr))
-  raise ValueError(f"config.optimizer.name: unknown optimizer {name!r}; "
-                   "expected 'adamw' or 'adam'")
+    return optax.chain(
+        optax.add_decayed_weights(o.weight_decay),
+        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.scale_by_learning_rate(lr),
+    )
+  raise ValueError(
+      f"config.optimizer.name: unknown optimizer {name!r}; "
+      "expected 'adamw' or 'adam'"
+  )
 
 
-def create_train_state(config: ml_collections.ConfigDict, key=None,
-                       model=None, total_steps=None, tx=None) -> TrainState:
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    key=None,
+    model=None,
+    total_steps=None,
+    tx=None,
+) -> TrainState:
   """Initialises parameters (PyTorch's init distributions) and AdamW state.
 
   `model` and `tx` default to the config's network and optimiser; a caller
@@ -91,11 +108,13 @@ def create_train_state(config: ml_collections.ConfigDict, key=None,
   ema = None
   if config.ema_decay > 0:
     ema = jax.tree_util.tree_map(jnp.copy, variables["params"])
-  state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                            batch_stats=variables["batch_stats"],
-                            tx=(make_optimizer(config, total_steps)
-                                if tx is None else tx),
-                            ema_params=ema)
+  state = TrainState.create(
+      apply_fn=model.apply,
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      tx=(make_optimizer(config, total_steps) if tx is None else tx),
+      ema_params=ema,
+  )
   # The step as a strong int32 array, as a restored checkpoint has it (flax
   # starts from the Python int 0, a weakly typed int32 in the step's
   # signature): a resumed run then runs the program a fresh run compiled,
@@ -115,7 +134,8 @@ def ema_decay_at(step, ema_decay: float):
 def update_ema(ema_params, params, decay):
   """ema <- decay * ema + (1 - decay) * params."""
   return jax.tree_util.tree_map(
-      lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+      lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params
+  )
 
 
 def all_finite(tree) -> jax.Array:
@@ -130,10 +150,15 @@ def step_key(base_key, step):
   return jax.random.fold_in(base_key, step)
 
 
-def train_step(state: TrainState, images, labels, base_key,
-               loss_cfg: losses.LossConfig, train_noise_std: float,
-               ema_decay: float = 0.0
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    images,
+    labels,
+    base_key,
+    loss_cfg: losses.LossConfig,
+    train_noise_std: float,
+    ema_decay: float = 0.0,
+) -> Tuple[TrainState, Dict[str, jax.Array]]:
   """One AdamW step on a batch of real images in [-1, 1] with labels.
 
   Returns the new state and metrics: the five weighted loss terms, `loss`
@@ -147,23 +172,30 @@ def train_step(state: TrainState, images, labels, base_key,
 
   def loss_fn(params):
     return losses.idempotent_loss(
-        state.apply_fn, params, state.batch_stats, x, labels, k_loss,
-        loss_cfg)
+        state.apply_fn, params, state.batch_stats, x, labels, k_loss, loss_cfg
+    )
 
-  (loss, (terms, new_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  (loss, (terms, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+  )
   new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
   if ema_decay > 0:
-    new_state = new_state.replace(ema_params=update_ema(
-        state.ema_params, new_state.params,
-        ema_decay_at(state.step, ema_decay)))
+    new_state = new_state.replace(
+        ema_params=update_ema(
+            state.ema_params,
+            new_state.params,
+            ema_decay_at(state.step, ema_decay),
+        )
+    )
   # A step is good only when everything it produces is finite: the loss,
   # the gradients, and the new parameters, BatchNorm statistics and average
   # (a huge learning rate can overflow these with finite gradients).
   finite = jnp.isfinite(loss) & all_finite(
-      (grads, new_state.params, new_state.batch_stats, new_state.ema_params))
+      (grads, new_state.params, new_state.batch_stats, new_state.ema_params)
+  )
   new_state = jax.tree_util.tree_map(
-      lambda new, old: jnp.where(finite, new, old), new_state, state)
+      lambda new, old: jnp.where(finite, new, old), new_state, state
+  )
   metrics = dict(terms)
   metrics["loss"] = loss
   metrics["finite"] = finite.astype(jnp.float32)
@@ -173,9 +205,11 @@ def train_step(state: TrainState, images, labels, base_key,
 def make_train_step(config: ml_collections.ConfigDict):
   """The train step with the config's constants bound (not yet jitted)."""
   return functools.partial(
-      train_step, loss_cfg=losses.LossConfig.from_config(config),
+      train_step,
+      loss_cfg=losses.LossConfig.from_config(config),
       train_noise_std=float(config.data.train_noise_std),
-      ema_decay=float(config.ema_decay))
+      ema_decay=float(config.ema_decay),
+  )
 
 
 def eval_variables(state: TrainState) -> Dict[str, Any]:

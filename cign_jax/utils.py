@@ -51,8 +51,11 @@ def enable_compilation_cache(path: str = "") -> str:
   """Turns on JAX's persistent compilation cache, so that a restarted or
   resumed run does not compile its train step again (minutes on a small
   CPU). $JAX_COMPILATION_CACHE_DIR, when set, wins."""
-  path = (os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or
-          cache_dir("jax_compilation_cache"))
+  path = (
+      os.environ.get("JAX_COMPILATION_CACHE_DIR")
+      or path
+      or cache_dir("jax_compilation_cache")
+  )
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path

@@ -77,16 +77,23 @@ def is_better(metric: str, value: float, best: Optional[float]) -> bool:
   return value < best if lower_is_better(metric) else value > best
 
 
-def is_evaluation_point(done: int, total_steps: int, steps_per_epoch: int,
-                        config: ml_collections.ConfigDict) -> bool:
+def is_evaluation_point(
+    done: int,
+    total_steps: int,
+    steps_per_epoch: int,
+    config: ml_collections.ConfigDict,
+) -> bool:
   """Whether the loop evaluates after `done` steps."""
   if done == total_steps:
     return True
   if config.eval_every_steps > 0 and done % config.eval_every_steps == 0:
     return True
   every = int(config.eval_every_epochs)
-  return (every > 0 and done % steps_per_epoch == 0 and
-          (done // steps_per_epoch) % every == 0)
+  return (
+      every > 0
+      and done % steps_per_epoch == 0
+      and (done // steps_per_epoch) % every == 0
+  )
 
 
 def validation_key(seed: int, epoch: int):
@@ -102,8 +109,10 @@ def _eval_mode(apply_fn):
 
   def apply(variables, x, labels, train=True, rngs=None, mutable=()):
     del train, rngs, mutable
-    return (apply_fn(variables, x, labels, train=False),
-            {"batch_stats": variables["batch_stats"]})
+    return (
+        apply_fn(variables, x, labels, train=False),
+        {"batch_stats": variables["batch_stats"]},
+    )
 
   return apply
 
@@ -111,14 +120,25 @@ def _eval_mode(apply_fn):
 @functools.partial(jax.jit, static_argnames=("model", "loss_cfg"))
 def _batch_loss(model, loss_cfg, variables, images, labels, key):
   total, (terms, _) = losses.idempotent_loss(
-      _eval_mode(model.apply), variables["params"], variables["batch_stats"],
-      images, labels, key, loss_cfg)
+      _eval_mode(model.apply),
+      variables["params"],
+      variables["batch_stats"],
+      images,
+      labels,
+      key,
+      loss_cfg,
+  )
   return dict(terms, loss=total)
 
 
-def validation_loss(model, variables: Dict[str, Any], images_u8, labels,
-                    config: ml_collections.ConfigDict, epoch: int
-                    ) -> Dict[str, float]:
+def validation_loss(
+    model,
+    variables: Dict[str, Any],
+    images_u8,
+    labels,
+    config: ml_collections.ConfigDict,
+    epoch: int,
+) -> Dict[str, float]:
   """The five weighted loss terms and their total on a split, in eval mode.
 
   Args:
@@ -143,11 +163,18 @@ def validation_loss(model, variables: Dict[str, Any], images_u8, labels,
   bs = int(config.batch_size)
   sums: Dict[str, float] = {}
   for i, start in enumerate(range(0, n, bs)):
-    x = reader.to_model_range(images_u8[start:start + bs])
-    c = labels[start:start + bs]
-    out = jax.device_get(_batch_loss(model, loss_cfg, variables,
-                                     jnp.asarray(x), jnp.asarray(c),
-                                     jax.random.fold_in(key, i)))
+    x = reader.to_model_range(images_u8[start : start + bs])
+    c = labels[start : start + bs]
+    out = jax.device_get(
+        _batch_loss(
+            model,
+            loss_cfg,
+            variables,
+            jnp.asarray(x),
+            jnp.asarray(c),
+            jax.random.fold_in(key, i),
+        )
+    )
     for name, value in out.items():
       sums[name] = sums.get(name, 0.0) + float(value) * len(c)
   return {f"val_{name}": value / n for name, value in sums.items()}
@@ -160,8 +187,8 @@ def validation_split(config: ml_collections.ConfigDict, test):
     return None
   images, labels = test
   if config.eval_num_examples > 0:
-    images = images[:config.eval_num_examples]
-    labels = labels[:config.eval_num_examples]
+    images = images[: config.eval_num_examples]
+    labels = labels[: config.eval_num_examples]
   return np.asarray(images), np.asarray(labels)
 
 
@@ -187,7 +214,8 @@ class BestCheckpoint:
         raise ValueError(
             f"{path} ranks checkpoints by {saved.get('best_metric')!r}, the "
             f"config by {metric!r}; use a new --workdir or the same "
-            "config.best_metric")
+            "config.best_metric"
+        )
       self.history = list(saved.get("history", []))
     if metric:
       self._mngr = checkpoints.best_manager(workdir)
@@ -197,9 +225,13 @@ class BestCheckpoint:
     best/ back to the best record up to it."""
     dropped = [r["step"] for r in self.history if r["step"] > step]
     if dropped:
-      logging.info("Evaluations after step %d (%s) are dropped: the run "
-                   "resumes from step %d and will redo them", step, dropped,
-                   step)
+      logging.info(
+          "Evaluations after step %d (%s) are dropped: the run "
+          "resumes from step %d and will redo them",
+          step,
+          dropped,
+          step,
+      )
     self.history = [r for r in self.history if r["step"] <= step]
     self.best = self._best_record()
     if self._mngr is None:
@@ -210,9 +242,13 @@ class BestCheckpoint:
       if s != keep:
         self._mngr.delete(s)
     if keep is not None and keep not in stored:
-      logging.warning("The best checkpoint (step %d by %s) is missing from "
-                      "%s; it is kept again from the next better evaluation",
-                      keep, self.metric, checkpoints.best_dir(self.workdir))
+      logging.warning(
+          "The best checkpoint (step %d by %s) is missing from "
+          "%s; it is kept again from the next better evaluation",
+          keep,
+          self.metric,
+          checkpoints.best_dir(self.workdir),
+      )
       self.best = None
     self._write()
 
@@ -220,14 +256,15 @@ class BestCheckpoint:
     best = None
     for record in self.history:
       value = record.get(self.metric)
-      if self.metric and is_better(self.metric, value,
-                                   None if best is None else
-                                   best[self.metric]):
+      if self.metric and is_better(
+          self.metric, value, None if best is None else best[self.metric]
+      ):
         best = record
     return best
 
-  def record(self, state: train_step_lib.TrainState, metrics: Dict[str, Any]
-             ) -> bool:
+  def record(
+      self, state: train_step_lib.TrainState, metrics: Dict[str, Any]
+  ) -> bool:
     """Records an evaluation of `state`; saves it to best/ when better.
     Returns whether it became the best. Call `commit()` after the latest
     checkpoint of the same step is saved."""
@@ -235,8 +272,10 @@ class BestCheckpoint:
     record = {"step": step, **{k: v for k, v in metrics.items()}}
     improved = False
     if self._mngr is not None and is_better(
-        self.metric, record.get(self.metric),
-        None if self.best is None else self.best[self.metric]):
+        self.metric,
+        record.get(self.metric),
+        None if self.best is None else self.best[self.metric],
+    ):
       if step in self._mngr.all_steps():
         self._mngr.delete(step)
       checkpoints.save(self._mngr, state)
@@ -257,10 +296,12 @@ class BestCheckpoint:
   def _write(self):
     if jax.process_index() != 0:
       return
-    payload = {"best_metric": self.metric,
-               "lower_is_better": bool(self.metric and
-                                       lower_is_better(self.metric)),
-               "best": self.best, "history": self.history}
+    payload = {
+        "best_metric": self.metric,
+        "lower_is_better": bool(self.metric and lower_is_better(self.metric)),
+        "best": self.best,
+        "history": self.history,
+    }
     _write_json(os.path.join(self.workdir, EVALUATIONS_FILE), payload)
     if self.metric:
       best_path = os.path.join(self.workdir, checkpoints.BEST_FILE)
@@ -268,9 +309,14 @@ class BestCheckpoint:
         if os.path.exists(best_path):
           os.remove(best_path)
       else:
-        _write_json(best_path, {"step": self.best["step"],
-                                "metric": self.metric,
-                                "value": self.best[self.metric]})
+        _write_json(
+            best_path,
+            {
+                "step": self.best["step"],
+                "metric": self.metric,
+                "value": self.best[self.metric],
+            },
+        )
 
   def close(self):
     if self._mngr is not None:

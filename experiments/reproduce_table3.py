@@ -57,25 +57,37 @@ from cign_jax.evaluation import classifier as classifier_lib
 from cign_jax.evaluation import evaluate
 from cign_jax.evaluation import in_loop
 from cign_jax.evaluation import registry
+
 # pylint: enable=g-import-not-at-top
 
 PAPER_RUNS = ("channel_small", "channel_large", "filter_small", "filter_large")
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))), "cign_jax", "configs")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "cign_jax",
+    "configs",
+)
 # The CIGN paper's Table 3 (mean, min, max over the ten classes).
 PAPER = {
-    "filter_large": {64: (0.8278, 0.0837, 3.25),
-                     192: (3.3095, 0.4912, 12.5165),
-                     768: (0.4423, 0.2485, 0.8765)},
-    "filter_small": {64: (0.3601, 0.0959, 0.7516),
-                     192: (1.792, 0.5992, 5.1655),
-                     768: (0.3384, 0.1869, 0.4641)},
-    "channel_large": {64: (0.1149, 0.0455, 0.272),
-                      192: (0.6598, 0.3735, 1.1886),
-                      768: (0.2852, 0.1576, 0.5184)},
-    "channel_small": {64: (0.6586, 0.1126, 2.1216),
-                      192: (2.7955, 0.5908, 8.2649),
-                      768: (0.4619, 0.3557, 0.7127)},
+    "filter_large": {
+        64: (0.8278, 0.0837, 3.25),
+        192: (3.3095, 0.4912, 12.5165),
+        768: (0.4423, 0.2485, 0.8765),
+    },
+    "filter_small": {
+        64: (0.3601, 0.0959, 0.7516),
+        192: (1.792, 0.5992, 5.1655),
+        768: (0.3384, 0.1869, 0.4641),
+    },
+    "channel_large": {
+        64: (0.1149, 0.0455, 0.272),
+        192: (0.6598, 0.3735, 1.1886),
+        768: (0.2852, 0.1576, 0.5184),
+    },
+    "channel_small": {
+        64: (0.6586, 0.1126, 2.1216),
+        192: (2.7955, 0.5908, 8.2649),
+        768: (0.4619, 0.3557, 0.7127),
+    },
 }
 PAPER_EPOCHS = 50
 FEATURE_SIZES = (64, 192, 768)
@@ -85,18 +97,35 @@ QUICK_SAMPLES_PER_CLASS = 64
 NOISE_SEED = 0
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("root", "runs/table3", "Directory of the runs and of "
-                    "table3.md.")
-flags.DEFINE_list("configs", list(PAPER_RUNS), "Config names (in "
-                  "cign_jax/configs) or paths.")
-flags.DEFINE_float("max_minutes", 0.0, "Stop training (all runs together) "
-                   "after this many minutes; 0: no limit.")
-flags.DEFINE_integer("num_epochs", 0, "Epochs per run (0: the config's, the "
-                     "paper's 50).")
-flags.DEFINE_string("data_npz", None, "Dataset .npz (train_images, "
-                    "train_labels, test_images, test_labels; uint8).")
-flags.DEFINE_bool("quick", False, "CPU smoke test: tiny networks, a few "
-                  "steps, FID64 on few samples (numbers not comparable).")
+flags.DEFINE_string(
+    "root", "runs/table3", "Directory of the runs and of " "table3.md."
+)
+flags.DEFINE_list(
+    "configs",
+    list(PAPER_RUNS),
+    "Config names (in " "cign_jax/configs) or paths.",
+)
+flags.DEFINE_float(
+    "max_minutes",
+    0.0,
+    "Stop training (all runs together) "
+    "after this many minutes; 0: no limit.",
+)
+flags.DEFINE_integer(
+    "num_epochs", 0, "Epochs per run (0: the config's, the " "paper's 50)."
+)
+flags.DEFINE_string(
+    "data_npz",
+    None,
+    "Dataset .npz (train_images, "
+    "train_labels, test_images, test_labels; uint8).",
+)
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "CPU smoke test: tiny networks, a few "
+    "steps, FID64 on few samples (numbers not comparable).",
+)
 
 
 def load_npz(path):
@@ -107,26 +136,33 @@ def load_npz(path):
   with np.load(path) as f:
     missing = [k for k in keys if k not in f]
     if missing:
-      raise ValueError(f"{path} lacks {missing} (has {f.files}); expected "
-                       f"uint8 arrays {keys}")
+      raise ValueError(
+          f"{path} lacks {missing} (has {f.files}); expected "
+          f"uint8 arrays {keys}"
+      )
     out = {}
     for split in ("train", "test"):
       images = np.asarray(f[f"{split}_images"])
       if images.dtype != np.uint8:
-        raise ValueError(f"{path}: {split}_images must be uint8, got "
-                         f"{images.dtype}")
-      out[split] = (images.reshape(-1, 28, 28, 1),
-                    np.asarray(f[f"{split}_labels"]).astype(np.int32))
+        raise ValueError(
+            f"{path}: {split}_images must be uint8, got " f"{images.dtype}"
+        )
+      out[split] = (
+          images.reshape(-1, 28, 28, 1),
+          np.asarray(f[f"{split}_labels"]).astype(np.int32),
+      )
   return out
 
 
 def run_config(name: str, quick: bool, num_epochs: int):
-  path = name if name.endswith(".py") else os.path.join(CONFIG_DIR,
-                                                        f"{name}.py")
+  path = (
+      name if name.endswith(".py") else os.path.join(CONFIG_DIR, f"{name}.py")
+  )
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"config {name!r} not found (looked for {path}); paper runs: "
-        f"{', '.join(PAPER_RUNS)}")
+        f"{', '.join(PAPER_RUNS)}"
+    )
   config = config_lib.load_config_file(path)
   if num_epochs:
     config.num_epochs = num_epochs
@@ -147,7 +183,8 @@ def run_config(name: str, quick: bool, num_epochs: int):
     config.checkpoint_every_steps = 2
     config.sample_every_steps = 1000
   return os.path.splitext(os.path.basename(path))[0], config_lib.validate(
-      config)
+      config
+  )
 
 
 def train_run(config, workdir, data, seconds_left):
@@ -158,8 +195,9 @@ def train_run(config, workdir, data, seconds_left):
   if done < total:
     if seconds_left is not None and seconds_left <= 0:
       return False, done, total
-    state = in_loop.train_and_evaluate(config, workdir, data,
-                                       time_limit_seconds=seconds_left)
+    state = in_loop.train_and_evaluate(
+        config, workdir, data, time_limit_seconds=seconds_left
+    )
     done = int(jax.device_get(state.step))
   return done >= total, done, total
 
@@ -182,9 +220,13 @@ def evaluate_run(workdir, data, quick, clf):
   sizes = QUICK_FEATURE_SIZES if quick else FEATURE_SIZES
   per_class = QUICK_SAMPLES_PER_CLASS if quick else SAMPLES_PER_CLASS
   names = metric_names(sizes)
-  protocol = {"step": chosen.step, "feature_sizes": list(sizes),
-              "samples_per_class": per_class, "noise_seed": NOISE_SEED,
-              "metrics": names}
+  protocol = {
+      "step": chosen.step,
+      "feature_sizes": list(sizes),
+      "samples_per_class": per_class,
+      "noise_seed": NOISE_SEED,
+      "metrics": names,
+  }
   cache = os.path.join(workdir, "table3_eval.json")
   if os.path.isfile(cache):
     with open(cache) as f:
@@ -192,23 +234,36 @@ def evaluate_run(workdir, data, quick, clf):
     if cached.get("protocol") == protocol:
       return cached
   images, labels, _, _ = evaluate.generate_for_eval(
-      workdir, per_class, applications=1, seed=NOISE_SEED,
-      checkpoint=chosen.step)
+      workdir,
+      per_class,
+      applications=1,
+      seed=NOISE_SEED,
+      checkpoint=chosen.step,
+  )
   real = None if data is None else data["test"]
-  report = evaluate.evaluate_samples(images, labels, metrics=names,
-                                     progress=False, real=real, clf=clf,
-                                     dataset=checkpoints.load_config(
-                                         workdir).data.dataset)
+  report = evaluate.evaluate_samples(
+      images,
+      labels,
+      metrics=names,
+      progress=False,
+      real=real,
+      clf=clf,
+      dataset=checkpoints.load_config(workdir).data.dataset,
+  )
   grid = os.path.join(workdir, "table3_samples.npz")
-  sample_command.sample_to_file(workdir, grid, num_per_label=10,
-                                seed=NOISE_SEED, checkpoint=chosen.step)
-  result = {"protocol": protocol, "checkpoint": chosen.reason,
-            "fid": report["fid"], "fid_counts": report["fid_counts"],
-            "label_accuracy": report["label_accuracy"]["accuracy"],
-            "label_accuracy_per_label":
-                report["label_accuracy"]["per_label"],
-            "metrics": report["metrics"],
-            "grid": grid[:-4] + ".png"}
+  sample_command.sample_to_file(
+      workdir, grid, num_per_label=10, seed=NOISE_SEED, checkpoint=chosen.step
+  )
+  result = {
+      "protocol": protocol,
+      "checkpoint": chosen.reason,
+      "fid": report["fid"],
+      "fid_counts": report["fid_counts"],
+      "label_accuracy": report["label_accuracy"]["accuracy"],
+      "label_accuracy_per_label": report["label_accuracy"]["per_label"],
+      "metrics": report["metrics"],
+      "grid": grid[:-4] + ".png",
+  }
   with open(cache, "w") as f:
     json.dump(result, f, indent=2)
   return result
@@ -217,13 +272,13 @@ def evaluate_run(workdir, data, quick, clf):
 def metric_names(sizes):
   """The registry names scored: FID at `sizes`, label accuracy, and the
   diversity metrics."""
-  return ([f"fid{s}" for s in sizes] + ["label_accuracy"] +
-          list(registry.DIVERSITY))
+  return (
+      [f"fid{s}" for s in sizes] + ["label_accuracy"] + list(registry.DIVERSITY)
+  )
 
 
 def _number(value):
-  return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else \
-      f"{value:.1e}"
+  return f"{value:.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:.1e}"
 
 
 def _triple(values):
@@ -233,46 +288,91 @@ def _triple(values):
 def write_table(path, rows, quick, sizes):
   lines = ["# CIGN Table 3, reproduced", ""]
   if quick:
-    lines += ["**Quick smoke test (--quick)**: tiny networks trained for a "
-              "few steps, FID at 64 features on "
-              f"{QUICK_SAMPLES_PER_CLASS} samples per class; the pipeline is "
-              "the paper's protocol but the numbers are not comparable with "
-              "the paper's.", ""]
+    lines += [
+        "**Quick smoke test (--quick)**: tiny networks trained for a "
+        "few steps, FID at 64 features on "
+        f"{QUICK_SAMPLES_PER_CLASS} samples per class; the pipeline is "
+        "the paper's protocol but the numbers are not comparable with "
+        "the paper's.",
+        "",
+    ]
   else:
-    lines += ["Protocol: the best checkpoint of each run (lowest validation "
-              "loss, as the original), 1000 samples per label (noise seed "
-              "0) against the first 1000 test images of that label; "
-              "per-class FID mean / min / max over the ten classes; label "
-              "accuracy of the same samples with cign_jax's classifier.", ""]
-  header = ["run", "source", "epochs", "checkpoint"] + \
-      [f"FID{s} mean / min / max" for s in sizes] + ["label accuracy (min)"]
-  lines += ["| " + " | ".join(header) + " |",
-            "|" + "---|" * len(header)]
+    lines += [
+        "Protocol: the best checkpoint of each run (lowest validation "
+        "loss, as the original), 1000 samples per label (noise seed "
+        "0) against the first 1000 test images of that label; "
+        "per-class FID mean / min / max over the ten classes; label "
+        "accuracy of the same samples with cign_jax's classifier.",
+        "",
+    ]
+  header = (
+      ["run", "source", "epochs", "checkpoint"]
+      + [f"FID{s} mean / min / max" for s in sizes]
+      + ["label accuracy (min)"]
+  )
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     name = row["name"]
     if name in PAPER and not quick:
-      lines.append("| " + " | ".join(
-          [name, "paper", str(PAPER_EPOCHS), "best by val loss"] +
-          [_triple(PAPER[name][s]) for s in sizes] + ["-"]) + " |")
+      lines.append(
+          "| "
+          + " | ".join(
+              [name, "paper", str(PAPER_EPOCHS), "best by val loss"]
+              + [_triple(PAPER[name][s]) for s in sizes]
+              + ["-"]
+          )
+          + " |"
+      )
     result = row.get("result")
     if result is None:
-      lines.append("| " + " | ".join(
-          [name, "cign_jax", f"{row['epochs']:.2f} of {row['target_epochs']}",
-           row["status"]] + ["-"] * (len(sizes) + 1)) + " |")
+      lines.append(
+          "| "
+          + " | ".join(
+              [
+                  name,
+                  "cign_jax",
+                  f"{row['epochs']:.2f} of {row['target_epochs']}",
+                  row["status"],
+              ]
+              + ["-"] * (len(sizes) + 1)
+          )
+          + " |"
+      )
       continue
     fid = result["fid"]
     acc = result["label_accuracy"]
-    weakest = min(a for a in result["label_accuracy_per_label"]
-                  if a is not None)
-    lines.append("| " + " | ".join(
-        [name, "cign_jax", f"{row['epochs']:.2f}",
-         f"step {result['protocol']['step']} ({result['checkpoint']})"] +
-        [_triple((fid[str(s)]["mean"], fid[str(s)]["min"],
-                  fid[str(s)]["max"])) for s in sizes] +
-        [f"{acc:.4f} ({weakest:.2f})"]) + " |")
+    weakest = min(
+        a for a in result["label_accuracy_per_label"] if a is not None
+    )
+    lines.append(
+        "| "
+        + " | ".join(
+            [
+                name,
+                "cign_jax",
+                f"{row['epochs']:.2f}",
+                f"step {result['protocol']['step']} ({result['checkpoint']})",
+            ]
+            + [
+                _triple(
+                    (
+                        fid[str(s)]["mean"],
+                        fid[str(s)]["min"],
+                        fid[str(s)]["max"],
+                    )
+                )
+                for s in sizes
+            ]
+            + [f"{acc:.4f} ({weakest:.2f})"]
+        )
+        + " |"
+    )
   lines += _diversity_table(rows)
-  lines += ["", "## Samples (best checkpoint, one row per label, noise seed 0)",
-            ""]
+  lines += [
+      "",
+      "## Samples (best checkpoint, one row per label, noise seed 0)",
+      "",
+  ]
   for row in rows:
     if row.get("result"):
       rel = os.path.relpath(row["result"]["grid"], os.path.dirname(path))
@@ -288,25 +388,30 @@ def _diversity_table(rows):
   if not scored:
     return []
   names = list(registry.DIVERSITY)
-  lines = ["", "## Diversity of the same samples", "",
-           "On the FID Inception's 2048-d features, each class's samples "
-           "against as many of its test images; mean / min / max over the "
-           "classes. Precision, recall, density and coverage: about 1 for "
-           "samples like the data (density can pass 1); recall and "
-           "coverage near 0, spread well below 1 and near-duplicates near "
-           "1 say a class collapsed onto few images. KID: lower is better, "
-           "about 0 for the data itself (docs/design.md has the "
-           "definitions).", ""]
-  header = ["run"] + [f"{registry.title(n)} mean / min / max"
-                      for n in names]
+  lines = [
+      "",
+      "## Diversity of the same samples",
+      "",
+      "On the FID Inception's 2048-d features, each class's samples "
+      "against as many of its test images; mean / min / max over the "
+      "classes. Precision, recall, density and coverage: about 1 for "
+      "samples like the data (density can pass 1); recall and "
+      "coverage near 0, spread well below 1 and near-duplicates near "
+      "1 say a class collapsed onto few images. KID: lower is better, "
+      "about 0 for the data itself (docs/design.md has the "
+      "definitions).",
+      "",
+  ]
+  header = ["run"] + [f"{registry.title(n)} mean / min / max" for n in names]
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in scored:
     metrics = row["result"].get("metrics", {})
     cells = [row["name"]]
     for name in names:
       m = metrics.get(name)
-      cells.append("-" if m is None else
-                   _triple((m["mean"], m["min"], m["max"])))
+      cells.append(
+          "-" if m is None else _triple((m["mean"], m["min"], m["max"]))
+      )
     lines.append("| " + " | ".join(cells) + " |")
   return lines
 
@@ -327,17 +432,24 @@ def main(argv):
     left = None if deadline is None else deadline - time.time()
     finished, step, total = train_run(config, workdir, data, left)
     steps_per_epoch = _num_train(data) // config.batch_size
-    row = {"name": run_name, "epochs": step / steps_per_epoch,
-           "target_epochs": f"{total / steps_per_epoch:g}"}
+    row = {
+        "name": run_name,
+        "epochs": step / steps_per_epoch,
+        "target_epochs": f"{total / steps_per_epoch:g}",
+    }
     if not finished:
-      row["status"] = (f"training stopped at step {step} of {total} (time "
-                       "limit); run the same command again to resume")
+      row["status"] = (
+          f"training stopped at step {step} of {total} (time "
+          "limit); run the same command again to resume"
+      )
       print(f"{run_name}: {row['status']}")
     else:
       if clf is None:
         clf = classifier_lib.load_or_train(
-            config.data.dataset, config.data.data_dir,
-            splits=None if data is None else (data["train"], data["test"]))
+            config.data.dataset,
+            config.data.data_dir,
+            splits=None if data is None else (data["train"], data["test"]),
+        )
       row["result"] = evaluate_run(workdir, data, FLAGS.quick, clf)
       print(f"{run_name}: scored {row['result']['checkpoint']}")
     rows.append(row)

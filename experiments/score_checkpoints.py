@@ -30,26 +30,43 @@ FLAGS = flags.FLAGS
 
 def score(model, variables, clf, num_per_label, seed):
   labels = np.repeat(np.arange(model.num_classes), num_per_label)
-  images = np.asarray(sampling.generate(model, variables, labels,
-                                        jax.random.key(seed)))
-  result = classifier.label_accuracy(clf.predict(images), labels,
-                                     model.num_classes)
-  spread = float(np.mean([images[labels == c].std(axis=0).mean()
-                          for c in range(model.num_classes)]))
+  images = np.asarray(
+      sampling.generate(model, variables, labels, jax.random.key(seed))
+  )
+  result = classifier.label_accuracy(
+      clf.predict(images), labels, model.num_classes
+  )
+  spread = float(
+      np.mean(
+          [
+              images[labels == c].std(axis=0).mean()
+              for c in range(model.num_classes)
+          ]
+      )
+  )
   return result, spread
 
 
 def main(_):
-  steps = sorted(int(d) for d in os.listdir(
-      os.path.join(FLAGS.workdir, checkpoints.CHECKPOINT_DIR)) if d.isdigit())
+  steps = sorted(
+      int(d)
+      for d in os.listdir(
+          os.path.join(FLAGS.workdir, checkpoints.CHECKPOINT_DIR)
+      )
+      if d.isdigit()
+  )
   clf = classifier.load_or_train("mnist")
   for step in steps:
     _, model, variables, _ = checkpoints.load_model(FLAGS.workdir, step)
-    result, spread = score(model, variables, clf, FLAGS.num_per_label,
-                           FLAGS.seed)
+    result, spread = score(
+        model, variables, clf, FLAGS.num_per_label, FLAGS.seed
+    )
     per = " ".join(f"{a:.2f}" for a in result["per_label"])
-    print(f"step={step} accuracy={result['accuracy']:.3f} "
-          f"spread={spread:.3f} per_label=[{per}]", flush=True)
+    print(
+        f"step={step} accuracy={result['accuracy']:.3f} "
+        f"spread={spread:.3f} per_label=[{per}]",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

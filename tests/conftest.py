@@ -16,6 +16,7 @@ if TESTS not in sys.path:
 # Faster CPU compiles, in this process and the subprocesses the tests start
 # (they inherit the environment), before JAX starts its backend.
 import fast_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 fast_compile.apply()
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -56,6 +57,7 @@ def step_programs_put_back(clear: bool):
   after the block as before it (those built in it are dropped); with
   `clear`, none is kept during the block."""
   from cign_jax import step_programs  # pylint: disable=g-import-not-at-top
+
   kept = dict(step_programs._PROGRAMS)  # pylint: disable=protected-access
   if clear:
     step_programs.forget()

@@ -22,8 +22,10 @@ compiled by one process is a persistent-cache hit in the others.
 
 import os
 
-FLAGS = {"--xla_backend_optimization_level": "0",
-         "--xla_cpu_use_fusion_emitters": "false"}
+FLAGS = {
+    "--xla_backend_optimization_level": "0",
+    "--xla_cpu_use_fusion_emitters": "false",
+}
 
 
 def apply(environ=os.environ):
@@ -31,7 +33,9 @@ def apply(environ=os.environ):
   replacing other values of the same flags and keeping the rest."""
   if environ.get("CIGN_JAX_TEST_XLA_OPT", "0") == "1":
     return
-  kept = [f for f in environ.get("XLA_FLAGS", "").split()
-          if f.split("=", 1)[0] not in FLAGS]
-  environ["XLA_FLAGS"] = " ".join(kept + [f"{k}={v}" for k, v in
-                                          FLAGS.items()])
+  kept = [
+      f
+      for f in environ.get("XLA_FLAGS", "").split()
+      if f.split("=", 1)[0] not in FLAGS
+  ]
+  environ["XLA_FLAGS"] = " ".join(kept + [f"{k}={v}" for k, v in FLAGS.items()])

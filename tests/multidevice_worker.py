@@ -42,9 +42,11 @@ def _configure_xla():
 
 
 if __name__ == "__main__":
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__))))
+  sys.path.insert(
+      0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  )
   import fast_compile  # tests/fast_compile.py, beside this script
+
   _configure_xla()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -88,11 +90,11 @@ TERMS = losses.LOSS_TERMS
 # hence 4 / 8.) The tolerances leave >= 4x headroom and stay far below what
 # a sharding error causes: other dropout masks (or noise) change the losses
 # by ~1-6% and the gradients by more than their own size.
-LOSS_RTOL = 1e-5        # relative, per loss term
-OUTPUT_RTOL = 1e-4      # of the largest |value| (a network's output)
-STATS_RTOL = 1e-5       # of the leaf's largest |value| (batch_stats)
-GRAD_RTOL = 1e-3        # of the leaf's largest |value| (AdamW's mu and nu)
-PARAM_ATOL = 1e-5       # absolute: 1% of an AdamW step (~lr = 1e-3)
+LOSS_RTOL = 1e-5  # relative, per loss term
+OUTPUT_RTOL = 1e-4  # of the largest |value| (a network's output)
+STATS_RTOL = 1e-5  # of the leaf's largest |value| (batch_stats)
+GRAD_RTOL = 1e-3  # of the leaf's largest |value| (AdamW's mu and nu)
+PARAM_ATOL = 1e-5  # absolute: 1% of an AdamW step (~lr = 1e-3)
 
 
 def tiny_config(conditioning="channel", **overrides):
@@ -106,8 +108,9 @@ def mesh_of(devices):
   """A 1-axis 'data' mesh over `devices` (as sharding.create_mesh builds)."""
   names = ("data",)
   try:
-    return jax.sharding.Mesh(np.array(devices), names,
-                             axis_types=(jax.sharding.AxisType.Auto,))
+    return jax.sharding.Mesh(
+        np.array(devices), names, axis_types=(jax.sharding.AxisType.Auto,)
+    )
   except (AttributeError, TypeError):
     return jax.sharding.Mesh(np.array(devices), names)
 
@@ -119,7 +122,7 @@ def fixed_batch(batch_size, seed=0):
   images = []
   for _ in range(batch_size):
     cy, cx, r = rng.uniform(0.3, 0.7, 2).tolist() + [rng.uniform(0.15, 0.3)]
-    blob = np.exp(-((yy - cy)**2 + (xx - cx)**2) / (2 * r * r))
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
     images.append(2.0 * blob - 1.0 + 0.05 * rng.standard_normal((28, 28)))
   images = np.clip(np.stack(images)[..., None], -1, 1).astype(np.float32)
   labels = rng.integers(0, 10, batch_size).astype(np.int32)
@@ -157,7 +160,8 @@ def compare(name, got, want, rtol=0.0, atol=0.0, leaf_scale=False):
       i = np.unravel_index(np.argmax(excess), b.shape)
       raise AssertionError(
           f"{name}{key}{list(i)}: {np.asarray(got[key])[i]!r} vs {b[i]!r} "
-          f"(atol {atol}, rtol {rtol}{' of the leaf max' if leaf_scale else ''})")
+          f"(atol {atol}, rtol {rtol}{' of the leaf max' if leaf_scale else ''})"
+      )
 
 
 def compare_states(name, got, want, optimizer):
@@ -181,8 +185,13 @@ def compare_states(name, got, want, optimizer):
   assert int(got["['step']"]) == t
   o = optimizer
   for key in part("['params']"):
-    mu, nu = (np.asarray(want[key.replace("['params']", f"['opt_state'][0].{m}",
-                                          1)], np.float64) for m in ("mu", "nu"))
+    mu, nu = (
+        np.asarray(
+            want[key.replace("['params']", f"['opt_state'][0].{m}", 1)],
+            np.float64,
+        )
+        for m in ("mu", "nu")
+    )
     c1, c2 = 1 - o.b1**t, 1 - o.b2**t
     m_hat, v_hat = np.abs(mu) / c1, nu / c2
     dm_hat = GRAD_RTOL * np.max(np.abs(mu)) / c1
@@ -190,15 +199,17 @@ def compare_states(name, got, want, optimizer):
     root = np.sqrt(v_hat)
     denominator = root + o.eps
     with np.errstate(divide="ignore", invalid="ignore"):
-      sensitivity = (dm_hat + m_hat * dv_hat / (2 * root * denominator)) / \
-          denominator
-    tol = PARAM_ATOL + o.learning_rate * np.nan_to_num(sensitivity,
-                                                       nan=np.inf)
+      sensitivity = (
+          dm_hat + m_hat * dv_hat / (2 * root * denominator)
+      ) / denominator
+    tol = PARAM_ATOL + o.learning_rate * np.nan_to_num(sensitivity, nan=np.inf)
     excess = _excess(got[key], want[key], tol)
     if np.any(excess > 0):
       i = np.unravel_index(np.argmax(excess), excess.shape)
-      raise AssertionError(f"{name}{key}{list(i)}: {got[key][i]!r} vs "
-                           f"{want[key][i]!r} (tolerance {tol[i]:.3g})")
+      raise AssertionError(
+          f"{name}{key}{list(i)}: {got[key][i]!r} vs "
+          f"{want[key][i]!r} (tolerance {tol[i]:.3g})"
+      )
 
 
 def max_rel_diff(got, want):
@@ -216,19 +227,23 @@ class Runner:
   def __init__(self):
     devices = jax.devices()
     if len(devices) != NUM_DEVICES:
-      raise RuntimeError(f"expected {NUM_DEVICES} simulated CPU devices, got "
-                         f"{len(devices)}; was JAX initialised before "
-                         "XLA_FLAGS was set?")
+      raise RuntimeError(
+          f"expected {NUM_DEVICES} simulated CPU devices, got "
+          f"{len(devices)}; was JAX initialised before "
+          "XLA_FLAGS was set?"
+      )
     self.mesh1 = mesh_of(devices[:1])
     self.mesh4 = mesh_of(devices)
     self._steps = {}
 
   def place(self, config, mesh, state_host, batch):
     sharding = sharding_lib.data_sharding(mesh)
-    return (sharding_lib.put_replicated(state_host, mesh),
-            sharding_lib.put_global_batch(batch[0], sharding),
-            sharding_lib.put_global_batch(batch[1], sharding),
-            sharding_lib.put_replicated(jax.random.key(config.seed), mesh))
+    return (
+        sharding_lib.put_replicated(state_host, mesh),
+        sharding_lib.put_global_batch(batch[0], sharding),
+        sharding_lib.put_global_batch(batch[1], sharding),
+        sharding_lib.put_replicated(jax.random.key(config.seed), mesh),
+    )
 
   def _lower(self, config, mesh, state_host, batch):
     args = self.place(config, mesh, state_host, batch)
@@ -253,8 +268,9 @@ class Runner:
     log(f"lowered {len(lowered)} steps")
     workers = max(1, min(len(lowered), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-      for key, exe in zip(lowered, pool.map(lambda l: l.compile(),
-                                            lowered.values())):
+      for key, exe in zip(
+          lowered, pool.map(lambda l: l.compile(), lowered.values())
+      ):
         self._steps[key] = exe
 
   def run(self, config, mesh, state_host, batches):
@@ -282,10 +298,14 @@ def check(fn):
   except Exception as e:  # pylint: disable=broad-except
     RESULTS[fn.__name__] = {
         "ok": False,
-        "detail": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
+        "detail": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}",
+    }
   RESULTS[fn.__name__]["seconds"] = round(time.time() - t0, 1)
-  print(f"{fn.__name__}: {'ok' if RESULTS[fn.__name__]['ok'] else 'FAILED'} "
-        f"({RESULTS[fn.__name__]['seconds']} s)", flush=True)
+  print(
+      f"{fn.__name__}: {'ok' if RESULTS[fn.__name__]['ok'] else 'FAILED'} "
+      f"({RESULTS[fn.__name__]['seconds']} s)",
+      flush=True,
+  )
   with open(os.path.join(OUT_DIR, RESULTS_FILE), "w") as f:
     json.dump(RESULTS, f, indent=1)
   return fn
@@ -305,20 +325,29 @@ def main(out_dir):
     for dtype in ("float32", "bfloat16"):
       config = tiny_config(conditioning, compute_dtype=dtype)
       states[conditioning, dtype] = (
-          config, host(train_step_lib.create_train_state(config)))
+          config,
+          host(train_step_lib.create_train_state(config)),
+      )
   t0 = time.time()
   # The train steps these checks run: channel conditioning's in float32 on
   # 1 and 4 devices and in bfloat16 on 4. (Filter conditioning's sharding
   # is checked on its network's forward and backward pass, a program a
   # fraction of a step's size: compiling steps is most of this script's
   # time.)
-  jobs = [(c, m, st, batches[0]) for (cond, dtype), (c, st) in states.items()
-          if cond == "channel"
-          for m in ((runner.mesh1, runner.mesh4) if dtype == "float32" else
-                    (runner.mesh4,))]
+  jobs = [
+      (c, m, st, batches[0])
+      for (cond, dtype), (c, st) in states.items()
+      if cond == "channel"
+      for m in (
+          (runner.mesh1, runner.mesh4)
+          if dtype == "float32"
+          else (runner.mesh4,)
+      )
+  ]
   try:
-    runner.precompile(jobs, log=lambda m: print(f"{m} after "
-                                                f"{time.time() - t0:.1f} s"))
+    runner.precompile(
+        jobs, log=lambda m: print(f"{m} after " f"{time.time() - t0:.1f} s")
+    )
   except Exception:  # pylint: disable=broad-except
     traceback.print_exc()  # each check compiles (and reports) its own
   print(f"compiled {len(jobs)} steps in {time.time() - t0:.1f} s", flush=True)
@@ -337,17 +366,26 @@ def main(out_dir):
 
     out = {}
     for mesh in (runner.mesh1, runner.mesh4):
-      fn = jax.jit(masks, in_shardings=(sharding_lib.data_sharding(mesh),
-                                        sharding_lib.replicated(mesh)),
-                   out_shardings=sharding_lib.data_sharding(mesh))
-      args = (sharding_lib.put_global_batch(x, sharding_lib.data_sharding(mesh)),
-              sharding_lib.put_replicated(jax.random.key(7), mesh))
+      fn = jax.jit(
+          masks,
+          in_shardings=(
+              sharding_lib.data_sharding(mesh),
+              sharding_lib.replicated(mesh),
+          ),
+          out_shardings=sharding_lib.data_sharding(mesh),
+      )
+      args = (
+          sharding_lib.put_global_batch(x, sharding_lib.data_sharding(mesh)),
+          sharding_lib.put_replicated(jax.random.key(7), mesh),
+      )
       out[mesh.size] = np.asarray(fn(*args))
       if mesh.size > 1:
         hlo = fn.lower(*args).compile().as_text()
     differ = int(np.sum(out[1] != out[NUM_DEVICES]))
-    assert differ == 0, (f"{differ} of {out[1].size} mask entries differ "
-                         "between 1 and 4 devices")
+    assert differ == 0, (
+        f"{differ} of {out[1].size} mask entries differ "
+        "between 1 and 4 devices"
+    )
     kept = float(out[1].mean())
     global_bits = f"u32[{x.shape[0]},{x.shape[1]},{x.shape[2]}" in hlo
     assert not global_bits, "a device computes bits for the global batch"
@@ -364,13 +402,19 @@ def main(out_dir):
     assert int(f1["['step']"]) == int(f4["['step']"]) == 1
     compare_states(f"{conditioning} state", f4, f1, config.optimizer)
     assert m4[0]["finite"] == m1[0]["finite"] == 1.0, "not finite"
-    compare(f"{conditioning} metrics ", {k: m4[0][k] for k in TERMS + ("loss",)},
-            {k: m1[0][k] for k in TERMS + ("loss",)}, LOSS_RTOL)
+    compare(
+        f"{conditioning} metrics ",
+        {k: m4[0][k] for k in TERMS + ("loss",)},
+        {k: m1[0][k] for k in TERMS + ("loss",)},
+        LOSS_RTOL,
+    )
     np.savez(os.path.join(out_dir, f"{conditioning}_1dev.npz"), **f1)
     np.savez(os.path.join(out_dir, f"{conditioning}_4dev.npz"), **f4)
-    return (f"max relative difference: state "
-            f"{max_rel_diff(f4, f1):.2g}, losses "
-            f"{max_rel_diff(m4[-1], m1[-1]):.2g}")
+    return (
+        f"max relative difference: state "
+        f"{max_rel_diff(f4, f1):.2g}, losses "
+        f"{max_rel_diff(m4[-1], m1[-1]):.2g}"
+    )
 
   @check
   def channel_one_vs_four_devices():
@@ -389,25 +433,36 @@ def main(out_dir):
     def loss_and_grad(params, batch_stats, x, c, key):
       def loss(p):
         y, updated = model.apply(
-            {"params": p, "batch_stats": batch_stats}, x, c, train=True,
-            rngs={"dropout": key}, mutable=["batch_stats"])
+            {"params": p, "batch_stats": batch_stats},
+            x,
+            c,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
         return jnp.mean(jnp.abs(y - x)), (y, updated["batch_stats"])
-      (value, (y, stats)), grads = jax.value_and_grad(
-          loss, has_aux=True)(params)
+
+      (value, (y, stats)), grads = jax.value_and_grad(loss, has_aux=True)(
+          params
+      )
       return value, y, stats, grads
 
     out, hlo = {}, ""
     for mesh in (runner.mesh1, runner.mesh4):
       repl = sharding_lib.replicated(mesh)
       data = sharding_lib.data_sharding(mesh)
-      fn = jax.jit(loss_and_grad,
-                   in_shardings=(repl, repl, data, data, repl),
-                   out_shardings=(repl, data, repl, repl))
-      args = (sharding_lib.put_replicated(state0.params, mesh),
-              sharding_lib.put_replicated(state0.batch_stats, mesh),
-              sharding_lib.put_global_batch(x, data),
-              sharding_lib.put_global_batch(c, data),
-              sharding_lib.put_replicated(jax.random.key(config.seed), mesh))
+      fn = jax.jit(
+          loss_and_grad,
+          in_shardings=(repl, repl, data, data, repl),
+          out_shardings=(repl, data, repl, repl),
+      )
+      args = (
+          sharding_lib.put_replicated(state0.params, mesh),
+          sharding_lib.put_replicated(state0.batch_stats, mesh),
+          sharding_lib.put_global_batch(x, data),
+          sharding_lib.put_global_batch(c, data),
+          sharding_lib.put_replicated(jax.random.key(config.seed), mesh),
+      )
       compiled = fn.lower(*args).compile()
       if mesh.size > 1:
         hlo = compiled.as_text()
@@ -415,15 +470,25 @@ def main(out_dir):
     assert "all-reduce" in hlo, "the 4-device program has no all-reduce"
     (l1, y1, s1, g1), (l4, y4, s4, g4) = out[1], out[NUM_DEVICES]
     compare("filter loss ", {"": l4}, {"": l1}, LOSS_RTOL)
-    compare("filter output ", {"": y4}, {"": y1}, OUTPUT_RTOL, 1e-9,
-            leaf_scale=True)
-    compare("filter batch_stats", flat(s4), flat(s1), STATS_RTOL, 1e-9,
-            leaf_scale=True)
-    compare("filter gradient", flat(g4), flat(g1), GRAD_RTOL, 1e-12,
-            leaf_scale=True)
-    return (f"max relative difference: gradient "
-            f"{max_rel_diff(flat(g4), flat(g1)):.2g}, output "
-            f"{max_rel_diff({'': y4}, {'': y1}):.2g}")
+    compare(
+        "filter output ", {"": y4}, {"": y1}, OUTPUT_RTOL, 1e-9, leaf_scale=True
+    )
+    compare(
+        "filter batch_stats",
+        flat(s4),
+        flat(s1),
+        STATS_RTOL,
+        1e-9,
+        leaf_scale=True,
+    )
+    compare(
+        "filter gradient", flat(g4), flat(g1), GRAD_RTOL, 1e-12, leaf_scale=True
+    )
+    return (
+        f"max relative difference: gradient "
+        f"{max_rel_diff(flat(g4), flat(g1)):.2g}, output "
+        f"{max_rel_diff({'': y4}, {'': y1}):.2g}"
+    )
 
   @check
   def checkpoints_across_device_counts():
@@ -432,8 +497,10 @@ def main(out_dir):
     checkpoint and its continuation for the test's own 1-device process."""
     config, state0 = states["channel", "float32"]
     notes = []
-    for src, dst in ((runner.mesh4, runner.mesh1),
-                     (runner.mesh1, runner.mesh4)):
+    for src, dst in (
+        (runner.mesh4, runner.mesh1),
+        (runner.mesh1, runner.mesh4),
+    ):
       tag = f"{src.size}to{dst.size}"
       workdir = os.path.join(out_dir, f"ckpt_{tag}")
       s_src, _ = runner.run(config, src, state0, batches[:1])
@@ -445,20 +512,31 @@ def main(out_dir):
       restored = checkpoints.restore(mngr, template)
       mngr.close()
       for leaf in jax.tree_util.tree_leaves(checkpoints.state_tree(restored)):
-        assert len(leaf.sharding.device_set) == dst.size, (
-            f"{tag}: restored leaf on {leaf.sharding}")
+        assert (
+            len(leaf.sharding.device_set) == dst.size
+        ), f"{tag}: restored leaf on {leaf.sharding}"
       got = flat(host(restored))
       for key in saved:  # a checkpoint round trip is exact
         np.testing.assert_array_equal(got[key], saved[key], err_msg=tag + key)
       cont_dst, m_dst = runner.run(config, dst, host(restored), batches[1:])
-      compare_states(f"{tag} continued state", flat(host(cont_dst)),
-                     flat(host(cont_src)), config.optimizer)
-      compare(f"{tag} continued metrics", {k: m_dst[0][k] for k in TERMS},
-              {k: m_src[0][k] for k in TERMS}, LOSS_RTOL)
+      compare_states(
+          f"{tag} continued state",
+          flat(host(cont_dst)),
+          flat(host(cont_src)),
+          config.optimizer,
+      )
+      compare(
+          f"{tag} continued metrics",
+          {k: m_dst[0][k] for k in TERMS},
+          {k: m_src[0][k] for k in TERMS},
+          LOSS_RTOL,
+      )
       if tag == "4to1":
         np.savez(os.path.join(out_dir, "ckpt_4to1_saved.npz"), **saved)
-        np.savez(os.path.join(out_dir, "ckpt_4to1_continued.npz"),
-                 **flat(host(cont_src)))
+        np.savez(
+            os.path.join(out_dir, "ckpt_4to1_continued.npz"),
+            **flat(host(cont_src)),
+        )
       notes.append(f"{tag}: exact restore, continued step matches")
     return "; ".join(notes)
 
@@ -468,11 +546,14 @@ def main(out_dir):
     mesh = sharding_lib.create_mesh(config)
     assert mesh.size == NUM_DEVICES, mesh
     messages = []
-    for call in (lambda: sharding_lib.check_batch_divides(config, mesh),
-                 lambda: train.train_and_evaluate(
-                     tiny_config(batch_size=6, num_train_steps=1),
-                     os.path.join(out_dir, "run_bad_batch"),
-                     dataset=in_memory_dataset())):
+    for call in (
+        lambda: sharding_lib.check_batch_divides(config, mesh),
+        lambda: train.train_and_evaluate(
+            tiny_config(batch_size=6, num_train_steps=1),
+            os.path.join(out_dir, "run_bad_batch"),
+            dataset=in_memory_dataset(),
+        ),
+    ):
       try:
         call()
       except ValueError as e:
@@ -486,11 +567,16 @@ def main(out_dir):
   @check
   def train_and_evaluate_on_four_devices():
     """The whole loop on 4 devices (sharded batches, checkpoint, samples)."""
-    config = tiny_config(num_train_steps=2, log_every_steps=1,
-                         checkpoint_every_steps=2, sample_every_steps=1000)
+    config = tiny_config(
+        num_train_steps=2,
+        log_every_steps=1,
+        checkpoint_every_steps=2,
+        sample_every_steps=1000,
+    )
     workdir = os.path.join(out_dir, "run_4dev")
-    state = train.train_and_evaluate(config, workdir,
-                                     dataset=in_memory_dataset())
+    state = train.train_and_evaluate(
+        config, workdir, dataset=in_memory_dataset()
+    )
     assert int(state.step) == 2
     leaf = jax.tree_util.tree_leaves(state.params)[0]
     assert len(leaf.sharding.device_set) == NUM_DEVICES, leaf.sharding
@@ -501,7 +587,6 @@ def main(out_dir):
   @check
   def bfloat16_step():
     return mixed_precision_checks(runner, states, batches)
-
 
 
 def in_memory_dataset(n=32):
@@ -527,12 +612,16 @@ def _products_not_in(config, state, x, c, dtype):
   step = train_step_lib.make_train_step(config)
   jaxpr = jax.make_jaxpr(step)(state, x, c, jax.random.key(0))
   on_activations = [
-      e for e in _walk_eqns(jaxpr.jaxpr)
-      if e.primitive.name in ("dot_general", "conv_general_dilated") and
-      max(len(v.aval.shape) for v in e.invars) >= 3]
-  wrong = [(e.primitive.name, [str(v.aval) for v in e.invars])
-           for e in on_activations
-           if any(v.aval.dtype != dtype for v in e.invars)]
+      e
+      for e in _walk_eqns(jaxpr.jaxpr)
+      if e.primitive.name in ("dot_general", "conv_general_dilated")
+      and max(len(v.aval.shape) for v in e.invars) >= 3
+  ]
+  wrong = [
+      (e.primitive.name, [str(v.aval) for v in e.invars])
+      for e in on_activations
+      if any(v.aval.dtype != dtype for v in e.invars)
+  ]
   return on_activations, wrong
 
 
@@ -543,7 +632,8 @@ def _vector(tree):
 def _rounded_to(dtype, tree):
   return jax.tree_util.tree_map(
       lambda v: np.asarray(jnp.asarray(v).astype(dtype).astype(jnp.float32)),
-      tree)
+      tree,
+  )
 
 
 def mixed_precision_checks(runner, states, batches):
@@ -559,8 +649,9 @@ def mixed_precision_checks(runner, states, batches):
     # The network computes in bfloat16: every matrix product and convolution
     # on activations in the step's jaxpr takes bfloat16 operands ...
     model16 = models.model_from_config(config16)
-    on_activations, wrong = _products_not_in(config16, state16_0, x, c,
-                                             jnp.bfloat16)
+    on_activations, wrong = _products_not_in(
+        config16, state16_0, x, c, jnp.bfloat16
+    )
     assert on_activations, "no matrix products on activations found"
     assert not wrong, f"{conditioning}: float32 products: {wrong[:3]}"
     # (the same scan of the float32 step finds all of them float32: the
@@ -569,26 +660,45 @@ def mixed_precision_checks(runner, states, batches):
     # bfloat16 step's are: the C++ kernels are float32-only custom calls)
     with native_conv.disabled():
       _, wrong32 = _products_not_in(config32, state0, x, c, jnp.bfloat16)
-    assert len(wrong32) == len(on_activations), (len(wrong32),
-                                                  len(on_activations))
+    assert len(wrong32) == len(on_activations), (
+        len(wrong32),
+        len(on_activations),
+    )
     # ... and the layers return bfloat16 (BatchNorm normalises in float32
     # and returns bfloat16); the network's output is float32.
-    layer_types = (models.Conv, models.FilterConditionedConv,
-                   models.TorchBatchNorm, models.Dropout)
+    layer_types = (
+        models.Conv,
+        models.FilterConditionedConv,
+        models.TorchBatchNorm,
+        models.Dropout,
+    )
     # (shapes and dtypes only: jax.eval_shape computes nothing)
-    out, inter = jax.eval_shape(lambda v: model16.apply(
-        v, x, c, train=True, rngs={"dropout": jax.random.key(1)},
-        mutable=["batch_stats", "intermediates"],
-        capture_intermediates=lambda m, _: isinstance(m, layer_types)),
-        {"params": state16_0.params, "batch_stats": state16_0.batch_stats})
-    dtypes = {jax.tree_util.keystr(k): v.dtype for k, v in
-              jax.tree_util.tree_flatten_with_path(inter["intermediates"])[0]}
+    out, inter = jax.eval_shape(
+        lambda v: model16.apply(
+            v,
+            x,
+            c,
+            train=True,
+            rngs={"dropout": jax.random.key(1)},
+            mutable=["batch_stats", "intermediates"],
+            capture_intermediates=lambda m, _: isinstance(m, layer_types),
+        ),
+        {"params": state16_0.params, "batch_stats": state16_0.batch_stats},
+    )
+    dtypes = {
+        jax.tree_util.keystr(k): v.dtype
+        for k, v in jax.tree_util.tree_flatten_with_path(
+            inter["intermediates"]
+        )[0]
+    }
     assert len(dtypes) >= 10, dtypes
     not16 = {k: str(v) for k, v in dtypes.items() if v != jnp.bfloat16}
     assert not not16, f"{conditioning}: layers not in bfloat16: {not16}"
     assert out.dtype == jnp.float32, out.dtype
-    notes.append(f"{conditioning}: {len(on_activations)} products on "
-                 f"activations, all bfloat16")
+    notes.append(
+        f"{conditioning}: {len(on_activations)} products on "
+        f"activations, all bfloat16"
+    )
 
   # One step (4 devices) in bfloat16 against float32, channel conditioning
   # (compiling a step is what these tests' time goes to).
@@ -619,8 +729,9 @@ def mixed_precision_checks(runner, states, batches):
   # so the update directions are compared weighted by |g|: they agree on >=
   # 90% of the gradient's mass (measured ~96%; an unrelated gradient, e.g.
   # from other dropout masks, agrees on ~50%).
-  rel = {k: abs(float(m16[k]) - float(m32[k])) / abs(float(m32[k]))
-         for k in TERMS}
+  rel = {
+      k: abs(float(m16[k]) - float(m32[k])) / abs(float(m32[k])) for k in TERMS
+  }
   g32 = _vector(s32.opt_state[0].mu)
   g16 = _vector(s16.opt_state[0].mu)
   rounded = state0.replace(params=_rounded_to(jnp.bfloat16, state0.params))
@@ -629,11 +740,14 @@ def mixed_precision_checks(runner, states, batches):
   err = lambda g: float(np.linalg.norm(g - g32) / np.linalg.norm(g32))
   p0 = _vector(state0.params)
   u16, u32 = _vector(s16.params) - p0, _vector(s32.params) - p0
-  agree = float(np.sum(np.abs(g32) * (np.sign(u16) == np.sign(u32))) /
-                np.sum(np.abs(g32)))
-  numbers = (f"loss terms rel. diff max {max(rel.values()):.2g}, gradient "
-             f"rel. error {err(g16):.3g} (baseline {err(g_base):.3g}), "
-             f"update directions agree on {agree:.1%} of |g|")
+  agree = float(
+      np.sum(np.abs(g32) * (np.sign(u16) == np.sign(u32))) / np.sum(np.abs(g32))
+  )
+  numbers = (
+      f"loss terms rel. diff max {max(rel.values()):.2g}, gradient "
+      f"rel. error {err(g16):.3g} (baseline {err(g_base):.3g}), "
+      f"update directions agree on {agree:.1%} of |g|"
+  )
   assert max(rel.values()) < 0.01, f"{numbers}; {rel}"
   assert err(g16) <= 2 * err(g_base) + 0.02, numbers
   assert agree >= 0.9, numbers
@@ -691,46 +805,57 @@ def multihost_main(out_dir, reference=None):
       rows.extend(range(*shard.index[0].indices(x.shape[0])))
     per_device = x.shape[0] // jax.device_count()
     assert len(rows) == per_device * NUM_DEVICES, rows
-    weights = sharding_lib.put_replicated(np.arange(1.0, 11.0, dtype=np.float32),
-                                   mesh)
-    fn = jax.jit(lambda v, l, w: (v.mean(axis=0), (w[l] * v.sum((1, 2, 3))
-                                                    ).sum()),
-                 out_shardings=sharding_lib.replicated(mesh))
+    weights = sharding_lib.put_replicated(
+        np.arange(1.0, 11.0, dtype=np.float32), mesh
+    )
+    fn = jax.jit(
+        lambda v, l, w: (v.mean(axis=0), (w[l] * v.sum((1, 2, 3))).sum()),
+        out_shardings=sharding_lib.replicated(mesh),
+    )
     mean, weighted = fn(images, labels, weights)
-    np.testing.assert_allclose(np.asarray(mean), x.mean(axis=0), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(mean), x.mean(axis=0), rtol=1e-5, atol=1e-6
+    )
     want = float((np.arange(1.0, 11.0)[c] * x.sum((1, 2, 3))).sum())
     np.testing.assert_allclose(float(weighted), want, rtol=1e-5)
     # Arrays committed to a local device, PRNG keys included (the train
     # state, the base key), replicate over both processes' devices.
     placed = sharding_lib.put_replicated(
-        {"key": jax.random.key(3), "w": jax.device_put(jnp.arange(3.0))},
-        mesh)
+        {"key": jax.random.key(3), "w": jax.device_put(jnp.arange(3.0))}, mesh
+    )
     for leaf in jax.tree_util.tree_leaves(placed):
       assert leaf.sharding.is_fully_replicated
       assert len(leaf.sharding.device_set) == jax.device_count()
     np.testing.assert_array_equal(
         np.asarray(jax.random.key_data(placed["key"])),
-        np.asarray(jax.random.key_data(jax.random.key(3))))
+        np.asarray(jax.random.key_data(jax.random.key(3))),
+    )
     np.testing.assert_array_equal(np.asarray(placed["w"]), np.arange(3.0))
     return f"process {pid} holds rows {sorted(rows)}"
 
   if reference:
+
     @check
     def multihost_train_and_evaluate():
       """The training loop on 2 processes x 2 devices ends where the
       4-device single-process run (`reference`, its final state) ended."""
-      run_config = tiny_config(num_train_steps=2, log_every_steps=1,
-                               checkpoint_every_steps=2,
-                               sample_every_steps=1000)
+      run_config = tiny_config(
+          num_train_steps=2,
+          log_every_steps=1,
+          checkpoint_every_steps=2,
+          sample_every_steps=1000,
+      )
       workdir = os.path.join(out_dir, "run_2hosts")
-      state = train.train_and_evaluate(run_config, workdir,
-                                       dataset=in_memory_dataset())
+      state = train.train_and_evaluate(
+          run_config, workdir, dataset=in_memory_dataset()
+      )
       got = flat(host(state))
       want = dict(np.load(reference))
       compare_states("2 processes vs 1 ", got, want, run_config.optimizer)
-      return (f"process {pid}: state after 2 steps matches the 4-device run "
-              f"(max relative difference {max_rel_diff(got, want):.2g})")
+      return (
+          f"process {pid}: state after 2 steps matches the 4-device run "
+          f"(max relative difference {max_rel_diff(got, want):.2g})"
+      )
 
   jax.distributed.shutdown()
 

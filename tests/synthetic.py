@@ -45,5 +45,6 @@ def load_split(dataset_name: str, split: str, data_dir: str = ""):
 if __name__ == "__main__":
   from cign_jax.commands import train  # pylint: disable=g-import-not-at-top
   from cign_jax.data import reader  # pylint: disable=g-import-not-at-top
+
   reader.load_split = load_split
   train.run()

@@ -20,10 +20,12 @@ def test_label_accuracy_hand_example():
   result = cls.label_accuracy(predicted, requested, num_classes=4)
   assert result["num_samples"] == 6
   assert result["accuracy"] == pytest.approx(4 / 6)
-  assert result["confusion"] == [[1, 0, 0, 0],
-                                 [0, 1, 1, 0],
-                                 [0, 1, 2, 0],
-                                 [0, 0, 0, 0]]
+  assert result["confusion"] == [
+      [1, 0, 0, 0],
+      [0, 1, 1, 0],
+      [0, 1, 2, 0],
+      [0, 0, 0, 0],
+  ]
   assert result["per_label"][0] == 1.0
   assert result["per_label"][1] == 0.5
   assert result["per_label"][2] == pytest.approx(2 / 3)
@@ -34,15 +36,18 @@ def test_label_accuracy_hand_example():
 def test_label_accuracy_rows_and_edges():
   rng = np.random.default_rng(0)
   requested = rng.integers(0, 10, 500)
-  predicted = np.where(rng.random(500) < 0.7, requested,
-                       rng.integers(0, 10, 500))
+  predicted = np.where(
+      rng.random(500) < 0.7, requested, rng.integers(0, 10, 500)
+  )
   result = cls.label_accuracy(predicted, requested)
   confusion = np.array(result["confusion"])
   assert confusion.shape == (10, 10) and confusion.sum() == 500
-  np.testing.assert_array_equal(confusion.sum(axis=1),
-                                np.bincount(requested, minlength=10))
-  np.testing.assert_array_equal(confusion.sum(axis=0),
-                                np.bincount(predicted, minlength=10))
+  np.testing.assert_array_equal(
+      confusion.sum(axis=1), np.bincount(requested, minlength=10)
+  )
+  np.testing.assert_array_equal(
+      confusion.sum(axis=0), np.bincount(predicted, minlength=10)
+  )
   assert result["accuracy"] == pytest.approx(np.mean(predicted == requested))
   empty = cls.label_accuracy([], [])
   assert empty["num_samples"] == 0 and empty["accuracy"] is None
@@ -61,6 +66,7 @@ def test_plot_confusion_writes_png(tmp_path):
   payload = path.read_bytes()
   assert payload[:8] == b"\x89PNG\r\n\x1a\n"
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   with Image.open(path) as image:
     image.load()
     assert image.format == "PNG" and min(image.size) > 100
@@ -87,10 +93,12 @@ def test_mnist_classifier_accuracy(mnist_classifier):
   assert again.params_sha256 == mnist_classifier.params_sha256
   images, _ = reader.load_split("mnist", "test")
   sample = reader.to_model_range(images[:7])
-  np.testing.assert_array_equal(again.predict(sample),
-                                mnist_classifier.predict(sample))
-  np.testing.assert_array_equal(again.predict(sample[..., 0]),
-                                again.predict(sample))
+  np.testing.assert_array_equal(
+      again.predict(sample), mnist_classifier.predict(sample)
+  )
+  np.testing.assert_array_equal(
+      again.predict(sample[..., 0]), again.predict(sample)
+  )
   assert again.predict(sample[:0]).shape == (0,)
 
 
@@ -132,8 +140,9 @@ def test_corrupt_info_is_refused(mnist_classifier, tmp_path):
 @pytest.mark.data
 def test_mismatched_cache_is_refused(mnist_classifier, tmp_path):
   root, target = _copy_cache(mnist_classifier, tmp_path, "fashion_mnist")
-  with pytest.raises(cls.ClassifierCacheError,
-                     match=f"{target / cls.INFO_FILE}.*'mnist'"):
+  with pytest.raises(
+      cls.ClassifierCacheError, match=f"{target / cls.INFO_FILE}.*'mnist'"
+  ):
     cls.load_or_train("fashion_mnist", cache_dir=str(root))
   info = json.loads((target / cls.INFO_FILE).read_text())
   info.update(dataset="fashion_mnist", arch_version=cls.ARCH_VERSION + 1)

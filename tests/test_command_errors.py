@@ -22,8 +22,12 @@ def _train_command_fails(tmp_path, *args):
   workdir = tmp_path / "w"
   result = subprocess.run(
       [sys.executable, "-m", "cign_jax.main", f"--workdir={workdir}", *args],
-      env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, capture_output=True,
-      text=True, timeout=300)
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   lines = [l for l in result.stderr.splitlines() if l.strip()]
   assert not workdir.exists()  # refused before anything was written
   return result.returncode, lines[-1], result.stderr
@@ -49,7 +53,8 @@ def test_unknown_config_variant_is_the_last_line(tmp_path):
   """get_config's own error, not ml_collections' embedded traceback, ends
   the output."""
   rc, last, _ = _train_command_fails(
-      tmp_path, f"--config={ROOT}/configs/quick.py:tinyy")
+      tmp_path, f"--config={ROOT}/configs/quick.py:tinyy"
+  )
   assert rc == 2
   assert last.startswith("error: "), last
   assert "unknown variant 'tinyy'" in last and "'tiny'" in last, last
@@ -72,10 +77,11 @@ def _saved(tmp_path, name="in.npz", **arrays):
 
 
 def test_truncated_npz_names_flag_and_file(tmp_path):
-  path = _saved(tmp_path, images=np.zeros((4, 28, 28, 1), np.float32),
-                labels=np.arange(4))
+  path = _saved(
+      tmp_path, images=np.zeros((4, 28, 28, 1), np.float32), labels=np.arange(4)
+  )
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
   assert "cannot be read as an .npz" in _npz_error(path)
 
 
@@ -124,11 +130,14 @@ def test_good_npz_reads_every_array(tmp_path):
   np.testing.assert_array_equal(arrays["labels"], [0, 5, 9])
 
 
-@pytest.mark.parametrize("labels,dtype", [
-    (np.array(["a", "b"]), "<U1"),
-    (np.array([True, False]), "bool"),
-    (np.array([b"1", b"2"]), "|S1"),
-])
+@pytest.mark.parametrize(
+    "labels,dtype",
+    [
+        (np.array(["a", "b"]), "<U1"),
+        (np.array([True, False]), "bool"),
+        (np.array([b"1", b"2"]), "|S1"),
+    ],
+)
 def test_labels_that_are_not_class_indices_are_refused(labels, dtype):
   with pytest.raises(ValueError, match=f"integer class indices.*{dtype}"):
     models.check_labels(labels, 10, 2)
@@ -136,7 +145,8 @@ def test_labels_that_are_not_class_indices_are_refused(labels, dtype):
 
 def test_whole_valued_float_labels_are_still_accepted():
   np.testing.assert_array_equal(
-      models.check_labels(np.array([0.0, 3.0]), 10, 2), [0, 3])
+      models.check_labels(np.array([0.0, 3.0]), 10, 2), [0, 3]
+  )
   with pytest.raises(ValueError, match="labels must be integers"):
     models.check_labels(np.array([0.5, 3.0]), 10, 2)
 
@@ -150,14 +160,23 @@ def test_a_clean_stop_ends_on_its_own_line_and_status():
   """What the train command and the Table 3 script do with a SIGTERM stop
   (`commands.guarded`): its message as the last line, no `error:`, and the
   status a scheduler reads as "ended by SIGTERM"."""
-  code = ("from cign_jax import commands, stopping\n"
-          "def main(argv):\n"
-          "  raise stopping.StoppedBySignal(7)\n"
-          "commands.guarded(main)([])\n")
-  result = subprocess.run([sys.executable, "-c", code],
-                          env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+  code = (
+      "from cign_jax import commands, stopping\n"
+      "def main(argv):\n"
+      "  raise stopping.StoppedBySignal(7)\n"
+      "commands.guarded(main)([])\n"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code],
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode == 143
   last = [l for l in result.stderr.splitlines() if l.strip()][-1]
-  assert last == ("stopped by SIGTERM at step 7; checkpoint saved; run the "
-                  "same command to resume"), last
+  assert last == (
+      "stopped by SIGTERM at step 7; checkpoint saved; run the "
+      "same command to resume"
+  ), last

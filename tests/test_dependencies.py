@@ -26,16 +26,21 @@ def _requirement_name(line: str) -> str:
 
 
 def _requirements(value: str) -> list[str]:
-  return [_requirement_name(line) for line in value.splitlines()
-          if line.strip() and not line.strip().startswith("#")]
+  return [
+      _requirement_name(line)
+      for line in value.splitlines()
+      if line.strip() and not line.strip().startswith("#")
+  ]
 
 
 def _setup_cfg():
   parser = configparser.ConfigParser()
   parser.read(SETUP_CFG)
   install = _requirements(parser["options"]["install_requires"])
-  extras = {name: _requirements(value) for name, value
-            in parser["options.extras_require"].items()}
+  extras = {
+      name: _requirements(value)
+      for name, value in parser["options.extras_require"].items()
+  }
   return install, extras
 
 
@@ -83,14 +88,22 @@ def _imported_top_level(directory: str) -> dict[str, str]:
 def _distributions(imports: dict[str, str]) -> dict[str, set[str]]:
   """Top-level module -> the installed distributions that provide it."""
   provided_by = importlib.metadata.packages_distributions()
-  return {module: {_normalise(d) for d in provided_by.get(module, [])}
-          for module in imports}
+  return {
+      module: {_normalise(d) for d in provided_by.get(module, [])}
+      for module in imports
+  }
 
 
 def test_setup_cfg_is_the_metadata_and_pyproject_only_the_build():
   install, extras = _setup_cfg()
   assert "jax" in install and set(extras) == {
-      "cuda", "cuda12", "cuda13", "tf", "torch", "test"}
+      "cuda",
+      "cuda12",
+      "cuda13",
+      "tf",
+      "torch",
+      "test",
+  }
   with open(os.path.join(ROOT, "pyproject.toml")) as f:
     pyproject = f.read()
   assert "[project]" not in pyproject and "[build-system]" in pyproject
@@ -99,12 +112,15 @@ def test_setup_cfg_is_the_metadata_and_pyproject_only_the_build():
 def test_every_import_of_the_package_is_declared():
   install, _ = _setup_cfg()
   imports = _imported_top_level(os.path.join(ROOT, "cign_jax"))
-  undeclared = {module: (imports[module], sorted(dists))
-                for module, dists in _distributions(imports).items()
-                if not dists & set(install)}
+  undeclared = {
+      module: (imports[module], sorted(dists))
+      for module, dists in _distributions(imports).items()
+      if not dists & set(install)
+  }
   assert not undeclared, (
       f"imported by cign_jax but not in setup.cfg install_requires "
-      f"(module: (file, distributions)): {undeclared}")
+      f"(module: (file, distributions)): {undeclared}"
+  )
 
 
 def test_every_declared_dependency_is_used():
@@ -112,11 +128,13 @@ def test_every_declared_dependency_is_used():
   imports = _imported_top_level(os.path.join(ROOT, "cign_jax"))
   imported = set().union(*_distributions(imports).values())
   run_time = _run_time_only()
-  unused = [name for name in install
-            if name not in imported and name not in run_time]
+  unused = [
+      name for name in install if name not in imported and name not in run_time
+  ]
   assert not unused, (
       f"declared in setup.cfg but imported nowhere in cign_jax/ and not "
-      f"marked '# run time: <who needs it>': {unused}")
+      f"marked '# run time: <who needs it>': {unused}"
+  )
   # A "run time:" dependency must really not be imported (else drop the
   # comment), and must be installed for whoever needs it.
   for name in run_time:
@@ -131,8 +149,11 @@ def test_extras():
   parser = configparser.ConfigParser()
   parser.read(SETUP_CFG)
   declared = parser["options.extras_require"]
-  for name, cuda in (("cuda", "cuda12"), ("cuda12", "cuda12"),
-                     ("cuda13", "cuda13")):
+  for name, cuda in (
+      ("cuda", "cuda12"),
+      ("cuda12", "cuda12"),
+      ("cuda13", "cuda13"),
+  ):
     assert f"jax[{cuda}]" in declared[name], name
   assert extras["tf"] == ["tensorflow-cpu"]
   assert extras["torch"] == ["torch"]
@@ -142,13 +163,19 @@ def test_extras():
   # directory provide.
   declared = set(install).union(*extras.values())
   imports = _imported_top_level(os.path.join(ROOT, "tests"))
-  local = {f[:-3] for f in os.listdir(os.path.join(ROOT, "tests"))
-           if f.endswith(".py")}
-  undeclared = {module: (imports[module], sorted(dists))
-                for module, dists in _distributions(imports).items()
-                if module not in local and not dists & declared}
-  assert not undeclared, (
-      f"imported by the tests but declared nowhere in setup.cfg: {undeclared}")
+  local = {
+      f[:-3]
+      for f in os.listdir(os.path.join(ROOT, "tests"))
+      if f.endswith(".py")
+  }
+  undeclared = {
+      module: (imports[module], sorted(dists))
+      for module, dists in _distributions(imports).items()
+      if module not in local and not dists & declared
+  }
+  assert (
+      not undeclared
+  ), f"imported by the tests but declared nowhere in setup.cfg: {undeclared}"
 
 
 def test_the_checker_sees_known_imports():
@@ -163,12 +190,18 @@ def test_suite_collects_without_the_torch_extra():
   """`pip install -e ".[test]"` has no PyTorch: every test module still
   imports, the PyTorch cross-checks skipping themselves."""
   import subprocess  # pylint: disable=import-outside-toplevel
-  code = ("import sys; sys.modules['torch'] = None; import pytest; "
-          "sys.exit(pytest.main(['-q', '--collect-only', '-p', "
-          "'no:cacheprovider', sys.argv[1]]))")
-  result = subprocess.run([sys.executable, "-c", code,
-                           os.path.join(ROOT, "tests")],
-                          cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+
+  code = (
+      "import sys; sys.modules['torch'] = None; import pytest; "
+      "sys.exit(pytest.main(['-q', '--collect-only', '-p', "
+      "'no:cacheprovider', sys.argv[1]]))"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", code, os.path.join(ROOT, "tests")],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
   assert "error" not in result.stdout.splitlines()[-1].lower()

@@ -12,19 +12,32 @@ from cign_jax import models
 # Random123's known-answer vectors for Threefry-2x32 with 20 rounds:
 # (key, counter) -> output.
 KNOWN_ANSWERS = [
-    ((0x00000000, 0x00000000), (0x00000000, 0x00000000),
-     (0x6B200159, 0x99BA4EFE)),
-    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF),
-     (0x1CB996FC, 0xBB002BE7)),
-    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3),
-     (0xC4923A9C, 0x483DF7A0)),
+    (
+        (0x00000000, 0x00000000),
+        (0x00000000, 0x00000000),
+        (0x6B200159, 0x99BA4EFE),
+    ),
+    (
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0xFFFFFFFF, 0xFFFFFFFF),
+        (0x1CB996FC, 0xBB002BE7),
+    ),
+    (
+        (0x13198A2E, 0x03707344),
+        (0x243F6A88, 0x85A308D3),
+        (0xC4923A9C, 0x483DF7A0),
+    ),
 ]
 
 
 @pytest.mark.parametrize("key,counter,expected", KNOWN_ANSWERS)
 def test_threefry_known_answers(key, counter, expected):
-  out = dropout.threefry2x32_20(np.uint32(key[0]), np.uint32(key[1]),
-                                np.uint32(counter[0]), np.uint32(counter[1]))
+  out = dropout.threefry2x32_20(
+      np.uint32(key[0]),
+      np.uint32(key[1]),
+      np.uint32(counter[0]),
+      np.uint32(counter[1]),
+  )
   assert tuple(int(v) for v in out) == expected
 
 
@@ -49,8 +62,15 @@ def test_keep_threshold():
 
 def test_mask_rate_and_independence():
   n = 1_000_000
-  keep = np.asarray(jax.jit(lambda k: dropout.keep_mask(k, 0.85, (1000, 1000)))(
-      jax.random.key(3))).astype(np.float64).ravel()
+  keep = (
+      np.asarray(
+          jax.jit(lambda k: dropout.keep_mask(k, 0.85, (1000, 1000)))(
+              jax.random.key(3)
+          )
+      )
+      .astype(np.float64)
+      .ravel()
+  )
   # Rate: within 5 binomial standard deviations of 0.85.
   sd = np.sqrt(0.85 * 0.15 / n)
   assert abs(keep.mean() - 0.85) < 5 * sd
@@ -82,10 +102,12 @@ def test_masks_differ_across_keys_and_repeat_for_one_key():
   assert abs(c.mean() - 0.85) < 0.01
   np.testing.assert_array_equal(
       np.asarray(dropout.key_words(jax.random.key(5))),
-      np.asarray(jax.random.key_data(jax.random.key(5))))
+      np.asarray(jax.random.key_data(jax.random.key(5))),
+  )
   raw = jax.random.PRNGKey(5)  # a raw uint32 (2,) Threefry key
-  np.testing.assert_array_equal(np.asarray(dropout.key_words(raw)),
-                                np.asarray(raw))
+  np.testing.assert_array_equal(
+      np.asarray(dropout.key_words(raw)), np.asarray(raw)
+  )
   with pytest.raises(ValueError, match="uint32 of shape \\(2,\\)"):
     dropout.key_words(np.zeros(4, np.uint32))
 
@@ -98,8 +120,9 @@ def test_streams_of_one_key_are_independent():
   bits = np.asarray(dropout.element_bits(key, shape, stream=7))
   words = np.asarray(jax.random.key_data(key))
   index = np.arange(np.prod(shape), dtype=np.uint32)
-  want = jax_random.threefry_2x32(words, np.stack(
-      [index, np.full_like(index, 7)]))[0]
+  want = jax_random.threefry_2x32(
+      words, np.stack([index, np.full_like(index, 7)])
+  )[0]
   np.testing.assert_array_equal(bits.ravel(), np.asarray(want))
   a = np.asarray(dropout.keep_mask(key, 0.85, shape, stream=1))
   b = np.asarray(dropout.keep_mask(key, 0.85, shape, stream=2))
@@ -114,11 +137,13 @@ def test_dropout_values_and_gradient():
   key = jax.random.key(5)
   y = dropout.dropout(x, 0.15, key)
   keep = np.asarray(dropout.keep_mask(key, 0.85, x.shape))
-  np.testing.assert_allclose(np.asarray(y), np.where(keep, np.asarray(x) / 0.85,
-                                                     0.0), rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(y), np.where(keep, np.asarray(x) / 0.85, 0.0), rtol=1e-6
+  )
   grad = jax.grad(lambda v: jnp.sum(dropout.dropout(v, 0.15, key) * 2.0))(x)
-  np.testing.assert_allclose(np.asarray(grad), np.where(keep, 2.0 / 0.85, 0.0),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(grad), np.where(keep, 2.0 / 0.85, 0.0), rtol=1e-6
+  )
   assert dropout.dropout(x, 0.0, key) is x
   with pytest.raises(ValueError, match="dropout rate"):
     dropout.dropout(x, 1.0, key)
@@ -127,13 +152,16 @@ def test_dropout_values_and_gradient():
 def test_dropout_layer_uses_the_dropout_stream():
   x = jnp.ones((2, 28, 28, 1))
   layer = models.Dropout(0.15)
-  y1 = layer.apply({}, x, deterministic=False,
-                   rngs={"dropout": jax.random.key(0)})
-  y2 = layer.apply({}, x, deterministic=False,
-                   rngs={"dropout": jax.random.key(1)})
+  y1 = layer.apply(
+      {}, x, deterministic=False, rngs={"dropout": jax.random.key(0)}
+  )
+  y2 = layer.apply(
+      {}, x, deterministic=False, rngs={"dropout": jax.random.key(1)}
+  )
   assert not np.array_equal(np.asarray(y1), np.asarray(y2))
   np.testing.assert_array_equal(
-      np.asarray(layer.apply({}, x, deterministic=True)), np.asarray(x))
+      np.asarray(layer.apply({}, x, deterministic=True)), np.asarray(x)
+  )
   values = np.unique(np.asarray(y1))
   assert len(values) == 2
   np.testing.assert_allclose(values, [0.0, 1 / 0.85], rtol=1e-6)

@@ -24,17 +24,21 @@ def _real_samples(tmp_path, swap: bool, collapse: bool = False):
       idx = np.repeat(idx[:1], N)
     out_images.append(reader.to_model_range(images[idx]))
     out_labels.append(np.full(N, 1 - label if swap else label))
-  path = str(tmp_path / ("swapped.npz" if swap else
-                         "collapsed.npz" if collapse else "real.npz"))
-  np.savez(path, images=np.concatenate(out_images),
-           labels=np.concatenate(out_labels))
+  path = str(
+      tmp_path
+      / ("swapped.npz" if swap else "collapsed.npz" if collapse else "real.npz")
+  )
+  np.savez(
+      path, images=np.concatenate(out_images), labels=np.concatenate(out_labels)
+  )
   return path
 
 
 @pytest.mark.data
 def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
-  good = evaluate.run(samples=_real_samples(tmp_path, swap=False),
-                      feature_sizes=[64])
+  good = evaluate.run(
+      samples=_real_samples(tmp_path, swap=False), feature_sizes=[64]
+  )
   assert good["label_accuracy"]["accuracy"] >= 0.97
   assert good["fid"]["64"]["max"] < 1.0  # same class: near 0 (fid.md: <0.03)
   with open(tmp_path / "eval.json") as f:
@@ -48,8 +52,9 @@ def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
   assert 0.8 <= m["spread"]["min"] <= m["spread"]["max"] <= 1.25
   assert m["duplicates"]["max"] <= 0.05
   assert abs(m["kid"]["mean"]) < 0.01
-  bad = evaluate.run(samples=_real_samples(tmp_path, swap=True),
-                     feature_sizes=[64])
+  bad = evaluate.run(
+      samples=_real_samples(tmp_path, swap=True), feature_sizes=[64]
+  )
   assert bad["label_accuracy"]["accuracy"] <= 0.03
   assert bad["label_accuracy"]["confusion"][0][1] >= N - 2
   assert bad["fid"]["64"]["min"] > 5 * good["fid"]["64"]["max"]
@@ -65,10 +70,10 @@ def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
 def test_collapse_is_seen(tmp_path):
   """One digit repeated per class: FID64 stays below that of the wrong
   class, while recall, coverage and the near-duplicate share say it."""
-  report = evaluate.run(samples=_real_samples(tmp_path, swap=False,
-                                              collapse=True),
-                        metrics=["fid64", "recall", "coverage", "spread",
-                                 "duplicates"])
+  report = evaluate.run(
+      samples=_real_samples(tmp_path, swap=False, collapse=True),
+      metrics=["fid64", "recall", "coverage", "spread", "duplicates"],
+  )
   m = report["metrics"]
   assert m["fid64"]["max"] < 1.0
   assert m["recall"]["max"] <= 1 / N
@@ -82,8 +87,9 @@ def test_collapse_is_seen(tmp_path):
 @pytest.mark.data
 def test_too_few_samples_is_an_error(tmp_path):
   with pytest.raises(ValueError, match="192"):
-    evaluate.run(samples=_real_samples(tmp_path, swap=False),
-                 feature_sizes=[192])
+    evaluate.run(
+        samples=_real_samples(tmp_path, swap=False), feature_sizes=[192]
+    )
 
 
 def test_bad_samples_file(tmp_path):

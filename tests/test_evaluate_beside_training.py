@@ -27,8 +27,10 @@ CACHE = utils.enable_compilation_cache()
 
 def _splits():
   """What `tests/synthetic.py`'s train command reads: both splits."""
-  return {split: synthetic_data.load_split("mnist", split)
-          for split in ("train", "test")}
+  return {
+      split: synthetic_data.load_split("mnist", split)
+      for split in ("train", "test")
+  }
 
 
 @pytest.mark.data  # the label classifier is trained on MNIST (cached)
@@ -38,22 +40,38 @@ def test_evaluate_in_a_loop_beside_a_training(tmp_path):
   against an undisturbed run's weights of that step), and the training
   ends as the undisturbed run."""
   from cign_jax.evaluation import evaluate  # pylint: disable=g-import-not-at-top
-  overrides = {"num_train_steps": 10, "checkpoint_every_steps": 1,
-               "keep_checkpoints": 2}
+
+  overrides = {
+      "num_train_steps": 10,
+      "checkpoint_every_steps": 1,
+      "keep_checkpoints": 2,
+  }
   workdir = str(tmp_path / "live")
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
   proc = subprocess.Popen(
-      [sys.executable, SYNTHETIC_MAIN,
-       f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}"] +
-      [f"--config.{k}={v}" for k, v in overrides.items()],
-      env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True)
+      [
+          sys.executable,
+          SYNTHETIC_MAIN,
+          f"--config={ROOT}/configs/quick.py:tiny",
+          f"--workdir={workdir}",
+      ]
+      + [f"--config.{k}={v}" for k, v in overrides.items()],
+      env=env,
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   scored = []  # (reported step, the step and weights digest it scored)
   try:
     while proc.poll() is None:
       try:
-        report = evaluate.run(workdir=workdir, out=str(tmp_path / "out"),
-                              num_per_class=2, metrics=["label_accuracy"])
+        report = evaluate.run(
+            workdir=workdir,
+            out=str(tmp_path / "out"),
+            num_per_class=2,
+            metrics=["label_accuracy"],
+        )
       except checkpoints.CheckpointError:
         time.sleep(0.05)  # no checkpoint yet
         continue
@@ -68,8 +86,11 @@ def test_evaluate_in_a_loop_beside_a_training(tmp_path):
   assert proc.returncode == 0, stderr[-3000:]
   assert scored, "no evaluation ran while the training did"
   reference = str(tmp_path / "undisturbed")
-  train.train_and_evaluate(tiny_config(**dict(overrides, keep_checkpoints=20)),
-                           reference, dataset=_splits())
+  train.train_and_evaluate(
+      tiny_config(**dict(overrides, keep_checkpoints=20)),
+      reference,
+      dataset=_splits(),
+  )
   for reported, step, weights in scored:
     assert reported == step
     _, _, variables, _ = checkpoints.load_model(reference, checkpoint=step)
@@ -77,6 +98,7 @@ def test_evaluate_in_a_loop_beside_a_training(tmp_path):
   _, _, live, live_step = checkpoints.load_model(workdir)
   _, _, undisturbed, step = checkpoints.load_model(reference)
   assert live_step == step == 10
-  for a, b in zip(jax.tree_util.tree_leaves(live),
-                  jax.tree_util.tree_leaves(undisturbed)):
+  for a, b in zip(
+      jax.tree_util.tree_leaves(live), jax.tree_util.tree_leaves(undisturbed)
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

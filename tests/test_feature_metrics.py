@@ -14,7 +14,6 @@ from cign_jax.evaluation.metrics import memorisation
 from cign_jax.evaluation.metrics import prdc
 from cign_jax.evaluation.metrics import spread
 
-
 # --- Brute force, from the papers' definitions -------------------------------
 
 
@@ -24,8 +23,9 @@ def _dist(a, b):
 
 def _radius(points, i, k):
   """Distance from points[i] to its k-th nearest other point."""
-  others = sorted(_dist(points[i], points[j]) for j in range(len(points))
-                  if j != i)
+  others = sorted(
+      _dist(points[i], points[j]) for j in range(len(points)) if j != i
+  )
   return others[k - 1]
 
 
@@ -34,16 +34,24 @@ def _brute_prdc(real, fake, k):
   r_real = [_radius(real, i, k) for i in range(n)]
   r_fake = [_radius(fake, j, k) for j in range(m)]
   d = [[_dist(real[i], fake[j]) for j in range(m)] for i in range(n)]
-  precision = sum(any(d[i][j] <= r_real[i] for i in range(n))
-                  for j in range(m)) / m
-  recall = sum(any(d[i][j] <= r_fake[j] for j in range(m))
-               for i in range(n)) / n
-  density = sum(d[i][j] <= r_real[i] for i in range(n)
-                for j in range(m)) / (k * m)
-  coverage = sum(any(d[i][j] <= r_real[i] for j in range(m))
-                 for i in range(n)) / n
-  return {"precision": precision, "recall": recall, "density": density,
-          "coverage": coverage}
+  precision = (
+      sum(any(d[i][j] <= r_real[i] for i in range(n)) for j in range(m)) / m
+  )
+  recall = (
+      sum(any(d[i][j] <= r_fake[j] for j in range(m)) for i in range(n)) / n
+  )
+  density = sum(d[i][j] <= r_real[i] for i in range(n) for j in range(m)) / (
+      k * m
+  )
+  coverage = (
+      sum(any(d[i][j] <= r_real[i] for j in range(m)) for i in range(n)) / n
+  )
+  return {
+      "precision": precision,
+      "recall": recall,
+      "density": density,
+      "coverage": coverage,
+  }
 
 
 def _poly_kernel(x, y):
@@ -53,12 +61,15 @@ def _poly_kernel(x, y):
 def _brute_mmd2(x, y):
   """The unbiased MMD^2 with the cubic kernel, by its formula."""
   m, n = len(x), len(y)
-  xx = sum(_poly_kernel(x[i], x[j]) for i in range(m) for j in range(m)
-           if i != j) / (m * (m - 1))
-  yy = sum(_poly_kernel(y[i], y[j]) for i in range(n) for j in range(n)
-           if i != j) / (n * (n - 1))
-  xy = sum(_poly_kernel(x[i], y[j]) for i in range(m)
-           for j in range(n)) / (m * n)
+  xx = sum(
+      _poly_kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j
+  ) / (m * (m - 1))
+  yy = sum(
+      _poly_kernel(y[i], y[j]) for i in range(n) for j in range(n) if i != j
+  ) / (n * (n - 1))
+  xy = sum(_poly_kernel(x[i], y[j]) for i in range(m) for j in range(n)) / (
+      m * n
+  )
   return xx + yy - 2 * xy
 
 
@@ -79,8 +90,7 @@ def _brute_kid(real, fake, num_subsets, subset_size, seed):
 
 
 def _nearest_other(points, i):
-  return min(_dist(points[i], points[j]) for j in range(len(points))
-             if j != i)
+  return min(_dist(points[i], points[j]) for j in range(len(points)) if j != i)
 
 
 def _percentile(values, q):
@@ -119,8 +129,9 @@ def test_prdc_matches_brute_force(features, k):
 
 def test_kid_matches_brute_force(features):
   real, fake = features
-  mean, std = kid.kernel_inception_distance(real, fake, num_subsets=7,
-                                            max_subset_size=10, seed=3)
+  mean, std = kid.kernel_inception_distance(
+      real, fake, num_subsets=7, max_subset_size=10, seed=3
+  )
   want_mean, want_std = _brute_kid(real, fake, 7, 10, 3)
   assert mean == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
   assert std == pytest.approx(want_std, rel=1e-7, abs=1e-12)
@@ -142,14 +153,16 @@ def test_kid_does_not_depend_on_the_sample_count():
   rng = np.random.default_rng(1)
   real = rng.normal(size=(1200, 8))
   fake = rng.normal(size=(1200, 8)) * 1.3 + 0.3
-  large, _ = kid.kernel_inception_distance(real, fake, num_subsets=5,
-                                           max_subset_size=1200)
-  small, _ = kid.kernel_inception_distance(real, fake, num_subsets=3000,
-                                           max_subset_size=20)
+  large, _ = kid.kernel_inception_distance(
+      real, fake, num_subsets=5, max_subset_size=1200
+  )
+  small, _ = kid.kernel_inception_distance(
+      real, fake, num_subsets=3000, max_subset_size=20
+  )
   assert small == pytest.approx(large, rel=0.05)
-  same, _ = kid.kernel_inception_distance(real[:600], real[600:],
-                                          num_subsets=5,
-                                          max_subset_size=600)
+  same, _ = kid.kernel_inception_distance(
+      real[:600], real[600:], num_subsets=5, max_subset_size=600
+  )
   assert abs(same) < 0.02 * large
 
 
@@ -157,13 +170,17 @@ def test_spread_matches_brute_force(features):
   real, fake = features
 
   def mean_pairwise(points):
-    pairs = [_dist(points[i], points[j]) for i in range(len(points))
-             for j in range(i + 1, len(points))]
+    pairs = [
+        _dist(points[i], points[j])
+        for i in range(len(points))
+        for j in range(i + 1, len(points))
+    ]
     return sum(pairs) / len(pairs)
 
   want = mean_pairwise(fake) / mean_pairwise(real)
-  assert spread.within_class_spread(real, fake) == pytest.approx(want,
-                                                                 rel=1e-12)
+  assert spread.within_class_spread(real, fake) == pytest.approx(
+      want, rel=1e-12
+  )
   assert spread.within_class_spread(real, real) == pytest.approx(1.0)
 
 
@@ -196,10 +213,12 @@ def test_memorisation_matches_brute_force():
   g, t = nearest_train(fake), nearest_train(test)
   threshold = _percentile(t, 1)
   got = memorisation.memorisation(train, test, fake)
-  assert got["memorisation_ratio"] == pytest.approx(median(g) / median(t),
-                                                    rel=1e-12)
+  assert got["memorisation_ratio"] == pytest.approx(
+      median(g) / median(t), rel=1e-12
+  )
   assert got["memorised"] == pytest.approx(
-      sum(d < threshold for d in g) / len(g))
+      sum(d < threshold for d in g) / len(g)
+  )
   assert got["memorised"] == pytest.approx(10 / 40)
   copies = memorisation.memorisation(train, test, train[:40])
   assert copies == {"memorisation_ratio": 0.0, "memorised": 1.0}
@@ -240,10 +259,12 @@ def test_shifted_copy(real_set):
   assert got["precision"] <= 0.05
   assert got["recall"] <= 0.05
   assert got["coverage"] <= 0.05
-  mean, _ = kid.kernel_inception_distance(real_set, real_set + shift,
-                                          num_subsets=3)
-  same, _ = kid.kernel_inception_distance(real_set[:40], real_set[40:],
-                                          num_subsets=3)
+  mean, _ = kid.kernel_inception_distance(
+      real_set, real_set + shift, num_subsets=3
+  )
+  same, _ = kid.kernel_inception_distance(
+      real_set[:40], real_set[40:], num_subsets=3
+  )
   assert mean > 20 * abs(same)
 
 
@@ -256,14 +277,17 @@ def test_chunked_distances_match_direct(monkeypatch):
   b = rng.normal(size=(53, 9))
   direct = np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
   monkeypatch.setattr(distances, "CHUNK_ELEMENTS", 100)  # 1 row at a time
-  np.testing.assert_allclose(distances.pairwise_distances(a, b), direct,
-                             rtol=1e-10)
-  np.testing.assert_allclose(distances.nearest_distances(a, b),
-                             direct.min(axis=1), rtol=1e-10)
+  np.testing.assert_allclose(
+      distances.pairwise_distances(a, b), direct, rtol=1e-10
+  )
+  np.testing.assert_allclose(
+      distances.nearest_distances(a, b), direct.min(axis=1), rtol=1e-10
+  )
   within = np.sqrt(((a[:, None, :] - a[None, :, :]) ** 2).sum(-1))
   np.fill_diagonal(within, np.inf)
-  np.testing.assert_allclose(distances.nearest_distances(a),
-                             within.min(axis=1), rtol=1e-10)
+  np.testing.assert_allclose(
+      distances.nearest_distances(a), within.min(axis=1), rtol=1e-10
+  )
 
 
 # --- Bad input ---------------------------------------------------------------
@@ -271,9 +295,11 @@ def test_chunked_distances_match_direct(monkeypatch):
 
 def test_k_not_smaller_than_the_samples(features):
   real, fake = features
-  with pytest.raises(distances.NeighbourhoodSizeError,
-                     match=r"k = 25 must be smaller than the generated "
-                     r"samples \(25\).*allow k up to 24"):
+  with pytest.raises(
+      distances.NeighbourhoodSizeError,
+      match=r"k = 25 must be smaller than the generated "
+      r"samples \(25\).*allow k up to 24",
+  ):
     prdc.precision_recall_density_coverage(real, fake, 25)
   with pytest.raises(distances.NeighbourhoodSizeError, match="k must be >= 1"):
     prdc.precision_recall_density_coverage(real, fake, 0)
@@ -283,9 +309,10 @@ def test_k_not_smaller_than_the_samples(features):
 
 def test_too_few_samples(features):
   real, fake = features
-  with pytest.raises(distances.TooFewSamplesError,
-                     match="generated features: 1 samples, this needs at "
-                     "least 2"):
+  with pytest.raises(
+      distances.TooFewSamplesError,
+      match="generated features: 1 samples, this needs at " "least 2",
+  ):
     spread.within_class_spread(real, fake[:1])
   with pytest.raises(distances.TooFewSamplesError, match="at least 2"):
     kid.kernel_inception_distance(real, fake, max_subset_size=1)
@@ -298,14 +325,17 @@ def test_non_finite_features(features, bad):
   real, fake = features
   fake = fake.copy()
   fake[7, 2] = bad
-  for call in (lambda: prdc.precision_recall_density_coverage(real, fake, 3),
-               lambda: kid.kernel_inception_distance(real, fake),
-               lambda: spread.within_class_spread(real, fake),
-               lambda: duplicates.near_duplicate_share(real, fake),
-               lambda: memorisation.memorisation(real, real, fake)):
-    with pytest.raises(distances.NonFiniteFeaturesError,
-                       match=r"generated features: 1 of 25 feature rows.*"
-                       r"row 7"):
+  for call in (
+      lambda: prdc.precision_recall_density_coverage(real, fake, 3),
+      lambda: kid.kernel_inception_distance(real, fake),
+      lambda: spread.within_class_spread(real, fake),
+      lambda: duplicates.near_duplicate_share(real, fake),
+      lambda: memorisation.memorisation(real, real, fake),
+  ):
+    with pytest.raises(
+        distances.NonFiniteFeaturesError,
+        match=r"generated features: 1 of 25 feature rows.*" r"row 7",
+    ):
       call()
 
 
@@ -313,8 +343,9 @@ def test_shapes(features):
   real, fake = features
   with pytest.raises(distances.MetricInputError, match="same feature layer"):
     prdc.precision_recall_density_coverage(real, fake[:, :4], 3)
-  with pytest.raises(distances.MetricInputError, match=r"\(samples, "
-                     r"dimensions\)"):
+  with pytest.raises(
+      distances.MetricInputError, match=r"\(samples, " r"dimensions\)"
+  ):
     kid.kernel_inception_distance(real[0], fake)
   # Every named error is a ValueError, as the library's other input errors.
   assert issubclass(distances.NeighbourhoodSizeError, ValueError)

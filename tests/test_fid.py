@@ -15,7 +15,6 @@ import scipy.linalg
 
 from cign_jax.evaluation import fid
 
-
 # ---------------------------------------------------------------------------
 # The distance.
 
@@ -30,8 +29,12 @@ def _random_gaussian(rng, dim):
 def _fid_formula(mu1, s1, mu2, s2):
   """|mu1 - mu2|^2 + tr(s1) + tr(s2) - 2 tr(sqrtm(s1 s2)), directly."""
   root = scipy.linalg.sqrtm(s1 @ s2)
-  return (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) -
-          2 * np.trace(root).real)
+  return (
+      np.sum((mu1 - mu2) ** 2)
+      + np.trace(s1)
+      + np.trace(s2)
+      - 2 * np.trace(root).real
+  )
 
 
 @pytest.mark.parametrize("dim", [1, 8, 64, 128])
@@ -47,8 +50,9 @@ def test_frechet_distance_matches_formula(dim):
   # positive, and tr(sqrtm(s1 s2)) is the sum of their square roots.
   eig = np.linalg.eigvals(s1 @ s2).real
   trace_root = np.sum(np.sqrt(eig))
-  want2 = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) -
-           2 * trace_root)
+  want2 = (
+      np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * trace_root
+  )
   assert got == pytest.approx(want2, rel=1e-7, abs=1e-7)
   # Symmetric, and zero for identical Gaussians.
   assert fid.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(got, rel=1e-7)
@@ -87,16 +91,21 @@ def test_non_finite_sqrtm_retries_with_offset(monkeypatch):
     got = fid.frechet_distance(mu1, s1, mu2, s2, eps=1e-6)
   offset = 1e-6 * np.eye(5)
   np.testing.assert_allclose(calls[1], (s1 + offset) @ (s2 + offset))
-  want = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) -
-          2 * np.trace(real_sqrtm((s1 + offset) @ (s2 + offset))).real)
+  want = (
+      np.sum((mu1 - mu2) ** 2)
+      + np.trace(s1)
+      + np.trace(s2)
+      - 2 * np.trace(real_sqrtm((s1 + offset) @ (s2 + offset))).real
+  )
   assert got == pytest.approx(want, rel=1e-12)
 
 
 def test_complex_sqrtm(monkeypatch):
   mu = np.zeros(3)
   s = np.eye(3)
-  monkeypatch.setattr(fid, "_sqrtm",
-                      lambda a: np.eye(3) + 1e-5j * np.ones((3, 3)))
+  monkeypatch.setattr(
+      fid, "_sqrtm", lambda a: np.eye(3) + 1e-5j * np.ones((3, 3))
+  )
   # Small imaginary part: the real part is used.
   assert fid.frechet_distance(mu, s, mu, s) == pytest.approx(0.0, abs=1e-12)
   monkeypatch.setattr(fid, "_sqrtm", lambda a: np.eye(3) + 0.1j * np.eye(3))
@@ -112,8 +121,9 @@ def test_statistics_float64_unbiased():
   x = features.astype(np.float64)
   centred = x - x.mean(axis=0)
   np.testing.assert_allclose(mu, x.mean(axis=0), rtol=1e-12)
-  np.testing.assert_allclose(sigma, centred.T @ centred / (50 - 1),
-                             rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(
+      sigma, centred.T @ centred / (50 - 1), rtol=1e-10, atol=1e-12
+  )
   with pytest.raises(ValueError, match="at least 2"):
     fid.statistics(features[:1])
 
@@ -145,9 +155,10 @@ def _reference_resize(image, out_h, out_w):
   return out
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [((28, 28), (299, 299)),
-                                          ((28, 20), (61, 45)),
-                                          ((40, 33), (17, 12))])
+@pytest.mark.parametrize(
+    "in_hw,out_hw",
+    [((28, 28), (299, 299)), ((28, 20), (61, 45)), ((40, 33), (17, 12))],
+)
 def test_resize_matches_reference_bilinear(in_hw, out_hw):
   rng = np.random.default_rng(3)
   images = rng.uniform(size=(2,) + in_hw + (3,)).astype(np.float32)
@@ -172,9 +183,16 @@ def test_resize_matches_torch_interpolate():
   rng = np.random.default_rng(5)
   images = rng.uniform(size=(2, 28, 28, 3)).astype(np.float32)
   ours = np.asarray(fid.resize_bilinear(jnp.asarray(images), (299, 299)))
-  theirs = torch.nn.functional.interpolate(
-      torch.from_numpy(images).permute(0, 3, 1, 2), size=(299, 299),
-      mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+  theirs = (
+      torch.nn.functional.interpolate(
+          torch.from_numpy(images).permute(0, 3, 1, 2),
+          size=(299, 299),
+          mode="bilinear",
+          align_corners=False,
+      )
+      .permute(0, 2, 3, 1)
+      .numpy()
+  )
   np.testing.assert_allclose(ours, theirs, atol=2e-6)
 
 
@@ -182,8 +200,9 @@ def test_quantize():
   levels = np.arange(256, dtype=np.uint8)
   # The library's [-1, 1] range (x / 255 - 0.5) * 2 round-trips exactly.
   x = ((levels.astype(np.float32) / 255 - 0.5) * 2).reshape(1, 16, 16)
-  np.testing.assert_array_equal(fid.quantize(x)[0, ..., 0],
-                                levels.reshape(16, 16))
+  np.testing.assert_array_equal(
+      fid.quantize(x)[0, ..., 0], levels.reshape(16, 16)
+  )
   q = fid.quantize(np.array([[[-1.0, 1.0, 0.0, -3.0, 2.0]]], np.float32))
   np.testing.assert_array_equal(q[0, 0, :, 0], [0, 255, 128, 0, 255])
   assert fid.quantize(np.zeros((2, 4, 4, 1), np.uint8)).dtype == np.uint8
@@ -203,8 +222,11 @@ class _RecordingExtractor:
     self.seen.append((pixels, max_features, preprocess))
     if progress:
       progress(len(pixels))
-    return {s: np.zeros((len(pixels), s), np.float32)
-            for s in fid.FEATURE_SIZES if s <= max_features}
+    return {
+        s: np.zeros((len(pixels), s), np.float32)
+        for s in fid.FEATURE_SIZES
+        if s <= max_features
+    }
 
 
 def test_preprocessing_quantises():
@@ -219,8 +241,9 @@ def test_preprocessing_quantises():
   # Feature extraction hands the network the 8-bit pixels, with the
   # pytorch-fid preprocessing, and only up to the deepest requested tap.
   recorder = _RecordingExtractor()
-  feats = fid.extract_features(x[..., 0], (64, 192), extractor=recorder,
-                               progress=True)
+  feats = fid.extract_features(
+      x[..., 0], (64, 192), extractor=recorder, progress=True
+  )
   pixels, deepest, preprocess = recorder.seen[0]
   assert pixels.dtype == np.uint8
   np.testing.assert_array_equal(pixels, u8)
@@ -235,8 +258,9 @@ def test_preprocessing_quantises():
   want = _reference_resize(q1[0].astype(np.float64) / 255, 299, 299) * 2 - 1
   np.testing.assert_allclose(out[0, ..., :1], want, atol=3e-6)
   # Corner pixels of an upsampled image are the corner input pixels.
-  np.testing.assert_allclose(out[0, 0, 0, 0], q1[0, 0, 0, 0] / 127.5 - 1,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      out[0, 0, 0, 0], q1[0, 0, 0, 0] / 127.5 - 1, atol=1e-6
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -266,7 +290,7 @@ def _toy_data(rng, per_class, classes=3):
   images = np.zeros((len(labels), 28, 28, 1), np.float32) - 1
   for i, label in enumerate(labels):
     row = 4 + 6 * label
-    images[i, row:row + 4, 4:24, 0] = 1.0
+    images[i, row : row + 4, 4:24, 0] = 1.0
     images[i] += rng.normal(scale=0.3, size=(28, 28, 1))
   return np.clip(images, -1, 1).astype(np.float32), labels
 
@@ -282,9 +306,15 @@ def test_per_class_fid_protocol_and_cache(fake, tmp_path):
   rng = np.random.default_rng(7)
   real, real_labels = _toy_data(rng, 250)
   gen, gen_labels = _toy_data(rng, 270)
-  result = fid.per_class_fid(gen, gen_labels, real, real_labels,
-                             feature_sizes=(64, 192), cache_dir=tmp_path,
-                             progress=False)
+  result = fid.per_class_fid(
+      gen,
+      gen_labels,
+      real,
+      real_labels,
+      feature_sizes=(64, 192),
+      cache_dir=tmp_path,
+      progress=False,
+  )
   assert result.feature_sizes == (64, 192) and result.notes == []
   assert result.counts == {0: 250, 1: 250, 2: 250}
   for size in (64, 192):
@@ -299,15 +329,22 @@ def test_per_class_fid_protocol_and_cache(fake, tmp_path):
   # The same protocol by hand for one class and size.
   real_idx = np.flatnonzero(real_labels == 1)[:250]
   gen_idx = np.flatnonzero(gen_labels == 1)[:250]
-  want = fid.fid_from_features(fake(real[real_idx], (192,))[192],
-                               fake(gen[gen_idx], (192,))[192])
+  want = fid.fid_from_features(
+      fake(real[real_idx], (192,))[192], fake(gen[gen_idx], (192,))[192]
+  )
   assert result.per_class[192][1] == pytest.approx(want, rel=1e-10)
 
   # Second call: the reference statistics come from the cache.
   fake.calls.clear()
-  again = fid.per_class_fid(gen, gen_labels, real, real_labels,
-                            feature_sizes=(64, 192), cache_dir=tmp_path,
-                            progress=False)
+  again = fid.per_class_fid(
+      gen,
+      gen_labels,
+      real,
+      real_labels,
+      feature_sizes=(64, 192),
+      cache_dir=tmp_path,
+      progress=False,
+  )
   assert fake.calls == [750]
   assert again.per_class == result.per_class
 
@@ -315,9 +352,15 @@ def test_per_class_fid_protocol_and_cache(fake, tmp_path):
   real2 = real.copy()
   real2[np.flatnonzero(real_labels == 2)[0]] *= -1
   fake.calls.clear()
-  fid.per_class_fid(gen, gen_labels, real2, real_labels,
-                    feature_sizes=(64, 192), cache_dir=tmp_path,
-                    progress=False)
+  fid.per_class_fid(
+      gen,
+      gen_labels,
+      real2,
+      real_labels,
+      feature_sizes=(64, 192),
+      cache_dir=tmp_path,
+      progress=False,
+  )
   assert fake.calls == [250, 750]
 
 
@@ -327,8 +370,9 @@ def test_per_class_fid_default_sizes_skip_2048(fake, tmp_path, monkeypatch):
   monkeypatch.setattr(fid, "frechet_distance", lambda *args: 1.0)
   rng = np.random.default_rng(11)
   real, real_labels = _toy_data(rng, 770, classes=2)
-  result = fid.per_class_fid(real, real_labels, real, real_labels,
-                             cache_dir=tmp_path, progress=False)
+  result = fid.per_class_fid(
+      real, real_labels, real, real_labels, cache_dir=tmp_path, progress=False
+  )
   assert result.feature_sizes == (64, 192, 768)
   assert len(result.notes) == 1 and "FID2048 skipped" in result.notes[0]
   assert result.counts == {0: 770, 1: 770}
@@ -338,9 +382,15 @@ def test_per_class_fid_default_sizes_skip_2048(fake, tmp_path, monkeypatch):
 def test_per_class_fid_same_images_is_zero(fake, tmp_path):
   rng = np.random.default_rng(8)
   real, labels = _toy_data(rng, 300, classes=2)
-  result = fid.per_class_fid(real, labels, real, labels,
-                             feature_sizes=(64, 192), cache_dir=tmp_path,
-                             progress=False)
+  result = fid.per_class_fid(
+      real,
+      labels,
+      real,
+      labels,
+      feature_sizes=(64, 192),
+      cache_dir=tmp_path,
+      progress=False,
+  )
   for size in (64, 192):
     assert max(abs(v) for v in result.per_class[size].values()) < 1e-6
 
@@ -349,13 +399,26 @@ def test_per_class_fid_max_per_class(fake, tmp_path):
   rng = np.random.default_rng(9)
   real, real_labels = _toy_data(rng, 300, classes=2)
   gen, gen_labels = _toy_data(rng, 250, classes=2)
-  result = fid.per_class_fid(gen, gen_labels, real, real_labels,
-                             feature_sizes=(64, 192), max_per_class=220,
-                             cache_dir=tmp_path, progress=False)
+  result = fid.per_class_fid(
+      gen,
+      gen_labels,
+      real,
+      real_labels,
+      feature_sizes=(64, 192),
+      max_per_class=220,
+      cache_dir=tmp_path,
+      progress=False,
+  )
   assert result.counts == {0: 220, 1: 220}
-  result = fid.per_class_fid(gen, gen_labels, real, real_labels,
-                             feature_sizes=(64,), cache_dir=tmp_path,
-                             progress=False)
+  result = fid.per_class_fid(
+      gen,
+      gen_labels,
+      real,
+      real_labels,
+      feature_sizes=(64,),
+      cache_dir=tmp_path,
+      progress=False,
+  )
   assert result.counts == {0: 250, 1: 250}
 
 
@@ -365,21 +428,40 @@ def test_too_few_samples_is_an_error(fake, tmp_path):
   gen, gen_labels = _toy_data(rng, 300)
   # Default sizes include 768: 300 samples per class is too few.
   with pytest.raises(ValueError, match="too few for FID at 768"):
-    fid.per_class_fid(gen, gen_labels, real, real_labels, cache_dir=tmp_path,
-                      progress=False)
+    fid.per_class_fid(
+        gen, gen_labels, real, real_labels, cache_dir=tmp_path, progress=False
+    )
   # 2048 asked for explicitly with 1000 per class at most: an error too.
   real, real_labels = _toy_data(rng, 1000, classes=1)
   with pytest.raises(ValueError, match="too few for FID at 2048"):
-    fid.per_class_fid(real, real_labels, real, real_labels,
-                      feature_sizes=(64, 2048), cache_dir=tmp_path,
-                      progress=False)
+    fid.per_class_fid(
+        real,
+        real_labels,
+        real,
+        real_labels,
+        feature_sizes=(64, 2048),
+        cache_dir=tmp_path,
+        progress=False,
+    )
   assert fake.calls == []  # checked before any feature is computed
   with pytest.raises(ValueError, match="too few"):
     fid.fid(real[:100], real[:100], feature_sizes=(192,), progress=False)
   with pytest.raises(ValueError, match="no generated images"):
-    fid.per_class_fid(gen[gen_labels != 1], gen_labels[gen_labels != 1],
-                      real, np.zeros(len(real), int) + 1, cache_dir=tmp_path,
-                      progress=False)
+    fid.per_class_fid(
+        gen[gen_labels != 1],
+        gen_labels[gen_labels != 1],
+        real,
+        np.zeros(len(real), int) + 1,
+        cache_dir=tmp_path,
+        progress=False,
+    )
   with pytest.raises(ValueError, match="feature sizes"):
-    fid.per_class_fid(gen, gen_labels, gen, gen_labels, feature_sizes=(100,),
-                      cache_dir=tmp_path, progress=False)
+    fid.per_class_fid(
+        gen,
+        gen_labels,
+        gen,
+        gen_labels,
+        feature_sizes=(100,),
+        cache_dir=tmp_path,
+        progress=False,
+    )

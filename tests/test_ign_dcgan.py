@@ -33,8 +33,9 @@ CACHE = utils.enable_compilation_cache()
 
 
 def _ours(b=64, d=512, p=0.1):
-  model = models.DCGANIdempotentNetwork(latent_dim=b, intermediate_dim=d,
-                                        dropout_rate=p)
+  model = models.DCGANIdempotentNetwork(
+      latent_dim=b, intermediate_dim=d, dropout_rate=p
+  )
   return model, models.init_variables(model, jax.random.key(0))
 
 
@@ -47,26 +48,30 @@ def _inputs(n=6, seed=0):
 
 def test_channel_dropout_drops_whole_feature_maps():
   b, c, rate = 64, 64, 0.25
-  x = jnp.asarray(np.random.RandomState(0).uniform(0.5, 1.5, (b, 5, 7, c)),
-                  jnp.float32)
+  x = jnp.asarray(
+      np.random.RandomState(0).uniform(0.5, 1.5, (b, 5, 7, c)), jnp.float32
+  )
   key = jax.random.key(3)
   y = np.asarray(dropout_lib.channel_dropout(x, rate, key))
   kept = np.all(y != 0, axis=(1, 2))
   dropped = np.all(y == 0, axis=(1, 2))
   assert np.all(kept | dropped)  # no map is partly dropped
-  np.testing.assert_allclose(y[kept.nonzero()[0], :, :, kept.nonzero()[1]],
-                             np.asarray(x)[kept.nonzero()[0], :, :,
-                                           kept.nonzero()[1]] / (1 - rate),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      y[kept.nonzero()[0], :, :, kept.nonzero()[1]],
+      np.asarray(x)[kept.nonzero()[0], :, :, kept.nonzero()[1]] / (1 - rate),
+      rtol=1e-6,
+  )
   # 4096 Bernoulli(0.25) decisions: standard deviation of the rate 0.0068.
   assert abs(dropped.mean() - rate) < 0.03
   # Deterministic in the key, different across keys.
   np.testing.assert_array_equal(
-      y, np.asarray(dropout_lib.channel_dropout(x, rate, key)))
+      y, np.asarray(dropout_lib.channel_dropout(x, rate, key))
+  )
   other = np.asarray(dropout_lib.channel_dropout(x, rate, jax.random.key(4)))
   assert np.any(np.all(other == 0, axis=(1, 2)) != dropped)
   np.testing.assert_array_equal(
-      np.asarray(dropout_lib.channel_dropout(x, 0.0, key)), np.asarray(x))
+      np.asarray(dropout_lib.channel_dropout(x, 0.0, key)), np.asarray(x)
+  )
   with pytest.raises(ValueError, match="dropout rate"):
     dropout_lib.channel_dropout(x, 1.0, key)
   with pytest.raises(ValueError, match="channel dropout needs"):
@@ -81,10 +86,15 @@ def test_network_dropout_is_channel_wise_and_follows_the_rng():
 
   def run(key):
     return model.apply(
-        variables, x, train=True, rngs={"dropout": key},
+        variables,
+        x,
+        train=True,
+        rngs={"dropout": key},
         mutable=["batch_stats", "intermediates"],
         capture_intermediates=lambda mdl, method: isinstance(
-            mdl, models.ChannelDropout))
+            mdl, models.ChannelDropout
+        ),
+    )
 
   out_a, state_a = run(jax.random.key(0))
   out_b, _ = run(jax.random.key(0))
@@ -104,46 +114,72 @@ def test_network_dropout_is_channel_wise_and_follows_the_rng():
   # Eval mode: no dropout, the same output whatever the key.
   f = model.apply(variables, x, train=False)
   np.testing.assert_array_equal(
-      np.asarray(f), np.asarray(model.apply(variables, x, train=False)))
+      np.asarray(f), np.asarray(model.apply(variables, x, train=False))
+  )
 
 
 def test_configs():
   config = config_lib.load_config_file(
-      os.path.join(ROOT, "configs/ign_dcgan.py"))
+      os.path.join(ROOT, "configs/ign_dcgan.py")
+  )
   assert config.model.architecture == "ign_dcgan"
   assert config.model.conditioning == "none"
   assert config.model.dropout_rate == 0.1
-  assert (config.optimizer.name, config.optimizer.learning_rate,
-          config.optimizer.b1, config.optimizer.b2,
-          config.optimizer.weight_decay) == ("adam", 1e-4, 0.5, 0.999, 0.0)
+  assert (
+      config.optimizer.name,
+      config.optimizer.learning_rate,
+      config.optimizer.b1,
+      config.optimizer.b2,
+      config.optimizer.weight_decay,
+  ) == ("adam", 1e-4, 0.5, 0.999, 0.0)
   assert (config.batch_size, config.num_epochs) == (256, 50)
-  assert (config.loss.rec_weight, config.loss.idem_noise_weight,
-          config.loss.tight_noise_weight) == (20.0, 20.0, 2.5)
+  assert (
+      config.loss.rec_weight,
+      config.loss.idem_noise_weight,
+      config.loss.tight_noise_weight,
+  ) == (20.0, 20.0, 2.5)
   assert config.loss.tightness == "l1"  # the IGN code's plain L1
   model = models.model_from_config(config)
   assert isinstance(model, models.DCGANIdempotentNetwork)
   assert (model.latent_dim, model.intermediate_dim) == (64, 512)
 
   ablation = config_lib.load_config_file(
-      os.path.join(ROOT, "configs/ablation_unconditional.py"))
+      os.path.join(ROOT, "configs/ablation_unconditional.py")
+  )
   model = models.model_from_config(ablation)
   assert isinstance(model, models.IdempotentNetwork)
   assert (ablation.model.architecture, model.conditioning) == ("cign", "none")
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("model.architecture", "unet",
-     "config.model.architecture: unknown architecture 'unet'"),
-    ("model.conditioning", "channel",
-     "config.model.conditioning: the 'ign_dcgan' network is unconditional"),
-    ("model.intermediate_dim", 100,
-     "config.model.intermediate_dim: .* multiple of 16, got 100"),
-    ("optimizer.name", "sgd",
-     "config.optimizer.name: unknown optimizer 'sgd'.*'adamw', 'adam'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        (
+            "model.architecture",
+            "unet",
+            "config.model.architecture: unknown architecture 'unet'",
+        ),
+        (
+            "model.conditioning",
+            "channel",
+            "config.model.conditioning: the 'ign_dcgan' network is unconditional",
+        ),
+        (
+            "model.intermediate_dim",
+            100,
+            "config.model.intermediate_dim: .* multiple of 16, got 100",
+        ),
+        (
+            "optimizer.name",
+            "sgd",
+            "config.optimizer.name: unknown optimizer 'sgd'.*'adamw', 'adam'",
+        ),
+    ],
+)
 def test_bad_config_is_named(field, value, message):
   config = config_lib.load_config_file(
-      os.path.join(ROOT, "configs/ign_dcgan.py"))
+      os.path.join(ROOT, "configs/ign_dcgan.py")
+  )
   config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
     config_lib.validate(config)
@@ -154,8 +190,8 @@ def test_bad_model_arguments_are_named():
     _ours(8, 24)
   with pytest.raises(ValueError, match="unconditional"):
     models.init_variables(
-        models.DCGANIdempotentNetwork(conditioning="channel"),
-        jax.random.key(0))
+        models.DCGANIdempotentNetwork(conditioning="channel"), jax.random.key(0)
+    )
   model, variables = _ours(8, 64)
   with pytest.raises(ValueError, match=r"\(B, 28, 28, 1\)"):
     model.apply(variables, jnp.zeros((2, 32, 32, 1)))
@@ -168,7 +204,8 @@ def test_bad_model_arguments_are_named():
 def test_train_step_on_fake_data_is_finite():
   """One step of the real config (5.5M parameters) on a small fake batch."""
   config = config_lib.load_config_file(
-      os.path.join(ROOT, "configs/ign_dcgan.py"))
+      os.path.join(ROOT, "configs/ign_dcgan.py")
+  )
   state = train_step_lib.create_train_state(config)
   rs = np.random.RandomState(0)
   images = jnp.asarray(rs.uniform(-1, 1, (4, 28, 28, 1)), jnp.float32)
@@ -195,7 +232,8 @@ def test_training_checkpoints_and_sampling_work_unchanged(tmp_path):
   """A tiny ign_dcgan run through `train_and_evaluate` on fake data, then
   `checkpoints.load_model` and `sampling.generate` on its directory."""
   config = config_lib.load_config_file(
-      os.path.join(ROOT, "configs/ign_dcgan.py"))
+      os.path.join(ROOT, "configs/ign_dcgan.py")
+  )
   config.model.latent_dim = 4
   config.model.intermediate_dim = 32
   config.batch_size = 4
@@ -207,8 +245,11 @@ def test_training_checkpoints_and_sampling_work_unchanged(tmp_path):
   labels = rs.randint(0, 10, (16,)).astype(np.int64)
   workdir = str(tmp_path / "run")
   # A test split: the config keeps its best checkpoint by validation loss.
-  train.train_and_evaluate(config, workdir, dataset={
-      "train": (images, labels), "test": (images[:8], labels[:8])})
+  train.train_and_evaluate(
+      config,
+      workdir,
+      dataset={"train": (images, labels), "test": (images[:8], labels[:8])},
+  )
   assert os.path.isfile(os.path.join(workdir, "samples.png"))
   assert checkpoints.read_best(workdir)["metric"] == "val_loss"
   loaded, model, variables, step = checkpoints.load_model(workdir)

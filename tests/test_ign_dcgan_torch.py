@@ -27,11 +27,18 @@ def torch_encoder(b, d, c, p):
   """Encoder: conv -> Dropout2d -> LeakyReLU(0.2) [-> BatchNorm] four times
   (BatchNorm after the first three), then the code conv."""
   layers = []
-  specs = [(c, b, 4, 2, 1), (b, 2 * b, 4, 2, 1), (2 * b, 4 * b, 3, 1, 0),
-           (4 * b, 8 * b, 3, 1, 0)]
+  specs = [
+      (c, b, 4, 2, 1),
+      (b, 2 * b, 4, 2, 1),
+      (2 * b, 4 * b, 3, 1, 0),
+      (4 * b, 8 * b, 3, 1, 0),
+  ]
   for i, (ci, co, k, s, pad) in enumerate(specs):
-    layers += [tnn.Conv2d(ci, co, k, s, pad, bias=False), tnn.Dropout2d(p),
-               tnn.LeakyReLU(0.2)]
+    layers += [
+        tnn.Conv2d(ci, co, k, s, pad, bias=False),
+        tnn.Dropout2d(p),
+        tnn.LeakyReLU(0.2),
+    ]
     if i < 3:
       layers.append(tnn.BatchNorm2d(co))
   layers.append(tnn.Conv2d(8 * b, d, 3, 1, 0, bias=False))
@@ -42,12 +49,19 @@ def torch_decoder(d, c, p):
   """Decoder: BatchNorm -> transposed conv -> Dropout2d -> ReLU four times,
   halving the channels, then a transposed conv to the image and tanh."""
   layers = []
-  specs = [(d, d // 2, 3, 1, 0), (d // 2, d // 4, 3, 1, 0),
-           (d // 4, d // 8, 3, 1, 0), (d // 8, d // 16, 4, 2, 1)]
+  specs = [
+      (d, d // 2, 3, 1, 0),
+      (d // 2, d // 4, 3, 1, 0),
+      (d // 4, d // 8, 3, 1, 0),
+      (d // 8, d // 16, 4, 2, 1),
+  ]
   for ci, co, k, s, pad in specs:
-    layers += [tnn.BatchNorm2d(ci),
-               tnn.ConvTranspose2d(ci, co, k, s, pad, bias=False),
-               tnn.Dropout2d(p), tnn.ReLU()]
+    layers += [
+        tnn.BatchNorm2d(ci),
+        tnn.ConvTranspose2d(ci, co, k, s, pad, bias=False),
+        tnn.Dropout2d(p),
+        tnn.ReLU(),
+    ]
   layers += [tnn.ConvTranspose2d(d // 16, c, 4, 2, 1, bias=False), tnn.Tanh()]
   return tnn.Sequential(*layers)
 
@@ -68,30 +82,33 @@ def _torch_to_ours(tmodel, variables):
   order (each half's convolutions to conv_1.., its norms to batch_norm_1..)."""
   params = jax.tree_util.tree_map(np.asarray, variables["params"])
   stats = jax.tree_util.tree_map(np.asarray, variables["batch_stats"])
-  for half, seq in (("discriminator", tmodel.encoder),
-                    ("generator", tmodel.decoder)):
-    convs = [m for m in seq if isinstance(m, (tnn.Conv2d,
-                                              tnn.ConvTranspose2d))]
+  for half, seq in (
+      ("discriminator", tmodel.encoder),
+      ("generator", tmodel.decoder),
+  ):
+    convs = [m for m in seq if isinstance(m, (tnn.Conv2d, tnn.ConvTranspose2d))]
     norms = [m for m in seq if isinstance(m, tnn.BatchNorm2d)]
     assert len(convs) == 5
     for i, m in enumerate(convs, start=1):
       w = m.weight.detach().double().numpy()
       # Conv2d (Co, Ci, kh, kw); ConvTranspose2d (Ci, Co, kh, kw).
-      perm = (2, 3, 0, 1) if isinstance(m, tnn.ConvTranspose2d) else (
-          2, 3, 1, 0)
+      perm = (
+          (2, 3, 0, 1) if isinstance(m, tnn.ConvTranspose2d) else (2, 3, 1, 0)
+      )
       ours = params[half][f"conv_{i}"]["kernel"]
       assert ours.shape == w.transpose(perm).shape, (half, i)
-      params[half][f"conv_{i}"]["kernel"] = w.transpose(perm).astype(
-          np.float32)
+      params[half][f"conv_{i}"]["kernel"] = w.transpose(perm).astype(np.float32)
     assert len(norms) == len(params[half]) - 5
     for j, m in enumerate(norms, start=1):
       name = f"batch_norm_{j}"
       params[half][name] = {
           "scale": m.weight.detach().numpy().astype(np.float32),
-          "bias": m.bias.detach().numpy().astype(np.float32)}
+          "bias": m.bias.detach().numpy().astype(np.float32),
+      }
       stats[half][name] = {
           "mean": m.running_mean.numpy().astype(np.float32),
-          "var": m.running_var.numpy().astype(np.float32)}
+          "var": m.running_var.numpy().astype(np.float32),
+      }
   return {"params": params, "batch_stats": stats}
 
 
@@ -109,8 +126,9 @@ def _randomise_norms(tmodel, seed=0):
 
 
 def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(
-      np.asarray(x).transpose(0, 3, 1, 2))).double()
+  return torch.from_numpy(
+      np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))
+  ).double()
 
 
 @pytest.mark.parametrize("b,d", [(64, 512), (16, 128)])
@@ -119,9 +137,11 @@ def test_parameter_count_and_shapes_equal_pytorch(b, d):
   _, variables = _ours(b, d)
   torch_count = sum(p.numel() for p in tmodel.parameters())
   assert models.count_parameters(variables["params"]) == torch_count
-  torch_stats = sum(m.running_mean.numel() + m.running_var.numel()
-                    for m in tmodel.modules()
-                    if isinstance(m, tnn.BatchNorm2d))
+  torch_stats = sum(
+      m.running_mean.numel() + m.running_var.numel()
+      for m in tmodel.modules()
+      if isinstance(m, tnn.BatchNorm2d)
+  )
   assert models.count_parameters(variables["batch_stats"]) == torch_stats
   _torch_to_ours(tmodel, variables)  # asserts every kernel's shape
   if (b, d) == (64, 512):
@@ -129,8 +149,20 @@ def test_parameter_count_and_shapes_equal_pytorch(b, d):
     # + 512*512*9, its norms 2*(64+128+256); decoder kernels 512*256*9 +
     # 256*128*9 + 128*64*9 + 64*32*16 + 32*1*16, its norms
     # 2*(512+256+128+64).
-    hand = (1024 + 131072 + 294912 + 1179648 + 2359296 + 896 + 1179648 +
-            294912 + 73728 + 32768 + 512 + 1920)
+    hand = (
+        1024
+        + 131072
+        + 294912
+        + 1179648
+        + 2359296
+        + 896
+        + 1179648
+        + 294912
+        + 73728
+        + 32768
+        + 512
+        + 1920
+    )
     assert torch_count == hand == 5_550_336
 
 
@@ -139,20 +171,35 @@ def test_layer_output_shapes():
   computed by hand (H' = (H + 2p - k) / s + 1; transposed:
   (H - 1) s - 2p + k)."""
   expected = {
-      "discriminator": [(14, 14, 64), (7, 7, 128), (5, 5, 256), (3, 3, 512),
-                        (1, 1, 512)],
-      "generator": [(3, 3, 256), (5, 5, 128), (7, 7, 64), (14, 14, 32),
-                    (28, 28, 1)],
+      "discriminator": [
+          (14, 14, 64),
+          (7, 7, 128),
+          (5, 5, 256),
+          (3, 3, 512),
+          (1, 1, 512),
+      ],
+      "generator": [
+          (3, 3, 256),
+          (5, 5, 128),
+          (7, 7, 64),
+          (14, 14, 32),
+          (28, 28, 1),
+      ],
   }
   model, variables = _ours()
   _, state = model.apply(
-      variables, jnp.zeros((2, 28, 28, 1)), train=False,
+      variables,
+      jnp.zeros((2, 28, 28, 1)),
+      train=False,
       capture_intermediates=lambda mdl, method: isinstance(mdl, models.Conv),
-      mutable=["intermediates"])
+      mutable=["intermediates"],
+  )
   inter = state["intermediates"]
   for half, shapes in expected.items():
-    got = [tuple(inter[half][f"conv_{i}"]["__call__"][0].shape[1:])
-           for i in range(1, 6)]
+    got = [
+        tuple(inter[half][f"conv_{i}"]["__call__"][0].shape[1:])
+        for i in range(1, 6)
+    ]
     assert got == shapes, half
 
   tmodel = TorchIGN().eval()
@@ -160,7 +207,8 @@ def test_layer_output_shapes():
   for m in tmodel.modules():
     if isinstance(m, (tnn.Conv2d, tnn.ConvTranspose2d)):
       m.register_forward_hook(
-          lambda mod, inp, out: seen.append(tuple(out.shape[1:])))
+          lambda mod, inp, out: seen.append(tuple(out.shape[1:]))
+      )
   with torch.no_grad():
     tmodel(torch.zeros(2, 1, 28, 28))
   nhwc = [(h, w, c) for c, h, w in seen]
@@ -177,8 +225,11 @@ def test_eval_forward_equals_pytorch():
   model, variables = _ours()
   variables = _torch_to_ours(tmodel, variables)
   x = _inputs()
-  ours = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      variables, jnp.asarray(x)))
+  ours = np.asarray(
+      jax.jit(lambda v, x: model.apply(v, x, train=False))(
+          variables, jnp.asarray(x)
+      )
+  )
   with torch.no_grad():
     ref = tmodel(_nchw(x)).numpy().transpose(0, 2, 3, 1)
   assert np.std(ref) > 0.05  # a non-degenerate output
@@ -195,19 +246,22 @@ def test_train_forward_and_running_statistics_equal_pytorch():
   model, variables = _ours(p=0.0)
   variables = _torch_to_ours(tmodel, variables)
   x = _inputs(8, seed=1)
-  ours, updates = jax.jit(lambda v, x: model.apply(
-      v, x, train=True, mutable=["batch_stats"]))(variables, jnp.asarray(x))
+  ours, updates = jax.jit(
+      lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])
+  )(variables, jnp.asarray(x))
   with torch.no_grad():
     ref = tmodel(_nchw(x)).numpy().transpose(0, 2, 3, 1)
   np.testing.assert_allclose(np.asarray(ours), ref, rtol=0, atol=2e-5)
   after = _torch_to_ours(tmodel, variables)["batch_stats"]
   for path, value in jax.tree_util.tree_flatten_with_path(
-      updates["batch_stats"])[0]:
+      updates["batch_stats"]
+  )[0]:
     expected = after
     for p in path:
       expected = expected[p.key]
-    np.testing.assert_allclose(np.asarray(value), expected, rtol=1e-4,
-                               atol=1e-5, err_msg=str(path))
+    np.testing.assert_allclose(
+        np.asarray(value), expected, rtol=1e-4, atol=1e-5, err_msg=str(path)
+    )
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
@@ -222,8 +276,9 @@ def test_adam_is_pytorchs_adam(weight_decay):
   grads = [rs.standard_normal((3, 4)) for _ in range(4)]
 
   tw = torch.tensor(w0, requires_grad=True)
-  topt = torch.optim.Adam([tw], lr=1e-2, betas=(0.5, 0.999), eps=1e-8,
-                          weight_decay=weight_decay)
+  topt = torch.optim.Adam(
+      [tw], lr=1e-2, betas=(0.5, 0.999), eps=1e-8, weight_decay=weight_decay
+  )
   tx = train_step_lib.make_optimizer(config)
   w = jnp.asarray(w0, jnp.float32)
   opt_state = tx.init(w)
@@ -232,13 +287,15 @@ def test_adam_is_pytorchs_adam(weight_decay):
     topt.step()
     updates, opt_state = tx.update(jnp.asarray(g, jnp.float32), opt_state, w)
     w = w + updates
-  np.testing.assert_allclose(np.asarray(w), tw.detach().numpy(), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(w), tw.detach().numpy(), rtol=1e-5, atol=1e-6
+  )
   if weight_decay:
     # PyTorch's AdamW (decoupled decay) ends elsewhere: the two differ.
     tw2 = torch.tensor(w0, requires_grad=True)
-    adamw = torch.optim.AdamW([tw2], lr=1e-2, betas=(0.5, 0.999), eps=1e-8,
-                              weight_decay=weight_decay)
+    adamw = torch.optim.AdamW(
+        [tw2], lr=1e-2, betas=(0.5, 0.999), eps=1e-8, weight_decay=weight_decay
+    )
     for g in grads:
       tw2.grad = torch.tensor(g)
       adamw.step()

@@ -14,7 +14,8 @@ from cign_jax.evaluation import fid, inception
 REL_TOL = 1e-4
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.*` is deprecated:DeprecationWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def _digits(n):
   try:
     from cign_jax.data import prepare  # pylint: disable=import-outside-toplevel
     from cign_jax.data import reader  # pylint: disable=import-outside-toplevel
+
     if prepare.is_prepared("mnist"):
       images, _ = reader.load_split("mnist", "test")
       return np.asarray(images[:n])
@@ -73,8 +75,16 @@ def _torch_taps(archive_path, x):
   torch.set_num_threads(2)
   module = torch.jit.load(str(archive_path)).eval()
   layers = module.net.layers
-  order = (["conv", "conv_1", "conv_2", "pool0", "conv_3", "conv_4", "pool1",
-            "mixed"] + [f"mixed_{i}" for i in range(1, 11)])
+  order = [
+      "conv",
+      "conv_1",
+      "conv_2",
+      "pool0",
+      "conv_3",
+      "conv_4",
+      "pool1",
+      "mixed",
+  ] + [f"mixed_{i}" for i in range(1, 11)]
   taps = {}
   with torch.inference_mode():
     h = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)
@@ -115,19 +125,24 @@ def test_taps_match_archive_in_pytorch(archive_path, variables, inputs):
   # Stopping early gives the same shallower taps.
   shallow = extractor.extract(inputs[:2], 192)
   assert set(shallow) == {64, 192}
-  np.testing.assert_allclose(shallow[192], fast[192][:2], rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(shallow[192], fast[192][:2], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.data
 def test_variables_fit_the_model(variables):
   shapes = jax.eval_shape(
-      inception.FIDInceptionV3().init, jax.random.PRNGKey(0),
-      jax.ShapeDtypeStruct((1, 299, 299, 3), np.float32))
+      inception.FIDInceptionV3().init,
+      jax.random.PRNGKey(0),
+      jax.ShapeDtypeStruct((1, 299, 299, 3), np.float32),
+  )
+
   def by_path(tree):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-            for path, leaf in leaves}
+    return {
+        jax.tree_util.keystr(path): tuple(np.shape(leaf))
+        for path, leaf in leaves
+    }
+
   assert by_path(variables) == by_path(shapes)
   assert len(by_path(variables)) == inception.NUM_ARCHIVE_TENSORS
   count = sum(np.size(v) for v in jax.tree_util.tree_leaves(variables))
@@ -138,13 +153,16 @@ def test_variables_fit_the_model(variables):
 def test_cached_parameter_file(variables, tmp_path, archive_path):
   # Converting into a fresh cache writes the .npz; loading it again gives the
   # same arrays without reading the archive.
-  fresh = inception.load_variables(cache_dir=tmp_path,
-                                   archive_path=archive_path)
+  fresh = inception.load_variables(
+      cache_dir=tmp_path, archive_path=archive_path
+  )
   assert (tmp_path / inception.PARAMS_NAME).exists()
   again = inception.load_variables(cache_dir=tmp_path)
-  for a, b, c in zip(jax.tree_util.tree_leaves(variables),
-                     jax.tree_util.tree_leaves(fresh),
-                     jax.tree_util.tree_leaves(again)):
+  for a, b, c in zip(
+      jax.tree_util.tree_leaves(variables),
+      jax.tree_util.tree_leaves(fresh),
+      jax.tree_util.tree_leaves(again),
+  ):
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, c)
 
@@ -160,9 +178,11 @@ def test_checksum_is_checked(tmp_path):
 
 def test_max_features_argument():
   with pytest.raises(ValueError, match="max_features"):
-    inception.FIDInceptionV3().init(jax.random.PRNGKey(0),
-                                    np.zeros((1, 299, 299, 3), np.float32),
-                                    max_features=100)
+    inception.FIDInceptionV3().init(
+        jax.random.PRNGKey(0),
+        np.zeros((1, 299, 299, 3), np.float32),
+        max_features=100,
+    )
 
 
 def _flip_byte(path, offset):
@@ -173,7 +193,7 @@ def _flip_byte(path, offset):
 
 def _truncate(path):
   data = path.read_bytes()
-  path.write_bytes(data[:len(data) // 2])
+  path.write_bytes(data[: len(data) // 2])
 
 
 def _assert_same_variables(a, b):
@@ -187,10 +207,12 @@ def _assert_same_variables(a, b):
 @pytest.mark.data
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
 def test_damaged_converted_weights_are_converted_again(
-    archive_path, variables, tmp_path, damage):
+    archive_path, variables, tmp_path, damage
+):
   """The converted weights file, damaged in the cache, is never read as
   numbers: it is converted again from the (checked) archive."""
   import shutil  # pylint: disable=import-outside-toplevel
+
   shutil.copy(archive_path, tmp_path / inception.ARCHIVE_NAME)
   inception.load_variables(cache_dir=tmp_path)
   converted = tmp_path / inception.PARAMS_NAME
@@ -199,16 +221,19 @@ def test_damaged_converted_weights_are_converted_again(
     _truncate(converted)
   else:  # inside the tensor data, past the zip and .npy headers
     _flip_byte(converted, len(good) // 2)
-  _assert_same_variables(inception.load_variables(cache_dir=tmp_path),
-                         variables)
+  _assert_same_variables(
+      inception.load_variables(cache_dir=tmp_path), variables
+  )
   assert converted.read_bytes() == good  # rewritten whole
 
 
 @pytest.mark.data
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
-def test_damaged_weight_archive_is_a_named_error(archive_path, tmp_path,
-                                                 damage):
+def test_damaged_weight_archive_is_a_named_error(
+    archive_path, tmp_path, damage
+):
   import shutil  # pylint: disable=import-outside-toplevel
+
   archive = tmp_path / inception.ARCHIVE_NAME
   shutil.copy(archive_path, archive)
   if damage == "truncated":

@@ -17,15 +17,29 @@ PACKAGE_DIR = os.path.join(ROOT, "cign_jax")
 
 # `python -m cign_jax.main` / sample / evaluate / convert / classifier: the
 # commands' names; each only runs a module of commands/.
-ENTRY_POINTS = {"cign_jax.main", "cign_jax.sample", "cign_jax.evaluate",
-                     "cign_jax.convert", "cign_jax.classifier"}
-CORE = {"cign_jax.config", "cign_jax.utils", "cign_jax.ops",
-        "cign_jax.models", "cign_jax.dropout", "cign_jax.losses",
-        "cign_jax.train_step", "cign_jax.train", "cign_jax.checkpoints",
-        "cign_jax.sampling", "cign_jax.sharding", "cign_jax.metric_writers",
-        "cign_jax.validation"}
-SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation",
-                 "cign_jax.interop")
+ENTRY_POINTS = {
+    "cign_jax.main",
+    "cign_jax.sample",
+    "cign_jax.evaluate",
+    "cign_jax.convert",
+    "cign_jax.classifier",
+}
+CORE = {
+    "cign_jax.config",
+    "cign_jax.utils",
+    "cign_jax.ops",
+    "cign_jax.models",
+    "cign_jax.dropout",
+    "cign_jax.losses",
+    "cign_jax.train_step",
+    "cign_jax.train",
+    "cign_jax.checkpoints",
+    "cign_jax.sampling",
+    "cign_jax.sharding",
+    "cign_jax.metric_writers",
+    "cign_jax.validation",
+}
+SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation", "cign_jax.interop")
 CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
 CORE.add("cign_jax.grouped")  # the batched loss calls (an alternative)
 CORE.add("cign_jax.step_programs")  # the compiled train steps a process keeps
@@ -33,7 +47,7 @@ CORE.add("cign_jax.stopping")  # SIGTERM and time limits, agreed by processes
 
 
 def _module_name(path):
-  rel = os.path.relpath(path, ROOT)[:-len(".py")].split(os.sep)
+  rel = os.path.relpath(path, ROOT)[: -len(".py")].split(os.sep)
   if rel[-1] == "__init__":
     rel = rel[:-1]
   return ".".join(rel)
@@ -78,7 +92,7 @@ def import_graph():
           anchor = module.split(".")
           if not is_package:
             anchor = anchor[:-1]
-          anchor = anchor[:len(anchor) - (node.level - 1)]
+          anchor = anchor[: len(anchor) - (node.level - 1)]
           base = ".".join(anchor + ([base] if base else []))
         # `from package import name`: the submodule if there is one.
         names = [f"{base}.{alias.name}" for alias in node.names]
@@ -105,7 +119,7 @@ def _find_cycle(graph):
     stack.append(node)
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == "active":
-        return stack[stack.index(nxt):] + [nxt]
+        return stack[stack.index(nxt) :] + [nxt]
       if nxt not in state:
         cycle = visit(nxt)
         if cycle:
@@ -139,14 +153,22 @@ def test_no_import_cycle():
 
 def test_the_detector_finds_a_cycle():
   assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [
-      "a", "b", "c", "a"]
+      "a",
+      "b",
+      "c",
+      "a",
+  ]
   assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 def _offending(rule):
   graph = import_graph()
-  return sorted((module, target) for module, targets in graph.items()
-                for target in targets if rule(module, target))
+  return sorted(
+      (module, target)
+      for module, targets in graph.items()
+      for target in targets
+      if rule(module, target)
+  )
 
 
 @pytest.mark.parametrize("package", SIDE_PACKAGES)
@@ -157,49 +179,67 @@ def test_core_never_imports_side_packages(package):
 
 def test_every_core_module_is_listed():
   """A new module at the top level is a decision: core, or a sub-package."""
-  top = {m for m, path in _modules().items()
-         if m.count(".") == 1 and not path.endswith("__init__.py")}
+  top = {
+      m
+      for m, path in _modules().items()
+      if m.count(".") == 1 and not path.endswith("__init__.py")
+  }
   assert top <= CORE | ENTRY_POINTS, top - CORE - ENTRY_POINTS
 
 
 def test_only_commands_import_commands():
-  bad = _offending(lambda m, t: _in(t, "cign_jax.commands")
-                   and not _in(m, "cign_jax.commands")
-                   and m not in ENTRY_POINTS
-                   and m != "cign_jax.data.__main__")
+  bad = _offending(
+      lambda m, t: _in(t, "cign_jax.commands")
+      and not _in(m, "cign_jax.commands")
+      and m not in ENTRY_POINTS
+      and m != "cign_jax.data.__main__"
+  )
   assert not bad, bad
 
 
 def test_evaluation_and_interop_below_commands():
-  bad = _offending(lambda m, t: (_in(m, "cign_jax.evaluation")
-                                 or _in(m, "cign_jax.interop"))
-                   and _in(t, "cign_jax.commands"))
+  bad = _offending(
+      lambda m, t: (_in(m, "cign_jax.evaluation") or _in(m, "cign_jax.interop"))
+      and _in(t, "cign_jax.commands")
+  )
   assert not bad, bad
 
 
 def test_kernels_import_only_kernels_and_utils():
-  bad = _offending(lambda m, t: _in(m, "cign_jax.kernels")
-                   and not _in(t, "cign_jax.kernels")
-                   and t != "cign_jax.utils")
+  bad = _offending(
+      lambda m, t: _in(m, "cign_jax.kernels")
+      and not _in(t, "cign_jax.kernels")
+      and t != "cign_jax.utils"
+  )
   assert not bad, bad
 
 
 def test_ops_and_models_do_not_import_training():
-  training = ("cign_jax.train", "cign_jax.train_step", "cign_jax.checkpoints",
-              "cign_jax.sampling", "cign_jax.sharding", "cign_jax.data")
-  lower = ("cign_jax.ops", "cign_jax.models", "cign_jax.losses",
-           "cign_jax.dropout")
-  bad = _offending(lambda m, t: m in lower and any(_in(t, p) for p in
-                                                   training))
+  training = (
+      "cign_jax.train",
+      "cign_jax.train_step",
+      "cign_jax.checkpoints",
+      "cign_jax.sampling",
+      "cign_jax.sharding",
+      "cign_jax.data",
+  )
+  lower = (
+      "cign_jax.ops",
+      "cign_jax.models",
+      "cign_jax.losses",
+      "cign_jax.dropout",
+  )
+  bad = _offending(lambda m, t: m in lower and any(_in(t, p) for p in training))
   assert not bad, bad
 
 
 def test_data_and_configs_depend_only_on_config_and_utils():
-  bad = _offending(lambda m, t: (_in(m, "cign_jax.data")
-                                 or _in(m, "cign_jax.configs"))
-                   and m != "cign_jax.data.__main__"
-                   and not _in(t, "cign_jax.data")
-                   and t not in ("cign_jax.config", "cign_jax.utils"))
+  bad = _offending(
+      lambda m, t: (_in(m, "cign_jax.data") or _in(m, "cign_jax.configs"))
+      and m != "cign_jax.data.__main__"
+      and not _in(t, "cign_jax.data")
+      and t not in ("cign_jax.config", "cign_jax.utils")
+  )
   assert not bad, bad
 
 
@@ -211,8 +251,12 @@ def test_the_package_never_imports_torch():
     with open(path) as f:
       tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
-      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-               else [node.module or ""] if isinstance(node, ast.ImportFrom)
-               else [])
+      names = (
+          [a.name for a in node.names]
+          if isinstance(node, ast.Import)
+          else [node.module or ""]
+          if isinstance(node, ast.ImportFrom)
+          else []
+      )
       bad += [(module, n) for n in names if n.split(".")[0] == "torch"]
   assert not bad, bad

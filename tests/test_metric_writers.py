@@ -39,13 +39,17 @@ def _decode_image_tensor(tensor_proto):
   """tf.summary.image's tensor -> (width, height, [uint8 (H, W[, C])...])."""
   content = tensor_util.make_ndarray(tensor_proto)
   width, height = int(content[0]), int(content[1])
-  return width, height, [np.asarray(Image.open(io.BytesIO(png)))
-                         for png in content[2:]]
+  return (
+      width,
+      height,
+      [np.asarray(Image.open(io.BytesIO(png))) for png in content[2:]],
+  )
 
 
 def _session_start_hparams(acc):
   content = acc.SummaryMetadata(
-      hparams_metadata.SESSION_START_INFO_TAG).plugin_data.content
+      hparams_metadata.SESSION_START_INFO_TAG
+  ).plugin_data.content
   info = hparams_metadata.parse_session_start_info_plugin_data(content)
   out = {}
   for name, value in info.hparams.items():
@@ -58,9 +62,16 @@ def _write_examples(writer):
   rng = np.random.default_rng(0)
   grey = rng.integers(0, 256, (2, 5, 7, 1), dtype=np.uint8)
   rgb = rng.integers(0, 256, (6, 4, 3), dtype=np.uint8)
-  writer.write_hparams({"batch_size": 4, "model": {"latent_dim": 2},
-                        "name": "run", "lr": 0.5, "flag": True,
-                        "missing": None})
+  writer.write_hparams(
+      {
+          "batch_size": 4,
+          "model": {"latent_dim": 2},
+          "name": "run",
+          "lr": 0.5,
+          "flag": True,
+          "missing": None,
+      }
+  )
   writer.write_scalars(2, {"loss": 1.25, "loss_rec": np.float32(0.75)})
   writer.write_scalars(4, {"loss": 0.5, "loss_rec": np.float32(0.125)})
   writer.write_images(4, {"grey": grey, "rgb": rgb})
@@ -75,14 +86,23 @@ def test_writer_round_trips_through_the_event_reader(tmp_path):
   grey, rgb = _write_examples(metric_writers.TensorBoardWriter(logdir))
   acc = _read(logdir)
   tags = acc.Tags()["tensors"]
-  assert {"loss", "loss_rec", "grey", "rgb", "note",
-          hparams_metadata.SESSION_START_INFO_TAG} <= set(tags)
+  assert {
+      "loss",
+      "loss_rec",
+      "grey",
+      "rgb",
+      "note",
+      hparams_metadata.SESSION_START_INFO_TAG,
+  } <= set(tags)
 
-  for tag, expected in (("loss", {2: 1.25, 4: 0.5}),
-                        ("loss_rec", {2: 0.75, 4: 0.125})):
+  for tag, expected in (
+      ("loss", {2: 1.25, 4: 0.5}),
+      ("loss_rec", {2: 0.75, 4: 0.125}),
+  ):
     events = acc.Tensors(tag)
-    assert {e.step: float(tensor_util.make_ndarray(e.tensor_proto))
-            for e in events} == expected
+    assert {
+        e.step: float(tensor_util.make_ndarray(e.tensor_proto)) for e in events
+    } == expected
     assert acc.SummaryMetadata(tag).plugin_data.plugin_name == "scalars"
 
   (event,) = acc.Tensors("grey")
@@ -104,16 +124,22 @@ def test_writer_round_trips_through_the_event_reader(tmp_path):
   assert tensor_util.make_ndarray(event.tensor_proto).item() == b"hello"
 
   assert _session_start_hparams(acc) == {
-      "batch_size": 4.0, "model.latent_dim": 2.0, "name": "run", "lr": 0.5,
-      "flag": True, "missing": ""}
+      "batch_size": 4.0,
+      "model.latent_dim": 2.0,
+      "name": "run",
+      "lr": 0.5,
+      "flag": True,
+      "missing": "",
+  }
 
 
 def test_float_images_are_stored_as_tf_summary_image_stores_them():
   # tf.image.convert_image_dtype(x, uint8, saturate=True): x * 255.5,
   # saturated to [0, 255], truncated.
   floats = np.array([-1.0, 0.0, 0.001, 0.5, 0.999, 1.0, 2.0], np.float32)
-  np.testing.assert_array_equal(metric_writers.image_to_uint8(floats),
-                                [0, 0, 0, 127, 255, 255, 255])
+  np.testing.assert_array_equal(
+      metric_writers.image_to_uint8(floats), [0, 0, 0, 127, 255, 255, 255]
+  )
   pixels = np.array([0, 17, 255], np.uint8)
   assert metric_writers.image_to_uint8(pixels) is pixels
   with pytest.raises(ValueError, match="uint8 or floating point"):
@@ -133,17 +159,23 @@ def test_same_events_as_clus_tensorflow_writer(tmp_path):
   """The reference: clu's SummaryWriter (tf.summary) for the same calls."""
   pytest.importorskip("tensorflow")
   from clu.metric_writers import SummaryWriter  # pylint: disable=g-import-not-at-top
+
   ours, theirs = str(tmp_path / "ours"), str(tmp_path / "clu")
   _write_examples(metric_writers.TensorBoardWriter(ours))
   _write_examples(SummaryWriter(theirs))
   # TensorBoard's own reader (data_compat applied), as the dashboards see it.
   a, b = _read(ours, plugin_aware=True), _read(theirs, plugin_aware=True)
   assert a.Tags()["tensors"] and set(a.Tags()["tensors"]) == set(
-      b.Tags()["tensors"])
-  assert a.PluginTagToContent("scalars").keys() == \
-      b.PluginTagToContent("scalars").keys()
-  assert a.PluginTagToContent("images").keys() == \
-      b.PluginTagToContent("images").keys()
+      b.Tags()["tensors"]
+  )
+  assert (
+      a.PluginTagToContent("scalars").keys()
+      == b.PluginTagToContent("scalars").keys()
+  )
+  assert (
+      a.PluginTagToContent("images").keys()
+      == b.PluginTagToContent("images").keys()
+  )
   for tag in a.Tags()["tensors"]:
     ma, mb = a.SummaryMetadata(tag), b.SummaryMetadata(tag)
     assert ma.plugin_data.plugin_name == mb.plugin_data.plugin_name, tag
@@ -159,8 +191,10 @@ def test_same_events_as_clus_tensorflow_writer(tmp_path):
         for p, q in zip(ia, ib):
           np.testing.assert_array_equal(p, q)
       else:
-        np.testing.assert_array_equal(tensor_util.make_ndarray(x.tensor_proto),
-                                      tensor_util.make_ndarray(y.tensor_proto))
+        np.testing.assert_array_equal(
+            tensor_util.make_ndarray(x.tensor_proto),
+            tensor_util.make_ndarray(y.tensor_proto),
+        )
   assert _session_start_hparams(a) == _session_start_hparams(b)
 
 
@@ -224,25 +258,33 @@ def test_train_loop_writes_events_without_tensorflow(tmp_path):
   env = dict(os.environ)
   env["JAX_COMPILATION_CACHE_DIR"] = CACHE
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  proc = subprocess.run([sys.executable, "-c", _NO_TENSORFLOW_RUN, workdir],
-                        env=env, capture_output=True, text=True, timeout=900,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", _NO_TENSORFLOW_RUN, workdir],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   (line,) = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-  assert json.loads(line[len("RESULT "):]) == {"tensorflow_modules": []}
+  assert json.loads(line[len("RESULT ") :]) == {"tensorflow_modules": []}
   # clu's writer would have failed; the fallback says it took over.
   assert "clu's TensorFlow summary writer is unavailable" in proc.stderr
 
   acc = _read(workdir)
   scalar_tags = set(losses.LOSS_TERMS) | {"loss", "images_per_second"}
-  assert scalar_tags | {"samples", hparams_metadata.SESSION_START_INFO_TAG} \
-      == set(acc.Tags()["tensors"])
+  assert scalar_tags | {
+      "samples",
+      hparams_metadata.SESSION_START_INFO_TAG,
+  } == set(acc.Tags()["tensors"])
   values = {}
   for tag in scalar_tags:
     events = acc.Tensors(tag)
     assert [e.step for e in events] == [2, 4], tag
-    values[tag] = [float(tensor_util.make_ndarray(e.tensor_proto))
-                   for e in events]
+    values[tag] = [
+        float(tensor_util.make_ndarray(e.tensor_proto)) for e in events
+    ]
   # `loss` is the sum of the five weighted terms at each logged step.
   for i in range(2):
     total = sum(values[t][i] for t in losses.LOSS_TERMS)

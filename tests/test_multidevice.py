@@ -35,10 +35,11 @@ def _worker_env(**extra):
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   # The worker sets its own device count; drop a parent's, if any.
   env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split()
-      if "xla_force_host_platform_device_count" not in f)
-  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-              "JAX_PROCESS_ID"):
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if "xla_force_host_platform_device_count" not in f
+  )
+  for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(key, None)
   env.update(extra)
   return env
@@ -48,17 +49,24 @@ def _worker_env(**extra):
 def worker(tmp_path_factory):
   """Runs every multi-device check once; (output dir, {check: result})."""
   out = str(tmp_path_factory.mktemp("multidevice"))
-  proc = subprocess.run([sys.executable, WORKER, out], env=_worker_env(),
-                        cwd=ROOT,
-                        capture_output=True, text=True, timeout=1200)
+  proc = subprocess.run(
+      [sys.executable, WORKER, out],
+      env=_worker_env(),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=1200,
+  )
   path = os.path.join(out, "results.json")
   results = {}
   if os.path.isfile(path):
     with open(path) as f:
       results = json.load(f)
   if proc.returncode != 0:
-    pytest.fail(f"the multi-device worker failed (exit {proc.returncode}):\n"
-                f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    pytest.fail(
+        f"the multi-device worker failed (exit {proc.returncode}):\n"
+        f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
   return out, results
 
 
@@ -101,12 +109,14 @@ def test_bfloat16_step(worker):
 def _tiny_config():
   sys.path.insert(0, os.path.join(ROOT, "tests"))
   import multidevice_worker  # pylint: disable=g-import-not-at-top
+
   return multidevice_worker.tiny_config("channel")
 
 
 def _flat(state):
-  leaves = jax.tree_util.tree_flatten_with_path(
-      checkpoints.state_tree(state))[0]
+  leaves = jax.tree_util.tree_flatten_with_path(checkpoints.state_tree(state))[
+      0
+  ]
   return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
 
 
@@ -129,8 +139,11 @@ def test_four_device_checkpoint_restores_in_this_process(worker):
     assert sorted(got) == sorted(saved.files)
     for key in saved.files:
       np.testing.assert_array_equal(got[key], saved[key], err_msg=key)
-    want_devices = {d for leaf in jax.tree_util.tree_leaves(template.params)
-                    for d in leaf.sharding.device_set}
+    want_devices = {
+        d
+        for leaf in jax.tree_util.tree_leaves(template.params)
+        for d in leaf.sharding.device_set
+    }
     for leaf in jax.tree_util.tree_leaves(restored.params):
       assert leaf.sharding.device_set == want_devices
 
@@ -144,9 +157,11 @@ def test_load_model_of_four_device_run(worker):
   assert step == 2
   run = np.load(os.path.join(out, "run_4dev.npz"))
   for key, value in jax.tree_util.tree_flatten_with_path(variables)[0]:
-    np.testing.assert_array_equal(np.asarray(value),
-                                  run[jax.tree_util.keystr(key)],
-                                  err_msg=jax.tree_util.keystr(key))
+    np.testing.assert_array_equal(
+        np.asarray(value),
+        run[jax.tree_util.keystr(key)],
+        err_msg=jax.tree_util.keystr(key),
+    )
 
 
 def test_check_batch_divides_message():
@@ -173,21 +188,29 @@ def test_multihost_initialisation(monkeypatch):
   """main's --multihost: jax.distributed.initialize() with the env vars."""
   from absl import app  # pylint: disable=g-import-not-at-top
   from cign_jax import sharding  # pylint: disable=g-import-not-at-top
+
   record = _Recorder()
   monkeypatch.setattr(jax.distributed, "initialize", record)
   assert not sharding.initialize_distributed(None, environ={})
-  assert not sharding.initialize_distributed(False, environ={
-      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert not sharding.initialize_distributed(
+      False, environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}
+  )
   assert record.calls == []
   # Auto-detection (SLURM, TPU pods, ...): no arguments.
   assert sharding.initialize_distributed(True, environ={})
   assert record.calls[-1] == {}
   # The coordinator's address alone turns it on.
-  env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
-         "JAX_PROCESS_ID": "1"}
+  env = {
+      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "1",
+  }
   assert sharding.initialize_distributed(None, environ=env)
-  assert record.calls[-1] == {"coordinator_address": "10.0.0.1:1234",
-                              "num_processes": 2, "process_id": 1}
+  assert record.calls[-1] == {
+      "coordinator_address": "10.0.0.1:1234",
+      "num_processes": 2,
+      "process_id": 1,
+  }
   with pytest.raises(app.UsageError, match="JAX_PROCESS_ID"):
     sharding.initialize_distributed(True, environ={"JAX_PROCESS_ID": "one"})
 
@@ -205,10 +228,18 @@ def _run_two_processes(out, *extra_args, timeout=300):
   procs = [
       subprocess.Popen(
           [sys.executable, WORKER, "--multihost", str(out), *extra_args],
-          env=_worker_env(JAX_COORDINATOR_ADDRESS=address,
-                          JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
-          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True) for i in range(2)]
+          env=_worker_env(
+              JAX_COORDINATOR_ADDRESS=address,
+              JAX_NUM_PROCESSES="2",
+              JAX_PROCESS_ID=str(i),
+          ),
+          cwd=ROOT,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outputs = []
   try:
     for proc in procs:
@@ -220,8 +251,9 @@ def _run_two_processes(out, *extra_args, timeout=300):
   all_results = []
   for i, (proc, output) in enumerate(zip(procs, outputs)):
     path = os.path.join(str(out), f"multihost_{i}.json")
-    assert os.path.isfile(path), (f"process {i} (exit {proc.returncode}):\n"
-                                  f"{output[-4000:]}")
+    assert os.path.isfile(path), (
+        f"process {i} (exit {proc.returncode}):\n" f"{output[-4000:]}"
+    )
     with open(path) as f:
       all_results.append(json.load(f))
     assert proc.returncode == 0, output[-4000:]
@@ -241,20 +273,30 @@ def test_two_processes_as_two_hosts(tmp_path):
   variables of the README (as `main --multihost` does): one mesh over the 4
   devices, each process holding its rows of the global batch, and global
   reductions across the processes."""
-  _expect_all(_run_two_processes(tmp_path),
-              ("multihost_processes_and_mesh", "multihost_global_batch"))
+  _expect_all(
+      _run_two_processes(tmp_path),
+      ("multihost_processes_and_mesh", "multihost_global_batch"),
+  )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("CIGN_TEST_MULTIHOST_TRAINING"),
-                    reason="compiles the step in two processes (minutes); "
-                    "set CIGN_TEST_MULTIHOST_TRAINING=1")
+@pytest.mark.skipif(
+    not os.environ.get("CIGN_TEST_MULTIHOST_TRAINING"),
+    reason="compiles the step in two processes (minutes); "
+    "set CIGN_TEST_MULTIHOST_TRAINING=1",
+)
 def test_training_on_two_processes_matches_one(tmp_path, worker):
   """`train_and_evaluate` on 2 processes x 2 devices ends in the state of
   the single-process 4-device run of the same config and data."""
   out, results = worker
   assert results["train_and_evaluate_on_four_devices"]["ok"]
-  _expect_all(_run_two_processes(tmp_path, os.path.join(out, "run_4dev.npz"),
-                                 timeout=900),
-              ("multihost_processes_and_mesh", "multihost_global_batch",
-               "multihost_train_and_evaluate"))
+  _expect_all(
+      _run_two_processes(
+          tmp_path, os.path.join(out, "run_4dev.npz"), timeout=900
+      ),
+      (
+          "multihost_processes_and_mesh",
+          "multihost_global_batch",
+          "multihost_train_and_evaluate",
+      ),
+  )

@@ -32,8 +32,7 @@ def _parameters_cell(nb):
 
 
 def _install_cell(nb):
-  cells = [c for c in nb.cells
-           if c.cell_type == "code" and "pip" in c.source]
+  cells = [c for c in nb.cells if c.cell_type == "code" and "pip" in c.source]
   assert len(cells) == 1, "a notebook has exactly one install cell"
   return cells[0]
 
@@ -44,22 +43,36 @@ def _execute(nb, parameters: str, cwd: str):
   _parameters_cell(nb).source = parameters
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(
-      p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
+      p for p in (ROOT, env.get("PYTHONPATH", "")) if p
+  )
   env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  client = NotebookClient(nb, timeout=1800, kernel_name="python3",
-                          resources={"metadata": {"path": cwd}})
+  client = NotebookClient(
+      nb,
+      timeout=1800,
+      kernel_name="python3",
+      resources={"metadata": {"path": cwd}},
+  )
   client.execute(env=env)
   return nb
 
 
 def _text(nb):
-  return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
-                 for o in c.get("outputs", []))
+  return "".join(
+      o.get("text", "")
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.get("outputs", [])
+  )
 
 
 def _images(nb):
-  return [o for c in nb.cells if c.cell_type == "code"
-          for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  return [
+      o
+      for c in nb.cells
+      if c.cell_type == "code"
+      for o in c.get("outputs", [])
+      if "image/png" in o.get("data", {})
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +88,8 @@ def quickstart_run(tmp_path_factory):
       "NUM_STEPS = 2\n"
       "DATA = 'synthetic'\n"
       f"WORKDIR = {workdir!r}\n"
-      "LABEL = 3\n")
+      "LABEL = 3\n"
+  )
   nb = _execute(_read("quickstart.ipynb"), parameters, elsewhere)
   return nb, workdir
 
@@ -103,7 +117,8 @@ def test_explore_notebook_runs(quickstart_run, tmp_path):
       "TRAIN_STEPS = 2\n"
       f"TRAIN_WORKDIR = {str(tmp_path / 'unused')!r}\n"
       "FID_PER_CLASS = 64\n"  # the fewest FID at 64 features can use
-      "SEED = 0\n")
+      "SEED = 0\n"
+  )
   nb = _execute(_read("explore.ipynb"), parameters, str(tmp_path))
   text = _text(nb)
   assert f"{workdir}: step 2" in text  # the given run, not a new one
@@ -125,8 +140,9 @@ def test_notebook_is_stored_without_outputs(name):
   for cell in nb.cells:
     if cell.cell_type == "code":
       assert cell.outputs == [], f"{name}: a cell has stored outputs"
-      assert cell.execution_count is None, (
-          f"{name}: a cell has an execution count")
+      assert (
+          cell.execution_count is None
+      ), f"{name}: a cell has an execution count"
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -134,28 +150,34 @@ def test_install_cell_works_from_any_folder(name, tmp_path):
   """The install cell, run from an unrelated folder with cign_jax importable,
   installs nothing and finds the packaged configs."""
   nb = _read(name)
-  script = "\n".join([
-      "import subprocess",
-      "def refuse(*args, **kwargs):",
-      "    raise AssertionError(f'the install cell ran {args!r}')",
-      "subprocess.run = subprocess.call = subprocess.check_call = refuse",
-      _parameters_cell(nb).source,
-      "PACKAGE_SOURCE = 'git+https://invalid.invalid/cign_jax'",
-      _install_cell(nb).source,
-      "print('CONFIG_DIR', CONFIG_DIR)",
-  ])
+  script = "\n".join(
+      [
+          "import subprocess",
+          "def refuse(*args, **kwargs):",
+          "    raise AssertionError(f'the install cell ran {args!r}')",
+          "subprocess.run = subprocess.call = subprocess.check_call = refuse",
+          _parameters_cell(nb).source,
+          "PACKAGE_SOURCE = 'git+https://invalid.invalid/cign_jax'",
+          _install_cell(nb).source,
+          "print('CONFIG_DIR', CONFIG_DIR)",
+      ]
+  )
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT
-  proc = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path),
-                        env=env, capture_output=True, text=True, timeout=300,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", script],
+      cwd=str(tmp_path),
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "nothing to install" in proc.stdout
-  (line,) = [l for l in proc.stdout.splitlines()
-             if l.startswith("CONFIG_DIR ")]
+  (line,) = [l for l in proc.stdout.splitlines() if l.startswith("CONFIG_DIR ")]
   config_dir = line.split(" ", 1)[1]
-  assert os.path.samefile(config_dir, os.path.join(ROOT, "cign_jax",
-                                                   "configs"))
+  assert os.path.samefile(config_dir, os.path.join(ROOT, "cign_jax", "configs"))
   assert "cign_jax" not in os.listdir(tmp_path)
 
 
@@ -200,17 +222,30 @@ except ValueError as e:
 """
 
 
-@pytest.mark.parametrize("source,requirement", [
-    ("git+https://github.com/someone/cign_jax",
-     r"cign_jax(\[cuda\])? @ git\+https://github.com/someone/cign_jax"),
-    ("/content/cign_jax-0.1.0-py3-none-any.whl",
-     r"/content/cign_jax-0\.1\.0-py3-none-any\.whl(\[cuda\])?"),
-])
+@pytest.mark.parametrize(
+    "source,requirement",
+    [
+        (
+            "git+https://github.com/someone/cign_jax",
+            r"cign_jax(\[cuda\])? @ git\+https://github.com/someone/cign_jax",
+        ),
+        (
+            "/content/cign_jax-0.1.0-py3-none-any.whl",
+            r"/content/cign_jax-0\.1\.0-py3-none-any\.whl(\[cuda\])?",
+        ),
+    ],
+)
 def test_install_cell_installs_package_source(source, requirement, tmp_path):
   cell = _install_cell(_read("quickstart.ipynb")).source
-  proc = subprocess.run([sys.executable, "-c", _HIDDEN_PACKAGE, source],
-                        input=cell, cwd=str(tmp_path), capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", _HIDDEN_PACKAGE, source],
+      input=cell,
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   (line,) = [l for l in proc.stdout.splitlines() if l.startswith("PIP ")]
   args = eval(line[4:])  # the argument list, as repr() printed it
@@ -222,9 +257,15 @@ def test_install_cell_rejects_the_placeholder_source(tmp_path):
   cell = _install_cell(_read("quickstart.ipynb")).source
   source = _parameters_cell(_read("quickstart.ipynb")).source
   (placeholder,) = re.findall(r'PACKAGE_SOURCE = "(.*)"', source)
-  proc = subprocess.run([sys.executable, "-c", _HIDDEN_PACKAGE, placeholder],
-                        input=cell, cwd=str(tmp_path), capture_output=True,
-                        text=True, timeout=300, check=False)
+  proc = subprocess.run(
+      [sys.executable, "-c", _HIDDEN_PACKAGE, placeholder],
+      input=cell,
+      cwd=str(tmp_path),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "PIP" not in proc.stdout
   assert "ERROR cign_jax is not installed" in proc.stdout

@@ -37,19 +37,27 @@ CACHE = utils.enable_compilation_cache()
 # Long enough for signals to land between steps and within saves, with
 # scheduled checkpoints rarer than the stops, so that a stop saves a step
 # the schedule would not have.
-OVERRIDES = {"num_train_steps": 12, "checkpoint_every_steps": 4,
-             "log_every_steps": 1}
-STOP_LINE = re.compile(r"stopped by SIGTERM at step (\d+); checkpoint saved; "
-                       r"run the same command to resume")
-NO_STEP_LINE = ("stopped by SIGTERM before the first step; nothing to save; "
-                "run the same command to start")
+OVERRIDES = {
+    "num_train_steps": 12,
+    "checkpoint_every_steps": 4,
+    "log_every_steps": 1,
+}
+STOP_LINE = re.compile(
+    r"stopped by SIGTERM at step (\d+); checkpoint saved; "
+    r"run the same command to resume"
+)
+NO_STEP_LINE = (
+    "stopped by SIGTERM before the first step; nothing to save; "
+    "run the same command to start"
+)
 
 
 @pytest.fixture(scope="module")
 def splits():
   """What the train command of tests/synthetic.py reads: both splits."""
-  return {split: synthetic.load_split("mnist", split)
-          for split in ("train", "test")}
+  return {
+      split: synthetic.load_split("mnist", split) for split in ("train", "test")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +69,12 @@ def uninterrupted(tmp_path_factory, splits):
 
 
 def _command(workdir):
-  return ([sys.executable, SYNTHETIC_MAIN,
-           f"--config={ROOT}/configs/quick.py:tiny", f"--workdir={workdir}"] +
-          [f"--config.{k}={v}" for k, v in OVERRIDES.items()])
+  return [
+      sys.executable,
+      SYNTHETIC_MAIN,
+      f"--config={ROOT}/configs/quick.py:tiny",
+      f"--workdir={workdir}",
+  ] + [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
 
 
 def _env():
@@ -74,9 +85,14 @@ def _run_and_signal(workdir, trigger, delays):
   """Runs the train command; once a stderr line contains `trigger`, sends
   SIGTERM after each of `delays` (seconds, cumulative). Returns (exit
   status, stderr)."""
-  proc = subprocess.Popen(_command(workdir), env=_env(), cwd=ROOT,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+      _command(workdir),
+      env=_env(),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   lines = []
   try:
     for line in proc.stderr:
@@ -111,7 +127,8 @@ class _SignalOnLog(logging.Handler):
     if self.trigger in message and not self.timers:
       self.timers = [
           threading.Timer(at, os.kill, (os.getpid(), signal.SIGTERM))
-          for at in itertools.accumulate(self.delays)]
+          for at in itertools.accumulate(self.delays)
+      ]
       for timer in self.timers:
         timer.start()
 
@@ -126,8 +143,9 @@ def _train_and_signal(workdir, dataset, trigger, delays):
   # done, so that a late signal cannot end the test process.
   with run_dir.noting_sigterm():
     try:
-      train.train_and_evaluate(tiny_config(**OVERRIDES), workdir,
-                               dataset=dataset)
+      train.train_and_evaluate(
+          tiny_config(**OVERRIDES), workdir, dataset=dataset
+      )
       return None, "\n".join(handler.messages)
     except stopping.StoppedBySignal as e:
       assert e.exit_code == 143
@@ -147,12 +165,14 @@ def _full_state(workdir, step=None):
   mngr = checkpoints.manager(workdir, read_only=True)
   try:
     state = checkpoints.restore(
-        mngr, train_step_lib.create_train_state(config), step)
+        mngr, train_step_lib.create_train_state(config), step
+    )
   finally:
     mngr.close()
   flat = jax.tree_util.tree_flatten_with_path(checkpoints.state_tree(state))[0]
   return int(np.asarray(state.step)), {
-      jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+      jax.tree_util.keystr(k): np.asarray(v) for k, v in flat
+  }
 
 
 def _logged_steps(text):
@@ -169,7 +189,8 @@ def _check_stop(workdir, step, logged, resumed_from):
 
 
 def test_sigterm_stops_cleanly_and_the_same_command_ends_as_uninterrupted(
-    tmp_path, uninterrupted, splits, caplog):
+    tmp_path, uninterrupted, splits, caplog
+):
   """SIGTERM (once, or twice in quick succession, as a scheduler may) at
   seeded random moments, each time followed by the same command: first the
   train command (exit status 143, the line last on stderr), then, as each
@@ -182,8 +203,9 @@ def test_sigterm_stops_cleanly_and_the_same_command_ends_as_uninterrupted(
   workdir = str(tmp_path / "preempted")
   total = OVERRIDES["num_train_steps"]
   # The command, signalled a random time after a random step.
-  delays = [rng.uniform(0, 0.2)] + ([rng.uniform(0, 0.05)]
-                                    if rng.random() < 0.5 else [])
+  delays = [rng.uniform(0, 0.2)] + (
+      [rng.uniform(0, 0.05)] if rng.random() < 0.5 else []
+  )
   rc, stderr = _run_and_signal(workdir, f"step {rng.randint(1, 4)}/", delays)
   assert rc == 143, f"exit status {rc}; {stderr[-3000:]}"
   last = [l for l in stderr.splitlines() if l.strip()][-1]
@@ -198,10 +220,14 @@ def test_sigterm_stops_cleanly_and_the_same_command_ends_as_uninterrupted(
     # The first just after the restore (before the loop or in its first
     # step), the others after a random step.
     ahead = 0 if attempt == 0 else rng.randint(1, 3)
-    trigger = (f"Resumed from the checkpoint of step {resumed_from}"
-               if ahead == 0 else f"step {min(resumed_from + ahead, total)}/")
-    delays = [rng.uniform(0, 0.3)] + ([rng.uniform(0, 0.05)]
-                                      if rng.random() < 0.5 else [])
+    trigger = (
+        f"Resumed from the checkpoint of step {resumed_from}"
+        if ahead == 0
+        else f"step {min(resumed_from + ahead, total)}/"
+    )
+    delays = [rng.uniform(0, 0.3)] + (
+        [rng.uniform(0, 0.05)] if rng.random() < 0.5 else []
+    )
     step, log = _train_and_signal(workdir, splits, trigger, delays)
     if step is None:
       break
@@ -209,8 +235,7 @@ def test_sigterm_stops_cleanly_and_the_same_command_ends_as_uninterrupted(
     _check_stop(workdir, step, _logged_steps(log), resumed_from)
     resumed_from = step
   else:
-    train.train_and_evaluate(tiny_config(**OVERRIDES), workdir,
-                             dataset=splits)
+    train.train_and_evaluate(tiny_config(**OVERRIDES), workdir, dataset=splits)
   step, state = _full_state(workdir)
   reference_step, reference = _full_state(uninterrupted)
   assert step == reference_step == total
@@ -224,13 +249,15 @@ def test_sigterm_stops_cleanly_and_the_same_command_ends_as_uninterrupted(
 
 
 def test_sigterm_before_the_first_step_of_a_new_run_saves_nothing(
-    tmp_path, synthetic_dataset):
+    tmp_path, synthetic_dataset
+):
   workdir = str(tmp_path / "new")
   with run_dir.noting_sigterm():  # the command's block, open from its start
     os.kill(os.getpid(), signal.SIGTERM)
     with pytest.raises(stopping.StoppedBySignal) as err:
-      train.train_and_evaluate(tiny_config(), workdir,
-                               dataset=synthetic_dataset)
+      train.train_and_evaluate(
+          tiny_config(), workdir, dataset=synthetic_dataset
+      )
   assert err.value.step is None and str(err.value) == NO_STEP_LINE
   assert os.listdir(os.path.join(workdir, "checkpoints")) == []
 
@@ -273,14 +300,28 @@ def test_processes_agree_to_stop_after_the_same_step():
     address = f"127.0.0.1:{sock.getsockname()[1]}"
   procs = []
   for i in range(2):
-    env = dict(_env(), JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i), JAX_PLATFORMS="cpu")
+    env = dict(
+        _env(),
+        JAX_COORDINATOR_ADDRESS=address,
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(i),
+        JAX_PLATFORMS="cpu",
+    )
     env["XLA_FLAGS"] = " ".join(
-        f for f in env.get("XLA_FLAGS", "").split()
-        if "xla_force_host_platform_device_count" not in f)
-    procs.append(subprocess.Popen(
-        [sys.executable, "-c", _AGREEMENT_WORKER], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if "xla_force_host_platform_device_count" not in f
+    )
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, "-c", _AGREEMENT_WORKER],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
   outputs = []
   try:
     for proc in procs:
@@ -295,7 +336,9 @@ def test_processes_agree_to_stop_after_the_same_step():
     # Wishes after steps 0..5: process 0 (0, 1, 1, 1, 1, 1), process 1
     # (0, 0, 2, 2, 2, 2); each decision is the largest of the step before.
     assert json.loads(out.strip().splitlines()[-1]) == {
-        "now": stopping.SIGTERM, "decisions": [0, 0, 1, 2, 2, 2]}
+        "now": stopping.SIGTERM,
+        "decisions": [0, 0, 1, 2, 2, 2],
+    }
 
 
 def test_sigterm_inside_the_block_sets_the_flag_and_the_handler_comes_back():
@@ -337,7 +380,8 @@ def _flip_bytes(step_dir):
 
 
 def test_process_stopped_as_a_step_is_committed_leaves_it_verified(
-    tmp_path, monkeypatch, state):
+    tmp_path, monkeypatch, state
+):
   """A process stopped the moment orbax has committed a step (where a
   SIGTERM once left the step without its checksum): the step restores, and
   altered tensors in it are refused rather than restored."""
@@ -353,16 +397,18 @@ def test_process_stopped_as_a_step_is_committed_leaves_it_verified(
     if os.path.isdir(step_dir):
       raise KeyboardInterrupt("stopped right after the commit")
 
-  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished",
-                      stopped_once_committed)
+  monkeypatch.setattr(
+      ocp.CheckpointManager, "wait_until_finished", stopped_once_committed
+  )
   with pytest.raises(KeyboardInterrupt):
     checkpoints.save(mngr, state.replace(step=2))
   monkeypatch.undo()
   mngr.close()
   assert _full_state(workdir)[0] == 2
   _flip_bytes(step_dir)
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r"step 2 .*good steps there: 1"):
+  with pytest.raises(
+      checkpoints.CheckpointError, match=r"step 2 .*good steps there: 1"
+  ):
     checkpoints.load_model(workdir)
 
 
@@ -371,20 +417,24 @@ def _save_as_before(directory, state, step, with_checksum):
   item), then, once committed, the checksum file beside them (which a stop
   between the two left out)."""
   mngr = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=True),
-      item_handlers=ocp.StandardCheckpointHandler())
+      directory,
+      options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers=ocp.StandardCheckpointHandler(),
+  )
   tree = checkpoints.state_tree(state.replace(step=step))
   mngr.save(step, args=ocp.args.StandardSave(tree), force=True)
   mngr.wait_until_finished()
   mngr.close()
   if with_checksum:
-    with open(os.path.join(directory, str(step), run_dir.CHECKSUM_FILE),
-              "w") as f:
+    with open(
+        os.path.join(directory, str(step), run_dir.CHECKSUM_FILE), "w"
+    ) as f:
       json.dump({"sha256": run_dir.tree_digest(tree)}, f)
 
 
 def test_step_without_checksum_is_incomplete_and_not_restored(
-    tmp_path, state, synthetic_dataset):
+    tmp_path, state, synthetic_dataset
+):
   """Steps of earlier versions: with their checksum they restore; without
   it (a stop between the tensors and the checksum) the step is named as
   incomplete with the steps that do restore and the fix, also when its
@@ -407,11 +457,11 @@ def test_step_without_checksum_is_incomplete_and_not_restored(
     assert f"move {step_dir} out of the checkpoint directory" in message
   # Training refuses to resume from it, naming it the same way.
   with pytest.raises(checkpoints.CheckpointError, match="step 2 .*incomplete"):
-    train.train_and_evaluate(tiny_config(num_train_steps=3), workdir,
-                             dataset=synthetic_dataset)
+    train.train_and_evaluate(
+        tiny_config(num_train_steps=3), workdir, dataset=synthetic_dataset
+    )
   # The best checkpoint is saved and read the same way.
-  _save_as_before(checkpoints.best_dir(workdir), state, 3,
-                  with_checksum=False)
+  _save_as_before(checkpoints.best_dir(workdir), state, 3, with_checksum=False)
   with open(os.path.join(workdir, checkpoints.BEST_FILE), "w") as f:
     json.dump({"step": 3, "metric": "val_loss", "value": 1.0}, f)
   with pytest.raises(checkpoints.CheckpointError, match="step 3 .*incomplete"):

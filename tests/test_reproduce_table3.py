@@ -25,8 +25,14 @@ def _run(*args):
   env = dict(os.environ)
   env["JAX_COMPILATION_CACHE_DIR"] = utils.enable_compilation_cache()
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  return subprocess.run([sys.executable, SCRIPT, *args], env=env, cwd=ROOT,
-                        capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+      [sys.executable, SCRIPT, *args],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
 
 
 @pytest.mark.data  # MNIST's test images (64 per label) and the FID weights
@@ -35,11 +41,20 @@ def test_quick_reproduction_from_an_npz(tmp_path):
   test_x, test_y = reader.load_split("mnist", "test")
   npz = str(tmp_path / "mnist.npz")
   # At least 64 test images of every label (FID64 in quick mode).
-  np.savez(npz, train_images=train_x[:64, :, :, 0], train_labels=train_y[:64],
-           test_images=test_x[:1000], test_labels=test_y[:1000])
+  np.savez(
+      npz,
+      train_images=train_x[:64, :, :, 0],
+      train_labels=train_y[:64],
+      test_images=test_x[:1000],
+      test_labels=test_y[:1000],
+  )
   root = str(tmp_path / "runs")
-  args = ["--quick", "--configs=channel_small", f"--root={root}",
-          f"--data_npz={npz}"]
+  args = [
+      "--quick",
+      "--configs=channel_small",
+      f"--root={root}",
+      f"--data_npz={npz}",
+  ]
   done = _run(*args)
   assert done.returncode == 0, done.stderr[-3000:]
   workdir = os.path.join(root, "channel_small")
@@ -57,20 +72,22 @@ def test_quick_reproduction_from_an_npz(tmp_path):
   assert set(result["fid_counts"].values()) == {64}
   per_class = result["fid"]["64"]["per_class"]
   assert len(per_class) == 10
-  np.testing.assert_allclose(result["fid"]["64"]["mean"],
-                             np.mean(list(per_class.values())), rtol=1e-9)
+  np.testing.assert_allclose(
+      result["fid"]["64"]["mean"], np.mean(list(per_class.values())), rtol=1e-9
+  )
   assert os.path.isfile(result["grid"])
   # The same samples' diversity metrics, per class, summarised like FID.
   assert result["protocol"]["metrics"] == (
-      ["fid64", "label_accuracy"] + list(registry.DIVERSITY))
+      ["fid64", "label_accuracy"] + list(registry.DIVERSITY)
+  )
   for name in registry.DIVERSITY:
     m = result["metrics"][name]
     assert len(m["per_class"]) == 10
     assert m["min"] <= m["mean"] <= m["max"], name
   recall = result["metrics"]["recall"]
-  np.testing.assert_allclose(recall["mean"],
-                             np.mean(list(recall["per_class"].values())),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      recall["mean"], np.mean(list(recall["per_class"].values())), rtol=1e-12
+  )
   table = open(os.path.join(root, "table3.md")).read()
   assert "Quick smoke test" in table
   assert "## Diversity of the same samples" in table
@@ -88,5 +105,6 @@ def test_bad_config_name(tmp_path):
   done = _run("--quick", "--configs=channel_tiny", f"--root={tmp_path}")
   assert done.returncode != 0
   assert "config 'channel_tiny' not found" in done.stderr
-  assert "channel_small, channel_large, filter_small, filter_large" in \
-      done.stderr
+  assert (
+      "channel_small, channel_large, filter_small, filter_large" in done.stderr
+  )

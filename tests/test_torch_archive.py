@@ -14,7 +14,8 @@ from cign_jax.interop import torch_archive
 torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+    "ignore:`torch.jit.*` is deprecated:DeprecationWarning"
+)
 
 
 def _np(t):
@@ -64,7 +65,7 @@ def test_views_offsets_and_shared_storage(tmp_path):
       "offset_flat": base.view(-1)[17:29],
       "column": base[:, 7],
       "expanded": base[2, :4].unsqueeze(0).expand(3, 4),
-      "permuted": torch.arange(24.).reshape(2, 3, 4).permute(2, 0, 1),
+      "permuted": torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1),
       "narrow_int": torch.arange(50, dtype=torch.int64)[10:40:7],
   }
   path = _save(views, tmp_path / "v.pt")
@@ -104,8 +105,9 @@ class _Net(torch.nn.Module):
     self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
     self.bn = torch.nn.BatchNorm2d(3)
     self.blocks = torch.nn.ModuleList(
-        [torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False)])
-    self.register_buffer("table", torch.arange(6.).reshape(2, 3))
+        [torch.nn.Linear(3, 4), torch.nn.Linear(4, 2, bias=False)]
+    )
+    self.register_buffer("table", torch.arange(6.0).reshape(2, 3))
 
   def forward(self, x):
     h = self.bn(self.conv(x)).mean(dim=(2, 3))
@@ -126,8 +128,11 @@ def _trained_net():
 
 
 def _assert_same_state(flat, state_dict, prefix=""):
-  expected = {k[len(prefix):]: _np(v) for k, v in state_dict.items()
-              if k.startswith(prefix)}
+  expected = {
+      k[len(prefix) :]: _np(v)
+      for k, v in state_dict.items()
+      if k.startswith(prefix)
+  }
   assert set(flat) == set(expected)
   for key, value in expected.items():
     assert flat[key].dtype == value.dtype, key
@@ -151,6 +156,7 @@ def test_lightning_checkpoint(tmp_path):
   for k, v in copy.state_dict().items():
     state["model_copy." + k] = v
   import argparse  # pylint: disable=import-outside-toplevel
+
   ckpt = {
       "epoch": 4,
       "global_step": 1234,
@@ -170,13 +176,16 @@ def test_lightning_checkpoint(tmp_path):
   assert ns.type_name == "argparse.Namespace" and ns.attrs == {"a": 1}
   exp_avg = loaded["optimizer_states"][0]["state"][0]["exp_avg"]
   np.testing.assert_array_equal(
-      exp_avg, _np(opt.state_dict()["state"][0]["exp_avg"]))
+      exp_avg, _np(opt.state_dict()["state"][0]["exp_avg"])
+  )
 
-  _assert_same_state(torch_archive.state_dict_from(path, prefix="model."),
-                     net.state_dict())
+  _assert_same_state(
+      torch_archive.state_dict_from(path, prefix="model."), net.state_dict()
+  )
   # A prefix without the dot matches whole components only.
-  _assert_same_state(torch_archive.state_dict_from(path, prefix="model"),
-                     net.state_dict())
+  _assert_same_state(
+      torch_archive.state_dict_from(path, prefix="model"), net.state_dict()
+  )
   _assert_same_state(torch_archive.state_dict_from(path), state)
   with pytest.raises(ValueError, match="no tensors found"):
     torch_archive.state_dict_from(path, prefix="generator.")
@@ -194,13 +203,16 @@ def test_torchscript_module(tmp_path):
   assert obj.conv.attrs["training"] is False
   np.testing.assert_array_equal(obj.conv.weight, _np(net.conv.weight))
   _assert_same_state(torch_archive.state_dict_from(path), net.state_dict())
-  _assert_same_state(torch_archive.state_dict_from(path, prefix="blocks"),
-                     net.state_dict(), prefix="blocks.")
+  _assert_same_state(
+      torch_archive.state_dict_from(path, prefix="blocks"),
+      net.state_dict(),
+      prefix="blocks.",
+  )
   assert torch_archive.load_constants(path) == ()
 
 
 def test_torchscript_constants(tmp_path):
-  const = torch.arange(6.).reshape(2, 3)
+  const = torch.arange(6.0).reshape(2, 3)
 
   def f(x):
     return x @ const
@@ -209,8 +221,10 @@ def test_torchscript_constants(tmp_path):
   path = str(tmp_path / "traced.pt")
   traced.save(path)
   constants = torch_archive.load_constants(path)
-  assert any(isinstance(c, np.ndarray) and np.array_equal(c, _np(const))
-             for c in constants)
+  assert any(
+      isinstance(c, np.ndarray) and np.array_equal(c, _np(const))
+      for c in constants
+  )
 
 
 def test_pickled_module(tmp_path):
@@ -223,9 +237,11 @@ def test_pickled_module(tmp_path):
 
 def test_does_not_import_torch(tmp_path):
   path = _save({"w": torch.ones(3)}, tmp_path / "w.pt")
-  code = ("import sys; from cign_jax.interop import torch_archive as ta; "
-          f"x = ta.load({path!r}); assert x['w'].sum() == 3; "
-          "assert 'torch' not in sys.modules, 'torch was imported'")
+  code = (
+      "import sys; from cign_jax.interop import torch_archive as ta; "
+      f"x = ta.load({path!r}); assert x['w'].sum() == 3; "
+      "assert 'torch' not in sys.modules, 'torch was imported'"
+  )
   subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -242,11 +258,11 @@ def test_corrupt_files(tmp_path):
 
   check("random.pt", os.urandom(4096), "not a PyTorch zip archive")
   check("empty.pt", b"", "not a PyTorch zip archive")
-  check("truncated.pt", data[:len(data) // 2], "truncated|corrupt")
+  check("truncated.pt", data[: len(data) // 2], "truncated|corrupt")
   # Flip bytes inside the stored tensor data: the zip CRC catches it.
   body = bytearray(data)
   start = data.index(b"good/data/0") + 200
-  body[start:start + 64] = bytes(64)
+  body[start : start + 64] = bytes(64)
   check("flipped.pt", bytes(body), "corrupt")
 
   other_zip = tmp_path / "other.zip"
@@ -269,8 +285,11 @@ def test_corrupt_files(tmp_path):
   with pytest.raises(ValueError, match="missing"):
     torch_archive.load(missing)
 
-  legacy = _save({"w": torch.ones(2)}, tmp_path / "legacy.pt",
-                 _use_new_zipfile_serialization=False)
+  legacy = _save(
+      {"w": torch.ones(2)},
+      tmp_path / "legacy.pt",
+      _use_new_zipfile_serialization=False,
+  )
   with pytest.raises(ValueError, match="legacy"):
     torch_archive.load(legacy)
 

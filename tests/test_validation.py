@@ -44,8 +44,9 @@ def model_and_variables():
 # --- The validation loss -----------------------------------------------------
 
 
-def test_validation_is_eval_mode_and_weighted_by_batch(small_data,
-                                                       model_and_variables):
+def test_validation_is_eval_mode_and_weighted_by_batch(
+    small_data, model_and_variables
+):
   config, model, variables = model_and_variables
   x_u8, y = small_data["test"]
   x_u8, y = x_u8[:7], y[:7]
@@ -62,8 +63,9 @@ def test_validation_is_eval_mode_and_weighted_by_batch(small_data,
   assert set(out) == {"val_loss"} | {f"val_{k}" for k in losses.LOSS_TERMS}
 
 
-def test_validation_depends_only_on_seed_and_epoch(small_data,
-                                                   model_and_variables):
+def test_validation_depends_only_on_seed_and_epoch(
+    small_data, model_and_variables
+):
   config, model, variables = model_and_variables
   x, y = small_data["test"]
   a = validation.validation_loss(model, variables, x, y, config, 3)
@@ -79,12 +81,18 @@ def test_validation_depends_only_on_seed_and_epoch(small_data,
 
 def test_evaluation_points():
   config = tiny_config(eval_every_epochs=2, eval_every_steps=0)
-  points = [d for d in range(1, 41)
-            if validation.is_evaluation_point(d, 40, 8, config)]
+  points = [
+      d
+      for d in range(1, 41)
+      if validation.is_evaluation_point(d, 40, 8, config)
+  ]
   assert points == [16, 32, 40]  # every 2 epochs of 8 steps, and the last
   config = tiny_config(eval_every_epochs=0, eval_every_steps=5)
-  points = [d for d in range(1, 13)
-            if validation.is_evaluation_point(d, 12, 8, config)]
+  points = [
+      d
+      for d in range(1, 13)
+      if validation.is_evaluation_point(d, 12, 8, config)
+  ]
   assert points == [5, 10, 12]
 
 
@@ -105,44 +113,66 @@ def test_is_better():
 
 
 def test_best_metric_the_run_does_not_compute():
-  with pytest.raises(ValueError, match=r"best_metric: 'label_accuracy' is not "
-                     r"computed by this run; it computes \('val_loss',\)"):
+  with pytest.raises(
+      ValueError,
+      match=r"best_metric: 'label_accuracy' is not "
+      r"computed by this run; it computes \('val_loss',\)",
+  ):
     config_lib.validate(tiny_config(best_metric="label_accuracy"))
   with pytest.raises(ValueError, match="'fid192' is not computed.*fid64"):
-    config_lib.validate(tiny_config(best_metric="fid192",
-                                    eval_samples_per_label=100,
-                                    eval_metrics=("fid64",)))
+    config_lib.validate(
+        tiny_config(
+            best_metric="fid192",
+            eval_samples_per_label=100,
+            eval_metrics=("fid64",),
+        )
+    )
   with pytest.raises(ValueError, match="'val_los' is not computed"):
     config_lib.validate(tiny_config(best_metric="val_los"))
   # Any name of eval_metrics, once in-loop metrics are on.
-  config_lib.validate(tiny_config(best_metric="recall",
-                                  eval_samples_per_label=10,
-                                  eval_metrics=("recall",)))
+  config_lib.validate(
+      tiny_config(
+          best_metric="recall",
+          eval_samples_per_label=10,
+          eval_metrics=("recall",),
+      )
+  )
 
 
 def test_eval_metrics_form_and_the_retired_fid_sizes():
-  with pytest.raises(ValueError, match=r"eval_metrics: must be a tuple of "
-                     r"metric names"):
+  with pytest.raises(
+      ValueError, match=r"eval_metrics: must be a tuple of " r"metric names"
+  ):
     config_lib.validate(tiny_config(eval_metrics=("fid64", "")))
-  with pytest.raises(ValueError, match=r"eval_metrics: lists \['kid'\] more "
-                     r"than once"):
+  with pytest.raises(
+      ValueError, match=r"eval_metrics: lists \['kid'\] more " r"than once"
+  ):
     config_lib.validate(tiny_config(eval_metrics=("kid", "kid")))
-  with pytest.raises(ValueError, match=r"eval_fid_sizes: retired; list "
-                     r"\('fid64',\) in config.eval_metrics"):
+  with pytest.raises(
+      ValueError,
+      match=r"eval_fid_sizes: retired; list "
+      r"\('fid64',\) in config.eval_metrics",
+  ):
     config_lib.validate(tiny_config(eval_fid_sizes=(64,)))
 
 
 def test_val_loss_without_a_test_split(small_data, tmp_path):
-  with pytest.raises(ValueError, match="best_metric is 'val_loss' but the run "
-                     "has no validation split"):
-    train.train_and_evaluate(tiny_config(best_metric="val_loss"),
-                             str(tmp_path), dataset=small_data["train"])
+  with pytest.raises(
+      ValueError,
+      match="best_metric is 'val_loss' but the run " "has no validation split",
+  ):
+    train.train_and_evaluate(
+        tiny_config(best_metric="val_loss"),
+        str(tmp_path),
+        dataset=small_data["train"],
+    )
 
 
 def test_in_loop_metrics_need_an_evaluator(small_data, tmp_path):
   with pytest.raises(ValueError, match="in_loop.train_and_evaluate"):
-    train.train_and_evaluate(tiny_config(eval_samples_per_label=2),
-                             str(tmp_path), dataset=small_data)
+    train.train_and_evaluate(
+        tiny_config(eval_samples_per_label=2), str(tmp_path), dataset=small_data
+    )
 
 
 # --- The best checkpoint, resumed and crashed --------------------------------
@@ -165,8 +195,9 @@ class ProbeEvaluator:
 
 
 def _run_config():
-  return tiny_config(num_train_steps=24, checkpoint_every_steps=4,
-                     best_metric="val_loss")
+  return tiny_config(
+      num_train_steps=24, checkpoint_every_steps=4, best_metric="val_loss"
+  )
 
 
 def _best_files(workdir):
@@ -180,8 +211,9 @@ def _best_files(workdir):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, small_data):
   workdir = str(tmp_path_factory.mktemp("best_uninterrupted"))
-  train.train_and_evaluate(_run_config(), workdir, dataset=small_data,
-                           evaluator=ProbeEvaluator())
+  train.train_and_evaluate(
+      _run_config(), workdir, dataset=small_data, evaluator=ProbeEvaluator()
+  )
   return workdir
 
 
@@ -190,22 +222,29 @@ def test_best_checkpoint_is_the_lowest_val_loss(uninterrupted, small_data):
   assert [r["step"] for r in history] == [8, 16, 24]
   losses_by_step = {r["step"]: r["val_loss"] for r in history}
   lowest = min(losses_by_step, key=losses_by_step.get)
-  assert best == {"step": lowest, "metric": "val_loss",
-                  "value": losses_by_step[lowest]}
+  assert best == {
+      "step": lowest,
+      "metric": "val_loss",
+      "value": losses_by_step[lowest],
+  }
   assert stored == [str(lowest)]
   chosen = checkpoints.resolve_checkpoint(uninterrupted)
-  assert chosen.step == lowest and "best checkpoint by val_loss" in \
-      chosen.reason
+  assert (
+      chosen.step == lowest and "best checkpoint by val_loss" in chosen.reason
+  )
   # The best checkpoint holds the state of its step: its validation loss
   # recomputed from the loaded variables is the recorded one.
-  config, model, variables, step = checkpoints.load_model(uninterrupted,
-                                                          checkpoint="best")
+  config, model, variables, step = checkpoints.load_model(
+      uninterrupted, checkpoint="best"
+  )
   assert step == lowest
   test_x, test_y = small_data["test"]
-  again = validation.validation_loss(model, variables, test_x, test_y, config,
-                                     epoch=lowest // 8)
-  np.testing.assert_allclose(again["val_loss"], losses_by_step[lowest],
-                             rtol=1e-5)
+  again = validation.validation_loss(
+      model, variables, test_x, test_y, config, epoch=lowest // 8
+  )
+  np.testing.assert_allclose(
+      again["val_loss"], losses_by_step[lowest], rtol=1e-5
+  )
   assert checkpoints.load_model(uninterrupted, checkpoint="latest")[3] == 24
 
 
@@ -223,17 +262,25 @@ def test_best_by_another_metric(tmp_path, small_data):
   assert sorted(os.listdir(os.path.join(workdir, "best"))) == ["16"]
 
 
-def test_resumed_run_ends_with_the_same_best(uninterrupted, small_data,
-                                             tmp_path):
+def test_resumed_run_ends_with_the_same_best(
+    uninterrupted, small_data, tmp_path
+):
   workdir = str(tmp_path / "resumed")
   with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(_run_config(), workdir, dataset=small_data,
-                             evaluator=ProbeEvaluator(crash_at=16))
+    train.train_and_evaluate(
+        _run_config(),
+        workdir,
+        dataset=small_data,
+        evaluator=ProbeEvaluator(crash_at=16),
+    )
   # Killed while evaluating step 16: the latest checkpoint is of step 12.
-  assert max(int(s) for s in os.listdir(os.path.join(workdir,
-                                                     "checkpoints"))) == 12
-  train.train_and_evaluate(_run_config(), workdir, dataset=small_data,
-                           evaluator=ProbeEvaluator())
+  assert (
+      max(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))
+      == 12
+  )
+  train.train_and_evaluate(
+      _run_config(), workdir, dataset=small_data, evaluator=ProbeEvaluator()
+  )
   ref_best, ref_history, ref_stored = _best_files(uninterrupted)
   best, history, stored = _best_files(workdir)
   assert best == ref_best and stored == ref_stored
@@ -241,8 +288,9 @@ def test_resumed_run_ends_with_the_same_best(uninterrupted, small_data,
   a = checkpoints.load_model(uninterrupted, checkpoint="best")[2]
   b = checkpoints.load_model(workdir, checkpoint="best")[2]
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7
+    )
 
 
 def test_crash_between_best_and_latest_keeps_the_previous_best(tmp_path):
@@ -269,8 +317,9 @@ def test_crash_between_best_and_latest_keeps_the_previous_best(tmp_path):
 def test_time_limit_stops_cleanly_and_resumes(tmp_path, small_data):
   workdir = str(tmp_path)
   config = tiny_config(num_train_steps=6)
-  state = train.train_and_evaluate(config, workdir, dataset=small_data,
-                                   time_limit_seconds=0)
+  state = train.train_and_evaluate(
+      config, workdir, dataset=small_data, time_limit_seconds=0
+  )
   assert int(state.step) == 1
   assert checkpoints.resolve_checkpoint(workdir, "latest").step == 1
   assert not os.path.exists(os.path.join(workdir, "samples.png"))
@@ -283,38 +332,48 @@ def test_time_limit_stops_cleanly_and_resumes(tmp_path, small_data):
 
 def test_checkpoint_errors_name_what_there_is(uninterrupted):
   best = checkpoints.read_best(uninterrupted)["step"]
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r"unknown checkpoint value 'newest': expected "
-                     r"best, latest or a step number; available: latest "
-                     r"\(step 24\), best \(step \d+ by val_loss\)"):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match=r"unknown checkpoint value 'newest': expected "
+      r"best, latest or a step number; available: latest "
+      r"\(step 24\), best \(step \d+ by val_loss\)",
+  ):
     checkpoints.resolve_checkpoint(uninterrupted, "newest")
-  with pytest.raises(checkpoints.CheckpointError,
-                     match=r"no checkpoint of step 5 .*available"):
+  with pytest.raises(
+      checkpoints.CheckpointError, match=r"no checkpoint of step 5 .*available"
+  ):
     checkpoints.load_model(uninterrupted, checkpoint="5")
   assert checkpoints.resolve_checkpoint(uninterrupted, str(best)).step == best
-  assert checkpoints.resolve_checkpoint(uninterrupted, 20).reason == \
-      "step 20 (checkpoint=20)"
+  assert (
+      checkpoints.resolve_checkpoint(uninterrupted, 20).reason
+      == "step 20 (checkpoint=20)"
+  )
 
 
 def test_no_best_checkpoint(tmp_path, small_data):
   workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(num_train_steps=2), workdir,
-                           dataset=small_data["train"])
+  train.train_and_evaluate(
+      tiny_config(num_train_steps=2), workdir, dataset=small_data["train"]
+  )
   chosen = checkpoints.resolve_checkpoint(workdir)
   assert chosen.step == 2 and "keeps no best" in chosen.reason
-  with pytest.raises(checkpoints.CheckpointError,
-                     match="has no best checkpoint.*latest \\(step 2\\)"):
+  with pytest.raises(
+      checkpoints.CheckpointError,
+      match="has no best checkpoint.*latest \\(step 2\\)",
+  ):
     checkpoints.resolve_checkpoint(workdir, "best")
 
 
 def test_sample_names_its_checkpoint(uninterrupted, tmp_path):
   out = str(tmp_path / "s.npz")
-  sample_command.sample_to_file(uninterrupted, out, num_per_label=2,
-                                checkpoint="latest")
+  sample_command.sample_to_file(
+      uninterrupted, out, num_per_label=2, checkpoint="latest"
+  )
   with np.load(out) as f:
     assert int(f["step"]) == 24
     assert str(f["checkpoint"]) == "latest checkpoint (checkpoint=latest)"
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   assert Image.open(out[:-4] + ".png").text["step"] == "24"
   sample_command.sample_to_file(uninterrupted, out, num_per_label=2)
   with np.load(out) as f:

@@ -50,8 +50,13 @@ GENERATOR_LAYOUT = ((2, 1, 0), (4, 2, 1), (3, 2, 1), (4, 2, 1), (4, 2, 1))
 DISCRIMINATOR_SIZES = (28, 14, 7, 4, 2)
 GENERATOR_SIZES = (1, 2, 4, 7, 14)
 
-LOSS_TERMS = ("loss_rec", "loss_idem_noise", "loss_tight_noise",
-              "loss_idem_mismatch", "loss_tight_mismatch")
+LOSS_TERMS = (
+    "loss_rec",
+    "loss_idem_noise",
+    "loss_tight_noise",
+    "loss_idem_mismatch",
+    "loss_tight_mismatch",
+)
 
 
 class _Half(nn.Module):
@@ -61,11 +66,19 @@ class _Half(nn.Module):
   lists its keys in the same order as the author's models.
   """
 
-  def __init__(self, conditioning: str, in_channels: Sequence[int],
-               out_channels: Sequence[int], layout, sizes,
-               norm_channels: Sequence[int],
-               transpose: bool, embedding_dim: int, num_classes: int,
-               dropout: float):
+  def __init__(
+      self,
+      conditioning: str,
+      in_channels: Sequence[int],
+      out_channels: Sequence[int],
+      layout,
+      sizes,
+      norm_channels: Sequence[int],
+      transpose: bool,
+      embedding_dim: int,
+      num_classes: int,
+      dropout: float,
+  ):
     super().__init__()
     if conditioning not in ("channel", "filter", "none"):
       raise ValueError(f"unknown conditioning {conditioning!r}")
@@ -78,9 +91,12 @@ class _Half(nn.Module):
     if conditioning != "filter":
       conv = nn.ConvTranspose2d if transpose else nn.Conv2d
       for i, (ci, co, (k, s, p)) in enumerate(
-          zip(in_channels, out_channels, layout), start=1):
-        self.add_module(f"conv_{i}", conv(ci + extra, co, k, stride=s,
-                                          padding=p, bias=False))
+          zip(in_channels, out_channels, layout), start=1
+      ):
+        self.add_module(
+            f"conv_{i}",
+            conv(ci + extra, co, k, stride=s, padding=p, bias=False),
+        )
     for j, c in enumerate(norm_channels, start=1):
       self.add_module(f"batch_norm_{j}", nn.BatchNorm2d(c))
     if conditioning == "filter":
@@ -89,7 +105,8 @@ class _Half(nn.Module):
     if conditioning != "none":
       self.label_embedder = nn.Embedding(num_classes, embedding_dim)
       for i, (ci, (k, _, _), size) in enumerate(
-          zip(in_channels, layout, sizes), start=1):
+          zip(in_channels, layout, sizes), start=1
+      ):
         outputs = size * size if conditioning == "channel" else ci * k * k
         self.add_module(f"linear_{i}", nn.Linear(embedding_dim, outputs))
     self.dropout = nn.Dropout(dropout)
@@ -107,13 +124,13 @@ class _Half(nn.Module):
   def _filter_block(self, i: int, x, embedding):
     k, s, p = self.layout[i - 1]
     b, c, h, w = x.shape
-    filters = torch.tanh(getattr(self, f"linear_{i}")(embedding).view(
-        b, c, k, k))
+    filters = torch.tanh(
+        getattr(self, f"linear_{i}")(embedding).view(b, c, k, k)
+    )
     grouped = x.reshape(1, b * c, h, w)
     weight = filters.reshape(b * c, 1, k, k)
     if self.transpose:
-      y = F.conv_transpose2d(grouped, weight, stride=s, padding=p,
-                             groups=b * c)
+      y = F.conv_transpose2d(grouped, weight, stride=s, padding=p, groups=b * c)
     else:
       y = F.conv2d(grouped, weight, stride=s, padding=p, groups=b * c)
     y = y.view(b, c, y.shape[-2], y.shape[-1])
@@ -121,8 +138,9 @@ class _Half(nn.Module):
     return mixer(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
   def forward(self, x, labels):
-    embedding = (self.label_embedder(labels) if self.conditioning != "none"
-                 else None)
+    embedding = (
+        self.label_embedder(labels) if self.conditioning != "none" else None
+    )
     for i in range(1, 6):
       j = self._norm_index(i)
       if j is not None:
@@ -132,8 +150,9 @@ class _Half(nn.Module):
       else:
         if self.conditioning == "channel":
           size = self.sizes[i - 1]
-          cond = torch.tanh(getattr(self, f"linear_{i}")(embedding).view(
-              -1, size, size))
+          cond = torch.tanh(
+              getattr(self, f"linear_{i}")(embedding).view(-1, size, size)
+          )
           x = torch.cat((x, cond.unsqueeze(1)), dim=1)
         y = getattr(self, f"conv_{i}")(x)
       if self._dropout_in(i):
@@ -144,15 +163,31 @@ class _Half(nn.Module):
 
 class DiscriminatorTorch(_Half):
 
-  def __init__(self, conditioning, latent_dim, intermediate_dim,
-               embedding_dim=5, num_classes=10, image_channels=1,
-               dropout=0.15):
+  def __init__(
+      self,
+      conditioning,
+      latent_dim,
+      intermediate_dim,
+      embedding_dim=5,
+      num_classes=10,
+      image_channels=1,
+      dropout=0.15,
+  ):
     ld = latent_dim
     outs = (ld, 2 * ld, 4 * ld, 8 * ld, intermediate_dim)
     ins = (image_channels,) + outs[:4]
-    super().__init__(conditioning, ins, outs, DISCRIMINATOR_LAYOUT,
-                     DISCRIMINATOR_SIZES, outs[:4], False, embedding_dim,
-                     num_classes, dropout)
+    super().__init__(
+        conditioning,
+        ins,
+        outs,
+        DISCRIMINATOR_LAYOUT,
+        DISCRIMINATOR_SIZES,
+        outs[:4],
+        False,
+        embedding_dim,
+        num_classes,
+        dropout,
+    )
 
   def _norm_index(self, i):
     # batch_norm_k follows block k's activation, i.e. precedes block k + 1.
@@ -167,15 +202,31 @@ class DiscriminatorTorch(_Half):
 
 class GeneratorTorch(_Half):
 
-  def __init__(self, conditioning, latent_dim, intermediate_dim,
-               embedding_dim=5, num_classes=10, image_channels=1,
-               dropout=0.15):
+  def __init__(
+      self,
+      conditioning,
+      latent_dim,
+      intermediate_dim,
+      embedding_dim=5,
+      num_classes=10,
+      image_channels=1,
+      dropout=0.15,
+  ):
     ld = latent_dim
     outs = (8 * ld, 4 * ld, 2 * ld, ld, image_channels)
     ins = (intermediate_dim,) + outs[:4]
-    super().__init__(conditioning, ins, outs, GENERATOR_LAYOUT,
-                     GENERATOR_SIZES, ins, True, embedding_dim,
-                     num_classes, dropout)
+    super().__init__(
+        conditioning,
+        ins,
+        outs,
+        GENERATOR_LAYOUT,
+        GENERATOR_SIZES,
+        ins,
+        True,
+        embedding_dim,
+        num_classes,
+        dropout,
+    )
 
   def _norm_index(self, i):
     return i
@@ -190,26 +241,39 @@ class GeneratorTorch(_Half):
 class CIGNTorch(nn.Module):
   """f(x, c) = generator(discriminator(x, c), c); x (B, C, 28, 28)."""
 
-  def __init__(self, conditioning: str = "channel", latent_dim: int = 32,
-               intermediate_dim: int = 128, embedding_dim: int = 5,
-               dropout: float = 0.15, num_classes: int = 10,
-               image_channels: int = 1):
+  def __init__(
+      self,
+      conditioning: str = "channel",
+      latent_dim: int = 32,
+      intermediate_dim: int = 128,
+      embedding_dim: int = 5,
+      dropout: float = 0.15,
+      num_classes: int = 10,
+      image_channels: int = 1,
+  ):
     super().__init__()
     self.conditioning = conditioning
     self.num_classes = num_classes
-    kw = dict(embedding_dim=embedding_dim, num_classes=num_classes,
-              image_channels=image_channels, dropout=dropout)
-    self.discriminator = DiscriminatorTorch(conditioning, latent_dim,
-                                            intermediate_dim, **kw)
-    self.generator = GeneratorTorch(conditioning, latent_dim,
-                                    intermediate_dim, **kw)
+    kw = dict(
+        embedding_dim=embedding_dim,
+        num_classes=num_classes,
+        image_channels=image_channels,
+        dropout=dropout,
+    )
+    self.discriminator = DiscriminatorTorch(
+        conditioning, latent_dim, intermediate_dim, **kw
+    )
+    self.generator = GeneratorTorch(
+        conditioning, latent_dim, intermediate_dim, **kw
+    )
 
   def forward(self, x_nchw, labels=None):
     return self.generator(self.discriminator(x_nchw, labels), labels)
 
 
-def mismatch_batch(images, labels, num_classes: int = 10
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+def mismatch_batch(
+    images, labels, num_classes: int = 10
+) -> Tuple[torch.Tensor, torch.Tensor]:
   """Every image with each of its num_classes - 1 wrong labels, in
   increasing order, image-major."""
   k = num_classes - 1
@@ -229,30 +293,41 @@ class TorchTrainStep:
   the already-noised images, like `cign_jax.losses.idempotent_loss`.
   """
 
-  def __init__(self, model: CIGNTorch, lr: float, rec_weight: float = 20.0,
-               idem_noise_weight: float = 20.0,
-               tight_noise_weight: float = 2.5,
-               idem_mismatch_weight: float = 3.0,
-               tight_mismatch_weight: float = 1.0,
-               betas=(0.5, 0.999), weight_decay: float = 0.01,
-               train_noise_std: float = 0.15):
+  def __init__(
+      self,
+      model: CIGNTorch,
+      lr: float,
+      rec_weight: float = 20.0,
+      idem_noise_weight: float = 20.0,
+      tight_noise_weight: float = 2.5,
+      idem_mismatch_weight: float = 3.0,
+      tight_mismatch_weight: float = 1.0,
+      betas=(0.5, 0.999),
+      weight_decay: float = 0.01,
+      train_noise_std: float = 0.15,
+  ):
     self.model = model
     self.model_copy = copy.deepcopy(model)
     for p in self.model_copy.parameters():
       p.requires_grad_(False)
     self.model.train()
     self.model_copy.train()
-    self.weights = dict(loss_rec=rec_weight, loss_idem_noise=idem_noise_weight,
-                        loss_tight_noise=tight_noise_weight,
-                        loss_idem_mismatch=idem_mismatch_weight,
-                        loss_tight_mismatch=tight_mismatch_weight)
+    self.weights = dict(
+        loss_rec=rec_weight,
+        loss_idem_noise=idem_noise_weight,
+        loss_tight_noise=tight_noise_weight,
+        loss_idem_mismatch=idem_mismatch_weight,
+        loss_tight_mismatch=tight_mismatch_weight,
+    )
     self.train_noise_std = train_noise_std
-    self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas,
-                                       weight_decay=weight_decay)
+    self.optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay
+    )
     self.l1 = nn.L1Loss()
 
-  def loss_terms(self, x, labels, noise=None, noise_labels=None
-                 ) -> Dict[str, torch.Tensor]:
+  def loss_terms(
+      self, x, labels, noise=None, noise_labels=None
+  ) -> Dict[str, torch.Tensor]:
     """The five weighted terms (tensors with graphs) of one step's loss.
 
     x: real (noised) images (B, C, 28, 28); labels (B,); noise / noise_labels:
@@ -263,8 +338,9 @@ class TorchTrainStep:
     if noise is None:
       noise = torch.randn_like(x)
     if noise_labels is None:
-      noise_labels = torch.randint(0, self.model.num_classes,
-                                   (x.shape[0],), device=x.device)
+      noise_labels = torch.randint(
+          0, self.model.num_classes, (x.shape[0],), device=x.device
+      )
     x_mm, y_mm = mismatch_batch(x, labels, self.model.num_classes)
 
     fx = model(x, labels)
@@ -277,15 +353,16 @@ class TorchTrainStep:
     fmismatch_d = fmismatch.detach()
     f_tight_mismatch = model(fmismatch_d, y_mm)
 
-    raw = dict(loss_rec=l1(fx, x),
-               loss_idem_noise=l1(f_copy_noise, fnoise),
-               loss_tight_noise=-l1(f_tight_noise, fnoise_d),
-               loss_idem_mismatch=l1(f_copy_mismatch, fmismatch),
-               loss_tight_mismatch=-l1(f_tight_mismatch, fmismatch_d))
+    raw = dict(
+        loss_rec=l1(fx, x),
+        loss_idem_noise=l1(f_copy_noise, fnoise),
+        loss_tight_noise=-l1(f_tight_noise, fnoise_d),
+        loss_idem_mismatch=l1(f_copy_mismatch, fmismatch),
+        loss_tight_mismatch=-l1(f_tight_mismatch, fmismatch_d),
+    )
     return {k: self.weights[k] * raw[k] for k in LOSS_TERMS}
 
-  def step(self, x, labels, noise=None, noise_labels=None
-           ) -> Dict[str, float]:
+  def step(self, x, labels, noise=None, noise_labels=None) -> Dict[str, float]:
     """One optimisation step on real images in [-1, 1]; returns the terms
     and their sum `loss` as floats."""
     if self.train_noise_std:

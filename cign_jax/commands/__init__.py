@@ -38,11 +38,11 @@ def run(main, command_module: str) -> None:
 # How a failure's last line reads: known causes with their fix.
 _ERRNO_FIXES = {
     errno.ENOSPC: "the disk is full: free space (or use a --workdir on "
-                  "another disk), then run the same command again",
+    "another disk), then run the same command again",
     errno.EDQUOT: "the disk quota is exhausted: free space, then run the "
-                  "same command again",
+    "same command again",
     errno.EACCES: "permission denied: choose a directory you can write, or "
-                  "fix its permissions",
+    "fix its permissions",
     errno.EPERM: "operation not permitted: choose a directory you can write",
     errno.EROFS: "the file system is read-only: choose another directory",
 }
@@ -72,10 +72,20 @@ def plain_message(error: BaseException) -> Tuple[str, bool]:
   first = (str(error).strip().splitlines() or [""])[0]
   if code is not None:
     where = getattr(error, "filename", None)
-    return (f"error: {_ERRNO_FIXES[code]}" +
-            (f" ({where})" if where else f" ({first[:300]})")), True
-  if isinstance(error, (ValueError, FileNotFoundError, FloatingPointError,
-                        RuntimeError, KeyError)):
+    return (
+        f"error: {_ERRNO_FIXES[code]}"
+        + (f" ({where})" if where else f" ({first[:300]})")
+    ), True
+  if isinstance(
+      error,
+      (
+          ValueError,
+          FileNotFoundError,
+          FloatingPointError,
+          RuntimeError,
+          KeyError,
+      ),
+  ):
     return f"error: {first}", True
   return f"error: {type(error).__name__}: {first}", False
 
@@ -103,8 +113,11 @@ def guarded(main):
     except (app.UsageError, SystemExit):
       raise
     except KeyboardInterrupt:
-      _exit_with("error: interrupted (Ctrl-C); a training resumes from its "
-                 "last checkpoint when the same command is run again", 130)
+      _exit_with(
+          "error: interrupted (Ctrl-C); a training resumes from its "
+          "last checkpoint when the same command is run again",
+          130,
+      )
     except BaseException as e:  # pylint: disable=broad-except
       if isinstance(getattr(e, "exit_code", None), int):
         # A clean stop that says so itself (`stopping.StoppedBySignal`):
@@ -123,17 +136,23 @@ def _unknown_config_key(argv) -> Optional[str]:
   message naming it and the keys known there."""
   from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   for arg in argv[1:]:
     if not arg.startswith("--config."):
       continue
-    path = arg[len("--config."):].split("=", 1)[0]
+    path = arg[len("--config.") :].split("=", 1)[0]
     node, prefix = config_lib.base_config(), "config"
     for part in path.split("."):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        known = ", ".join(sorted(node.keys())) if isinstance(
-            node, ml_collections.ConfigDict) else "none (not a group)"
-        return (f"error: --config.{path}: {prefix} has no key {part!r}; "
-                f"the keys of {prefix}: {known}")
+        known = (
+            ", ".join(sorted(node.keys()))
+            if isinstance(node, ml_collections.ConfigDict)
+            else "none (not a group)"
+        )
+        return (
+            f"error: --config.{path}: {prefix} has no key {part!r}; "
+            f"the keys of {prefix}: {known}"
+        )
       node, prefix = node[part], f"{prefix}.{part}"
   return None
 
@@ -142,7 +161,7 @@ def _config_file_values(argv):
   """The values given to --config (`--config=F` or `--config F`)."""
   for i, arg in enumerate(argv[1:], start=1):
     if arg.startswith("--config="):
-      yield arg[len("--config="):]
+      yield arg[len("--config=") :]
     elif arg == "--config" and i + 1 < len(argv):
       yield argv[i + 1]
 
@@ -157,10 +176,12 @@ def _missing_config_file(argv) -> Optional[str]:
     path = value.split(":", 1)[0]
     if not os.path.isfile(path):
       what = "is a directory" if os.path.isdir(path) else "does not exist"
-      return (f"error: --config={value}: the config file {path!r} {what}; "
-              "give a Python file with get_config(), such as "
-              "configs/quick.py (a path relative to the current directory, "
-              f"{os.getcwd()}, or absolute)")
+      return (
+          f"error: --config={value}: the config file {path!r} {what}; "
+          "give a Python file with get_config(), such as "
+          "configs/quick.py (a path relative to the current directory, "
+          f"{os.getcwd()}, or absolute)"
+      )
   return None
 
 

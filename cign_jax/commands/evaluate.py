@@ -47,21 +47,40 @@ def _define_flags():
   importing this module beside another command does not clash)."""
   flags.DEFINE_string("workdir", None, "Run directory to generate from.")
   flags.DEFINE_string("samples", None, "Score this .npz instead of generating.")
-  flags.DEFINE_string("out", None, "Output directory (default: the workdir, or "
-                      "the samples file's directory).")
-  flags.DEFINE_string("dataset", None, "Dataset of the real images (default: "
-                      "the run's, else mnist).")
+  flags.DEFINE_string(
+      "out",
+      None,
+      "Output directory (default: the workdir, or "
+      "the samples file's directory).",
+  )
+  flags.DEFINE_string(
+      "dataset",
+      None,
+      "Dataset of the real images (default: " "the run's, else mnist).",
+  )
   flags.DEFINE_integer("num_per_class", 1000, "Samples generated per label.")
   flags.DEFINE_integer("applications", 1, "Apply f this many times.")
   flags.DEFINE_integer("seed", 0, "Seed of the generated noise.")
-  flags.DEFINE_string("checkpoint", None, "best, latest or a step (default: "
-                      "the best when the run keeps one, else the latest).")
-  flags.DEFINE_list("feature_sizes", None, "FID feature sizes (default: 64, "
-                    "192, 768 and 2048 when there are enough samples).")
-  flags.DEFINE_list("metrics", None, "Metric names (default: per-class FID "
-                    "at --feature_sizes, label_accuracy, precision, recall, "
-                    "density, coverage, kid, kid_std, spread, duplicates; "
-                    "also memorisation_ratio, memorised).")
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "best, latest or a step (default: "
+      "the best when the run keeps one, else the latest).",
+  )
+  flags.DEFINE_list(
+      "feature_sizes",
+      None,
+      "FID feature sizes (default: 64, "
+      "192, 768 and 2048 when there are enough samples).",
+  )
+  flags.DEFINE_list(
+      "metrics",
+      None,
+      "Metric names (default: per-class FID "
+      "at --feature_sizes, label_accuracy, precision, recall, "
+      "density, coverage, kid, kid_std, spread, duplicates; "
+      "also memorisation_ratio, memorised).",
+  )
 
 
 def main(argv):
@@ -69,13 +88,24 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if (FLAGS.workdir is None) == (FLAGS.samples is None):
     raise ValueError("give exactly one of --workdir and --samples")
-  report = evaluate.run(FLAGS.workdir, FLAGS.samples, FLAGS.out, FLAGS.dataset,
-               FLAGS.num_per_class, FLAGS.applications, FLAGS.seed,
-               FLAGS.feature_sizes, checkpoint=FLAGS.checkpoint,
-               metrics=FLAGS.metrics)
+  report = evaluate.run(
+      FLAGS.workdir,
+      FLAGS.samples,
+      FLAGS.out,
+      FLAGS.dataset,
+      FLAGS.num_per_class,
+      FLAGS.applications,
+      FLAGS.seed,
+      FLAGS.feature_sizes,
+      checkpoint=FLAGS.checkpoint,
+      metrics=FLAGS.metrics,
+  )
   print(evaluate.format_table(report))
-  out = FLAGS.out or FLAGS.workdir or os.path.dirname(
-      os.path.abspath(FLAGS.samples))
+  out = (
+      FLAGS.out
+      or FLAGS.workdir
+      or os.path.dirname(os.path.abspath(FLAGS.samples))
+  )
   written = [os.path.join(out, "eval.json")]
   if "label_accuracy" in report:
     written.append(os.path.join(out, "confusion.png"))
@@ -85,4 +115,3 @@ def main(argv):
 def run():
   _define_flags()
   commands.run(main, __name__)
-

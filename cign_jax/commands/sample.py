@@ -39,25 +39,33 @@ def _define_flags():
   flags.DEFINE_integer("seed", 0, "Seed of the prior noise.")
   flags.DEFINE_integer("applications", 1, "Apply f this many times.")
   flags.DEFINE_string("inputs", None, "Project these images instead of noise.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (the same as "
-                       "--checkpoint=STEP).")
-  flags.DEFINE_string("checkpoint", None, "best, latest or a step (default: "
-                      "the best when the run keeps one, else the latest).")
+  flags.DEFINE_integer(
+      "step", None, "Checkpoint step (the same as " "--checkpoint=STEP)."
+  )
+  flags.DEFINE_string(
+      "checkpoint",
+      None,
+      "best, latest or a step (default: "
+      "the best when the run keeps one, else the latest).",
+  )
 
 
 def _parse_labels(labels) -> list:
   """--labels as a list of ints, with errors that name the flag."""
   labels = list(labels)
   if not labels:
-    raise ValueError("--labels is empty; give labels such as --labels=0,3, "
-                     "or leave the flag out to sample every class")
+    raise ValueError(
+        "--labels is empty; give labels such as --labels=0,3, "
+        "or leave the flag out to sample every class"
+    )
   out = []
   for label in labels:
     try:
       out.append(int(label))
     except (TypeError, ValueError):
-      raise ValueError(f"--labels must be integers separated by commas, got "
-                       f"{label!r}") from None
+      raise ValueError(
+          f"--labels must be integers separated by commas, got " f"{label!r}"
+      ) from None
   return out
 
 
@@ -66,23 +74,34 @@ def _read_inputs(inputs: str, model: models.IdempotentNetwork):
   model's file without them)."""
   arrays = sampling.open_npz(inputs, "the --inputs file")
   if "images" not in arrays:
-    raise ValueError(f"--inputs file {inputs} has no 'images' array (found: "
-                     f"{', '.join(arrays) or 'no arrays'})")
+    raise ValueError(
+        f"--inputs file {inputs} has no 'images' array (found: "
+        f"{', '.join(arrays) or 'no arrays'})"
+    )
   x = models.check_images(arrays["images"], model.image_channels)
   if "labels" in arrays:
-    return x, models.check_labels(arrays["labels"], model.num_classes,
-                                  x.shape[0])
+    return x, models.check_labels(
+        arrays["labels"], model.num_classes, x.shape[0]
+    )
   if model.conditioning != "none":
-    raise ValueError(f"--inputs file {inputs} has no 'labels' array, which a "
-                     f"{model.conditioning}-conditioned model needs")
+    raise ValueError(
+        f"--inputs file {inputs} has no 'labels' array, which a "
+        f"{model.conditioning}-conditioned model needs"
+    )
   return x, np.zeros((x.shape[0],), np.int32)
 
 
-def sample_to_file(workdir: str, out: str,
-                   labels: Optional[Sequence[int]] = None,
-                   num_per_label: int = 10, seed: int = 0,
-                   applications: int = 1, inputs: Optional[str] = None,
-                   step: Optional[int] = None, checkpoint=None):
+def sample_to_file(
+    workdir: str,
+    out: str,
+    labels: Optional[Sequence[int]] = None,
+    num_per_label: int = 10,
+    seed: int = 0,
+    applications: int = 1,
+    inputs: Optional[str] = None,
+    step: Optional[int] = None,
+    checkpoint=None,
+):
   """Samples from the run in `workdir` (or projects `inputs`) into `out`.
 
   What `python -m cign_jax.sample` does: writes `images` (float32 in [-1, 1],
@@ -111,20 +130,28 @@ def sample_to_file(workdir: str, out: str,
   if checkpoint is None and step is not None:
     checkpoint = step
   chosen, (config, model, variables, step) = checkpoints.load_chosen_model(
-      workdir, checkpoint)
+      workdir, checkpoint
+  )
   if inputs is not None:
     x, labels_out = _read_inputs(inputs, model)
     images = sampling.project(model, variables, x, labels_out, applications)
-    rows = np.stack([x, images])[:, :min(len(x), 16)]
+    rows = np.stack([x, images])[:, : min(len(x), 16)]
   else:
     if num_per_label < 1:
       raise ValueError(f"--num_per_label must be >= 1, got {num_per_label}")
-    rows = sampling.label_grid(model, variables, jax.random.key(seed),
-                               num_per_label, applications,
-                               config.model.clip_prior, labels)
+    rows = sampling.label_grid(
+        model,
+        variables,
+        jax.random.key(seed),
+        num_per_label,
+        applications,
+        config.model.clip_prior,
+        labels,
+    )
     images = rows.reshape((-1,) + rows.shape[2:])
-    labels_out = np.repeat(np.arange(rows.shape[0]) if labels is None
-                           else labels, num_per_label).astype(np.int32)
+    labels_out = np.repeat(
+        np.arange(rows.shape[0]) if labels is None else labels, num_per_label
+    ).astype(np.int32)
   images = images.astype(np.float32)
   bad = int(np.sum(~np.isfinite(images)))
   if bad:
@@ -132,33 +159,53 @@ def sample_to_file(workdir: str, out: str,
         f"the checkpoint of step {step} in {workdir} samples non-finite images "
         f"({bad} NaN/Inf pixels of {images.size}); nothing was written. Its "
         "weights or BatchNorm statistics are broken: sample an earlier step "
-        "with --checkpoint=STEP")
+        "with --checkpoint=STEP"
+    )
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  run_dir.atomic_savez(out, images=images, labels=labels_out,
-                       step=chosen.step, checkpoint=chosen.reason)
-  sampling.save_png(sampling.grid_image(rows), out[:-len(".npz")] + ".png",
-                    text={"step": chosen.step, "checkpoint": chosen.reason,
-                          "workdir": os.path.abspath(workdir)})
+  run_dir.atomic_savez(
+      out,
+      images=images,
+      labels=labels_out,
+      step=chosen.step,
+      checkpoint=chosen.reason,
+  )
+  sampling.save_png(
+      sampling.grid_image(rows),
+      out[: -len(".npz")] + ".png",
+      text={
+          "step": chosen.step,
+          "checkpoint": chosen.reason,
+          "workdir": os.path.abspath(workdir),
+      },
+  )
   return images, labels_out
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  images, _ = sample_to_file(FLAGS.workdir, FLAGS.out, FLAGS.labels,
-                             FLAGS.num_per_label, FLAGS.seed,
-                             FLAGS.applications, FLAGS.inputs, FLAGS.step,
-                             checkpoint=FLAGS.checkpoint)
+  images, _ = sample_to_file(
+      FLAGS.workdir,
+      FLAGS.out,
+      FLAGS.labels,
+      FLAGS.num_per_label,
+      FLAGS.seed,
+      FLAGS.applications,
+      FLAGS.inputs,
+      FLAGS.step,
+      checkpoint=FLAGS.checkpoint,
+  )
   # Which checkpoint, as written with the samples (a training beside this
   # command may have saved a newer one since).
   with np.load(FLAGS.out) as written:
     step, reason = int(written["step"]), str(written["checkpoint"])
-  print(f"wrote {images.shape[0]} images to {FLAGS.out} and "
-        f"{FLAGS.out[:-4]}.png from step {step}: {reason}")
+  print(
+      f"wrote {images.shape[0]} images to {FLAGS.out} and "
+      f"{FLAGS.out[:-4]}.png from step {step}: {reason}"
+  )
 
 
 def run():
   _define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   commands.run(main, __name__)
-

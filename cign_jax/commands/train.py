@@ -36,18 +36,24 @@ FLAGS = flags.FLAGS
 
 
 def _define_flags():
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
-                      "TensorBoard events and samples.")
-  config_flags.DEFINE_config_file("config", None,
-                                  "Training configuration file.",
-                                  lock_config=True)
+  flags.DEFINE_string(
+      "workdir",
+      None,
+      "Directory for checkpoints, " "TensorBoard events and samples.",
+  )
+  config_flags.DEFINE_config_file(
+      "config", None, "Training configuration file.", lock_config=True
+  )
   flags.DEFINE_bool(
-      "multihost", None, "Call jax.distributed.initialize() first, to train "
+      "multihost",
+      None,
+      "Call jax.distributed.initialize() first, to train "
       "on the devices of several hosts (one process per host). Default: on "
       "when JAX_COORDINATOR_ADDRESS is set. The coordinator (host:port of "
       "process 0) comes from JAX_COORDINATOR_ADDRESS, the process count and "
       "index from JAX_NUM_PROCESSES and JAX_PROCESS_ID; unset ones are "
-      "detected on SLURM, Open MPI, TPU pods and Kubernetes.")
+      "detected on SLURM, Open MPI, TPU pods and Kubernetes.",
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -56,7 +62,8 @@ class _QuietLibraries(logging_std.Filter):
 
   def filter(self, record):
     return record.levelno >= logging_std.WARNING or "orbax" not in (
-        record.pathname or "")
+        record.pathname or ""
+    )
 
 
 def main(argv):
@@ -76,6 +83,7 @@ def _main(argv):
   # anything touches a device; the training modules are not needed for
   # --help or a flag error either.
   from cign_jax.evaluation import in_loop  # pylint: disable=g-import-not-at-top
+
   config = config_lib.validate(FLAGS.config)
   logging.info("Config:\n%s", config)
   # A SIGTERM stop (`stopping.StoppedBySignal`) ends on its own line and
@@ -86,4 +94,3 @@ def _main(argv):
 def run():
   _define_flags()
   commands.run(main, __name__)
-

@@ -30,9 +30,11 @@ VARIANTS = ("", "tiny")
 def get_config(variant: str = ""):
   """The quick run (`variant` ''), or the tiny test configuration ('tiny')."""
   if variant not in VARIANTS:
-    raise ValueError(f"configs/quick.py: unknown variant {variant!r}; "
-                     f"expected one of {VARIANTS} (e.g. "
-                     "--config=configs/quick.py:tiny)")
+    raise ValueError(
+        f"configs/quick.py: unknown variant {variant!r}; "
+        f"expected one of {VARIANTS} (e.g. "
+        "--config=configs/quick.py:tiny)"
+    )
   config = config_lib.base_config()
   if variant == "tiny":
     config.model.latent_dim = 4

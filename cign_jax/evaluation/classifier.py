@@ -72,12 +72,14 @@ class CNN(nn.Module):
   Strided convolutions rather than max-pooling: XLA's pooling gradient is
   slow on CPU, and this net trains an MNIST epoch in seconds.
   """
+
   num_classes: int = 10
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=0.9)
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9
+    )
     for features in (32, 64):
       x = nn.Conv(features, (3, 3), strides=(2, 2), use_bias=False)(x)
       x = nn.relu(norm()(x))
@@ -96,8 +98,10 @@ def default_cache_dir(cache_dir: str = "") -> str:
 
 
 def _init_variables(model: CNN, seed: int = 0):
-  return model.init(jax.random.PRNGKey(seed),
-                    jnp.zeros((1, *data_lib.IMAGE_SHAPE), jnp.float32))
+  return model.init(
+      jax.random.PRNGKey(seed),
+      jnp.zeros((1, *data_lib.IMAGE_SHAPE), jnp.float32),
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -108,8 +112,14 @@ def _logits(model: CNN, variables, images):
 class Classifier:
   """A trained CNN: `.predict(images in [-1, 1]) -> int32 labels`."""
 
-  def __init__(self, variables, dataset: str, test_accuracy: float | None,
-               params_sha256: str = "", num_classes: int = 10):
+  def __init__(
+      self,
+      variables,
+      dataset: str,
+      test_accuracy: float | None,
+      params_sha256: str = "",
+      num_classes: int = 10,
+  ):
     self.model = CNN(num_classes=num_classes)
     self.variables = variables
     self.dataset = dataset
@@ -123,18 +133,20 @@ class Classifier:
     if images.ndim == 3:
       images = images[..., None]
     if images.ndim != 4 or images.shape[1:] != data_lib.IMAGE_SHAPE:
-      raise ValueError(f"expected images of shape (N, 28, 28, 1), got "
-                       f"{images.shape}.")
+      raise ValueError(
+          f"expected images of shape (N, 28, 28, 1), got " f"{images.shape}."
+      )
     n = len(images)
     out = np.empty((n, self.num_classes), np.float32)
     for start in range(0, n, PREDICT_BATCH):
-      chunk = images[start:start + PREDICT_BATCH]
+      chunk = images[start : start + PREDICT_BATCH]
       size = len(chunk)
       if size < PREDICT_BATCH:  # Pad so that one compiled shape serves all.
         pad = np.zeros((PREDICT_BATCH - size, *chunk.shape[1:]), np.float32)
         chunk = np.concatenate([chunk, pad])
-      out[start:start + size] = np.asarray(
-          _logits(self.model, self.variables, chunk))[:size]
+      out[start : start + size] = np.asarray(
+          _logits(self.model, self.variables, chunk)
+      )[:size]
     return out
 
   def predict(self, images) -> np.ndarray:
@@ -150,19 +162,27 @@ class Classifier:
 def _random_shift(rng, images):
   """Translates each image by up to MAX_SHIFT pixels (background -1)."""
   pad = MAX_SHIFT
-  padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)),
-                   constant_values=-1.0)
+  padded = jnp.pad(
+      images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0
+  )
   offsets = jax.random.randint(rng, (images.shape[0], 2), 0, 2 * pad + 1)
 
   def crop(image, offset):
-    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0),
-                                 images.shape[1:])
+    return jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), images.shape[1:]
+    )
+
   return jax.vmap(crop)(padded, offsets)
 
 
-def train(dataset: str, data_dir: str = "", seed: int = 0,
-          epochs: int = EPOCHS, log=print, splits=None
-          ) -> tuple[Classifier, dict]:
+def train(
+    dataset: str,
+    data_dir: str = "",
+    seed: int = 0,
+    epochs: int = EPOCHS,
+    log=print,
+    splits=None,
+) -> tuple[Classifier, dict]:
   """Trains a classifier on the training split; returns it and its info.
   `splits`: ((train images uint8, labels), (test images, labels)) instead of
   reading the dataset with tensorflow-datasets."""
@@ -179,8 +199,12 @@ def train(dataset: str, data_dir: str = "", seed: int = 0,
   variables = _init_variables(model, seed)
   params, batch_stats = variables["params"], variables["batch_stats"]
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, PEAK_LR, warmup_steps=min(200, total_steps // 10),
-      decay_steps=total_steps, end_value=PEAK_LR * 0.01)
+      0.0,
+      PEAK_LR,
+      warmup_steps=min(200, total_steps // 10),
+      decay_steps=total_steps,
+      end_value=PEAK_LR * 0.01,
+  )
   tx = optax.adamw(schedule, weight_decay=WEIGHT_DECAY)
   opt_state = tx.init(params)
 
@@ -192,14 +216,20 @@ def train(dataset: str, data_dir: str = "", seed: int = 0,
 
     def loss_fn(params):
       logits, updates = model.apply(
-          {"params": params, "batch_stats": batch_stats}, images, train=True,
-          rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+          {"params": params, "batch_stats": batch_stats},
+          images,
+          train=True,
+          rngs={"dropout": dropout_rng},
+          mutable=["batch_stats"],
+      )
       loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
+          logits, labels
+      ).mean()
       return loss, updates["batch_stats"]
 
-    (loss, batch_stats), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -208,20 +238,36 @@ def train(dataset: str, data_dir: str = "", seed: int = 0,
   for step in range(total_steps):
     images, labels = batches.batch(step)
     params, batch_stats, opt_state, loss = step_fn(
-        params, batch_stats, opt_state, images, labels,
-        jax.random.fold_in(rng, step))
+        params,
+        batch_stats,
+        opt_state,
+        images,
+        labels,
+        jax.random.fold_in(rng, step),
+    )
     if (step + 1) % batches.steps_per_epoch == 0:
-      log(f"{dataset} classifier: epoch {(step + 1) // batches.steps_per_epoch}"
-          f"/{epochs}, loss {float(loss):.4f}, {time.time() - start:.0f} s")
+      log(
+          f"{dataset} classifier: epoch {(step + 1) // batches.steps_per_epoch}"
+          f"/{epochs}, loss {float(loss):.4f}, {time.time() - start:.0f} s"
+      )
   train_seconds = time.time() - start
 
-  classifier = Classifier({"params": params, "batch_stats": batch_stats},
-                          dataset, None, num_classes=data_lib.NUM_CLASSES)
+  classifier = Classifier(
+      {"params": params, "batch_stats": batch_stats},
+      dataset,
+      None,
+      num_classes=data_lib.NUM_CLASSES,
+  )
   predicted = classifier.predict(reader.to_model_range(test_x))
   classifier.test_accuracy = float(np.mean(predicted == test_y))
-  info = {"dataset": dataset, "test_accuracy": classifier.test_accuracy,
-          "arch_version": ARCH_VERSION, "seed": int(seed), "epochs": epochs,
-          "train_seconds": round(train_seconds, 1)}
+  info = {
+      "dataset": dataset,
+      "test_accuracy": classifier.test_accuracy,
+      "arch_version": ARCH_VERSION,
+      "seed": int(seed),
+      "epochs": epochs,
+      "train_seconds": round(train_seconds, 1),
+  }
   return classifier, info
 
 
@@ -237,12 +283,17 @@ def save(classifier: Classifier, info: dict, directory: str) -> dict:
   """Writes params.msgpack and info.json into `directory`; returns the info."""
   os.makedirs(directory, exist_ok=True)
   payload = serialization.to_bytes(jax.device_get(classifier.variables))
-  info = dict(info, params_sha256=hashlib.sha256(payload).hexdigest(),
-              params_file=PARAMS_FILE)
+  info = dict(
+      info,
+      params_sha256=hashlib.sha256(payload).hexdigest(),
+      params_file=PARAMS_FILE,
+  )
   classifier.params_sha256 = info["params_sha256"]
   _write_atomic(os.path.join(directory, PARAMS_FILE), payload)
-  _write_atomic(os.path.join(directory, INFO_FILE),
-                (json.dumps(info, indent=2) + "\n").encode())
+  _write_atomic(
+      os.path.join(directory, INFO_FILE),
+      (json.dumps(info, indent=2) + "\n").encode(),
+  )
   return info
 
 
@@ -258,49 +309,70 @@ def load(dataset: str, directory: str) -> Classifier:
   except (OSError, ValueError) as e:
     raise ClassifierCacheError(
         f"Cached classifier info {info_path} is unreadable or corrupt ({e}); "
-        "delete it to retrain.") from e
+        "delete it to retrain."
+    ) from e
   if info.get("dataset") != dataset:
     raise ClassifierCacheError(
         f"Cached classifier info {info_path} is for dataset "
-        f"{info.get('dataset')!r}, not {dataset!r}; delete it to retrain.")
+        f"{info.get('dataset')!r}, not {dataset!r}; delete it to retrain."
+    )
   if info.get("arch_version") != ARCH_VERSION:
     raise ClassifierCacheError(
         f"Cached classifier {info_path} is from architecture version "
         f"{info.get('arch_version')!r}, this code is version {ARCH_VERSION}; "
-        "delete it to retrain.")
+        "delete it to retrain."
+    )
   try:
     with open(params_path, "rb") as f:
       payload = f.read()
   except OSError as e:
     raise ClassifierCacheError(
         f"Cached classifier params {params_path} cannot be read ({e}); delete "
-        f"{directory} to retrain.") from e
+        f"{directory} to retrain."
+    ) from e
   digest = hashlib.sha256(payload).hexdigest()
   if digest != info.get("params_sha256"):
     raise ClassifierCacheError(
         f"Cached classifier params {params_path} are altered or corrupt "
         f"(sha256 {digest}, {info_path} says {info.get('params_sha256')}); "
-        f"delete {directory} to retrain.")
+        f"delete {directory} to retrain."
+    )
   template = jax.device_get(_init_variables(CNN(data_lib.NUM_CLASSES)))
   try:
     variables = serialization.from_bytes(template, payload)
-    shapes_ok = jax.tree_util.tree_all(jax.tree_util.tree_map(
-        lambda a, b: np.shape(a) == np.shape(b), template, variables))
+    shapes_ok = jax.tree_util.tree_all(
+        jax.tree_util.tree_map(
+            lambda a, b: np.shape(a) == np.shape(b), template, variables
+        )
+    )
   except Exception as e:  # pylint: disable=broad-except
     raise ClassifierCacheError(
         f"Cached classifier params {params_path} do not fit the network "
-        f"({e}); delete {directory} to retrain.") from e
+        f"({e}); delete {directory} to retrain."
+    ) from e
   if not shapes_ok:
     raise ClassifierCacheError(
         f"Cached classifier params {params_path} have the wrong shapes for "
-        f"the network; delete {directory} to retrain.")
-  return Classifier(variables, dataset, info.get("test_accuracy"), digest,
-                    num_classes=data_lib.NUM_CLASSES)
+        f"the network; delete {directory} to retrain."
+    )
+  return Classifier(
+      variables,
+      dataset,
+      info.get("test_accuracy"),
+      digest,
+      num_classes=data_lib.NUM_CLASSES,
+  )
 
 
-def load_or_train(dataset: str, data_dir: str = "", cache_dir: str = "",
-                  seed: int = 0, retrain: bool = False,
-                  log=print, splits=None) -> Classifier:
+def load_or_train(
+    dataset: str,
+    data_dir: str = "",
+    cache_dir: str = "",
+    seed: int = 0,
+    retrain: bool = False,
+    log=print,
+    splits=None,
+) -> Classifier:
   """The cached classifier of `dataset`, trained and cached first if absent.
 
   `cache_dir` is the root (default <cache_root>/classifier); the files are in
@@ -312,8 +384,7 @@ def load_or_train(dataset: str, data_dir: str = "", cache_dir: str = "",
   directory = os.path.join(default_cache_dir(cache_dir), dataset)
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
-  classifier, info = train(dataset, data_dir, seed=seed, log=log,
-                           splits=splits)
+  classifier, info = train(dataset, data_dir, seed=seed, log=log, splits=splits)
   save(classifier, info, directory)
   return classifier
 
@@ -332,20 +403,28 @@ def label_accuracy(predicted, requested, num_classes: int = 10) -> dict:
   predicted = np.asarray(predicted).reshape(-1)
   requested = np.asarray(requested).reshape(-1)
   if predicted.shape != requested.shape:
-    raise ValueError(f"{predicted.size} predictions for {requested.size} "
-                     "requested labels.")
+    raise ValueError(
+        f"{predicted.size} predictions for {requested.size} "
+        "requested labels."
+    )
   for name, labels in (("predicted", predicted), ("requested", requested)):
-    if labels.size and (not np.issubdtype(labels.dtype, np.integer) or
-                        labels.min() < 0 or labels.max() >= num_classes):
-      raise ValueError(f"{name} labels must be integers in "
-                       f"[0, {num_classes}).")
+    if labels.size and (
+        not np.issubdtype(labels.dtype, np.integer)
+        or labels.min() < 0
+        or labels.max() >= num_classes
+    ):
+      raise ValueError(
+          f"{name} labels must be integers in " f"[0, {num_classes})."
+      )
   predicted = predicted.astype(np.int64)  # An empty list comes in as float.
   requested = requested.astype(np.int64)
   confusion = np.zeros((num_classes, num_classes), np.int64)
   np.add.at(confusion, (requested, predicted), 1)
   rows = confusion.sum(axis=1)
-  per_label = [float(confusion[i, i] / rows[i]) if rows[i] else None
-               for i in range(num_classes)]
+  per_label = [
+      float(confusion[i, i] / rows[i]) if rows[i] else None
+      for i in range(num_classes)
+  ]
   n = int(predicted.size)
   return {
       "accuracy": float(np.trace(confusion) / n) if n else None,
@@ -355,31 +434,51 @@ def label_accuracy(predicted, requested, num_classes: int = 10) -> dict:
   }
 
 
-def plot_confusion(confusion, path: str, class_names=None,
-                   title: str = "Requested vs. classified label") -> str:
+def plot_confusion(
+    confusion,
+    path: str,
+    class_names=None,
+    title: str = "Requested vs. classified label",
+) -> str:
   """Writes a PNG of a confusion matrix (rows requested, columns predicted)."""
   # The Agg canvas directly: no global matplotlib backend is changed.
 
   confusion = np.asarray(confusion)
   k = confusion.shape[0]
-  names = list(class_names) if class_names is not None else [
-      str(i) for i in range(k)]
+  names = (
+      list(class_names)
+      if class_names is not None
+      else [str(i) for i in range(k)]
+  )
   rows = confusion.sum(axis=1, keepdims=True)
-  fraction = np.divide(confusion, rows, out=np.zeros(confusion.shape),
-                       where=rows > 0)
+  fraction = np.divide(
+      confusion, rows, out=np.zeros(confusion.shape), where=rows > 0
+  )
   fig = Figure(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=100)
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
   im = ax.imshow(fraction, cmap="Blues", vmin=0.0, vmax=1.0)
-  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
-               label="fraction of requested")
+  fig.colorbar(
+      im, ax=ax, fraction=0.046, pad=0.04, label="fraction of requested"
+  )
   for i in range(k):
     for j in range(k):
       if confusion[i, j]:
-        ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center",
-                fontsize=7, color="white" if fraction[i, j] > 0.5 else "black")
-  ax.set_xticks(range(k), names, rotation=45 if class_names else 0,
-                ha="right" if class_names else "center")
+        ax.text(
+            j,
+            i,
+            str(int(confusion[i, j])),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if fraction[i, j] > 0.5 else "black",
+        )
+  ax.set_xticks(
+      range(k),
+      names,
+      rotation=45 if class_names else 0,
+      ha="right" if class_names else "center",
+  )
   ax.set_yticks(range(k), names)
   ax.set_xlabel("predicted label")
   ax.set_ylabel("requested label")

@@ -46,32 +46,41 @@ def check_features(features, what: str, min_samples: int = 1) -> np.ndarray:
   2-D, hold fewer than `min_samples` rows or any non-finite value."""
   f = np.asarray(features)
   if f.ndim != 2:
-    raise MetricInputError(f"{what}: features must be (samples, dimensions), "
-                           f"got shape {f.shape}")
-  if not (np.issubdtype(f.dtype, np.floating) or
-          np.issubdtype(f.dtype, np.integer)):
-    raise MetricInputError(f"{what}: features must be numbers, got dtype "
-                           f"{f.dtype}")
+    raise MetricInputError(
+        f"{what}: features must be (samples, dimensions), "
+        f"got shape {f.shape}"
+    )
+  if not (
+      np.issubdtype(f.dtype, np.floating) or np.issubdtype(f.dtype, np.integer)
+  ):
+    raise MetricInputError(
+        f"{what}: features must be numbers, got dtype " f"{f.dtype}"
+    )
   f = f.astype(np.float64, copy=False)
   if len(f) < min_samples:
-    raise TooFewSamplesError(f"{what}: {len(f)} samples, this needs at least "
-                             f"{min_samples}")
+    raise TooFewSamplesError(
+        f"{what}: {len(f)} samples, this needs at least " f"{min_samples}"
+    )
   bad = ~np.isfinite(f).all(axis=1)
   if bad.any():
     rows = np.flatnonzero(bad)
     raise NonFiniteFeaturesError(
         f"{what}: {len(rows)} of {len(f)} feature rows hold NaN or infinite "
         f"values (first: row {int(rows[0])}); the images they came from are "
-        "likely non-finite too")
+        "likely non-finite too"
+    )
   return f
 
 
-def check_same_dimension(a: np.ndarray, b: np.ndarray, what_a: str,
-                         what_b: str) -> None:
+def check_same_dimension(
+    a: np.ndarray, b: np.ndarray, what_a: str, what_b: str
+) -> None:
   if a.shape[1] != b.shape[1]:
-    raise MetricInputError(f"{what_a} have {a.shape[1]} dimensions, {what_b} "
-                           f"{b.shape[1]}: they must come from the same "
-                           "feature layer")
+    raise MetricInputError(
+        f"{what_a} have {a.shape[1]} dimensions, {what_b} "
+        f"{b.shape[1]}: they must come from the same "
+        "feature layer"
+    )
 
 
 def check_k(k, sizes: dict) -> int:
@@ -88,7 +97,8 @@ def check_k(k, sizes: dict) -> int:
       raise NeighbourhoodSizeError(
           f"k = {k} must be smaller than the {name} samples ({n}): each "
           f"sample's k-th nearest neighbour is another sample of its set, "
-          f"so {n} samples allow k up to {n - 1}")
+          f"so {n} samples allow k up to {n - 1}"
+      )
   return k
 
 
@@ -107,12 +117,13 @@ def inner_products(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   out = np.empty((len(a), len(b)), np.float64)
   step = _rows_per_chunk(len(b))
   for start in range(0, len(a), step):
-    np.matmul(a[start:start + step], b.T, out=out[start:start + step])
+    np.matmul(a[start : start + step], b.T, out=out[start : start + step])
   return out
 
 
-def distances_from_inner(inner: np.ndarray, norms_a: np.ndarray,
-                         norms_b: np.ndarray) -> np.ndarray:
+def distances_from_inner(
+    inner: np.ndarray, norms_a: np.ndarray, norms_b: np.ndarray
+) -> np.ndarray:
   """Euclidean distances from a @ b.T and the squared norms of the rows."""
   d2 = norms_a[:, None] + norms_b[None, :] - 2.0 * inner
   np.maximum(d2, 0.0, out=d2)
@@ -123,12 +134,12 @@ def pairwise_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
   """Euclidean distances between the rows of a and of b, (len(a), len(b))."""
   a = np.asarray(a, np.float64)
   b = np.asarray(b, np.float64)
-  return distances_from_inner(inner_products(a, b), squared_norms(a),
-                              squared_norms(b))
+  return distances_from_inner(
+      inner_products(a, b), squared_norms(a), squared_norms(b)
+  )
 
 
-def nearest_distances(a: np.ndarray, b: np.ndarray | None = None
-                      ) -> np.ndarray:
+def nearest_distances(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
   """For each row of a, the distance to its nearest row of b; b None: of a,
   the row itself excluded. Chunked: at most CHUNK_ELEMENTS distances at
   once, whatever len(b) (a generated class against 60,000 training
@@ -137,23 +148,26 @@ def nearest_distances(a: np.ndarray, b: np.ndarray | None = None
   same = b is None
   b = a if same else np.asarray(b, np.float64)
   if len(b) < (2 if same else 1):
-    raise TooFewSamplesError(f"nearest neighbours need at least "
-                             f"{2 if same else 1} samples, got {len(b)}")
+    raise TooFewSamplesError(
+        f"nearest neighbours need at least "
+        f"{2 if same else 1} samples, got {len(b)}"
+    )
   norms_b = squared_norms(b)
   out = np.empty(len(a), np.float64)
   step = _rows_per_chunk(len(b))
   for start in range(0, len(a), step):
-    block = a[start:start + step]
+    block = a[start : start + step]
     d = distances_from_inner(block @ b.T, squared_norms(block), norms_b)
     if same:
       rows = np.arange(len(block))
       d[rows, start + rows] = np.inf
-    out[start:start + len(block)] = d.min(axis=1)
+    out[start : start + len(block)] = d.min(axis=1)
   return out
 
 
-def kth_neighbour_distances(within: np.ndarray, k: int,
-                            what: str = "set's") -> np.ndarray:
+def kth_neighbour_distances(
+    within: np.ndarray, k: int, what: str = "set's"
+) -> np.ndarray:
   """For each sample, the distance to its k-th nearest other sample, from
   the set's distance matrix (n, n); its diagonal is ignored. `what` names
   the set in the error for a k that is not smaller than n."""

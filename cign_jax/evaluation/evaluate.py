@@ -36,23 +36,38 @@ from cign_jax.evaluation import scoring
 # The paper's protocol: at most this many samples per class on each side.
 MAX_PER_CLASS = 1000
 
-def generate_for_eval(workdir: str, num_per_class: int, applications: int,
-                      seed: int, checkpoint=None, loaded=None):
+
+def generate_for_eval(
+    workdir: str,
+    num_per_class: int,
+    applications: int,
+    seed: int,
+    checkpoint=None,
+    loaded=None,
+):
   """num_per_class samples of every label from a checkpoint of the run
   (`checkpoint`: 'best', 'latest' or a step; default the best when the run
   keeps one, else the latest), or from `loaded`, the result of
   `checkpoints.load_model`."""
   config, model, variables, step = loaded or checkpoints.load_model(
-      workdir, checkpoint=checkpoint)
+      workdir, checkpoint=checkpoint
+  )
   if model.conditioning == "none":
-    raise ValueError("per-class evaluation needs a conditional model; this "
-                     "run is an unconditional IGN")
+    raise ValueError(
+        "per-class evaluation needs a conditional model; this "
+        "run is an unconditional IGN"
+    )
   if num_per_class < 2:
     raise ValueError(f"num_per_class must be >= 2, got {num_per_class}")
   labels = np.repeat(np.arange(model.num_classes), num_per_class)
-  images = sampling.generate(model, variables, labels, jax.random.key(seed),
-                             applications=applications,
-                             clip=config.model.clip_prior)
+  images = sampling.generate(
+      model,
+      variables,
+      labels,
+      jax.random.key(seed),
+      applications=applications,
+      clip=config.model.clip_prior,
+  )
   return images, labels, config, step
 
 
@@ -68,13 +83,18 @@ def _read_cache(path: str, key: str):
         return None
       return f["images"], f["labels"]
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("%s is unreadable (%s: %s); generating the samples "
-                    "again", path, type(e).__name__, e)
+    logging.warning(
+        "%s is unreadable (%s: %s); generating the samples " "again",
+        path,
+        type(e).__name__,
+        e,
+    )
     return None
 
 
-def default_metrics(feature_sizes=None, smallest: Optional[int] = None
-                    ) -> Tuple[List[str], List[str]]:
+def default_metrics(
+    feature_sizes=None, smallest: Optional[int] = None
+) -> Tuple[List[str], List[str]]:
   """(names, notes): per-class FID at `feature_sizes` (default 64, 192, 768,
   and 2048 when the smallest class, `smallest` samples, has at least 2048),
   label accuracy, and the diversity metrics (`registry.DIVERSITY`)."""
@@ -84,23 +104,35 @@ def default_metrics(feature_sizes=None, smallest: Optional[int] = None
     if smallest is not None and smallest >= 2048:
       sizes.append(2048)
     else:
-      notes.append(f"FID2048 skipped: the smallest class has {smallest} "
-                   "samples per side, fewer than 2048 features (pass "
-                   "feature sizes with 2048 to require it)")
+      notes.append(
+          f"FID2048 skipped: the smallest class has {smallest} "
+          "samples per side, fewer than 2048 features (pass "
+          "feature sizes with 2048 to require it)"
+      )
   else:
     sizes = sorted(set(int(s) for s in feature_sizes))
     bad = [s for s in sizes if s not in fid.FEATURE_SIZES]
     if bad or not sizes:
-      raise ValueError(f"feature sizes must be among {fid.FEATURE_SIZES}, "
-                       f"got {tuple(feature_sizes)}")
-  return ([f"fid{s}" for s in sizes] + ["label_accuracy"] +
-          list(registry.DIVERSITY)), notes
+      raise ValueError(
+          f"feature sizes must be among {fid.FEATURE_SIZES}, "
+          f"got {tuple(feature_sizes)}"
+      )
+  return (
+      [f"fid{s}" for s in sizes] + ["label_accuracy"] + list(registry.DIVERSITY)
+  ), notes
 
 
-def evaluate_samples(images, labels, dataset: str = "mnist",
-                     feature_sizes=None, progress: bool = True,
-                     real=None, clf=None, metrics=None,
-                     train=None) -> Dict[str, Any]:
+def evaluate_samples(
+    images,
+    labels,
+    dataset: str = "mnist",
+    feature_sizes=None,
+    progress: bool = True,
+    real=None,
+    clf=None,
+    metrics=None,
+    train=None,
+) -> Dict[str, Any]:
   """The registry's metrics of samples in [-1, 1], per class.
 
   Args:
@@ -133,8 +165,14 @@ def evaluate_samples(images, labels, dataset: str = "mnist",
   real_labels = np.asarray(real[1])
   notes: List[str] = []
   if metrics is None:
-    smallest = min(min(int(np.sum(labels == c)), int(np.sum(real_labels == c)),
-                       MAX_PER_CLASS) for c in present)
+    smallest = min(
+        min(
+            int(np.sum(labels == c)),
+            int(np.sum(real_labels == c)),
+            MAX_PER_CLASS,
+        )
+        for c in present
+    )
     names, notes = default_metrics(feature_sizes, smallest)
   else:
     names = [str(n) for n in metrics]
@@ -144,31 +182,48 @@ def evaluate_samples(images, labels, dataset: str = "mnist",
   if need.train_features and train is None:
     train = reader.load_split(dataset, "train")
   result = scoring.score(
-      names, images, labels, real, labels=present,
-      max_per_class=MAX_PER_CLASS, classifier=clf, train=train,
+      names,
+      images,
+      labels,
+      real,
+      labels=present,
+      max_per_class=MAX_PER_CLASS,
+      classifier=clf,
+      train=train,
       store=scoring.FeatureStore(dataset, "test", progress=progress),
-      train_store=scoring.FeatureStore(dataset, "train", progress=progress))
+      train_store=scoring.FeatureStore(dataset, "train", progress=progress),
+  )
   report: Dict[str, Any] = {
       "dataset": dataset,
       "num_samples": int(images.shape[0]),
       "metrics": {
-          name: {"mean": s.value, "min": s.min, "max": s.max,
-                 "per_class": {str(k): v for k, v in s.per_class.items()},
-                 "better": registry.direction(name),
-                 "title": registry.title(name)}
-          for name, s in result.summaries.items()},
+          name: {
+              "mean": s.value,
+              "min": s.min,
+              "max": s.max,
+              "per_class": {str(k): v for k, v in s.per_class.items()},
+              "better": registry.direction(name),
+              "title": registry.title(name),
+          }
+          for name, s in result.summaries.items()
+      },
       "counts": {str(k): int(v) for k, v in result.counts.items()},
   }
   fid_names = [n for n in names if registry.metric(n).module == "fid"]
   if fid_names:
-    report["fid"] = {n[len("fid"):]: {k: report["metrics"][n][k] for k in
-                                      ("mean", "min", "max", "per_class")}
-                     for n in fid_names}
+    report["fid"] = {
+        n[len("fid") :]: {
+            k: report["metrics"][n][k]
+            for k in ("mean", "min", "max", "per_class")
+        }
+        for n in fid_names
+    }
     report["fid_counts"] = dict(report["counts"])
     report["fid_notes"] = notes
   if result.predicted is not None:
-    report["label_accuracy"] = classifier.label_accuracy(result.predicted,
-                                                         labels)
+    report["label_accuracy"] = classifier.label_accuracy(
+        result.predicted, labels
+    )
     report["classifier_test_accuracy"] = clf.test_accuracy
   report["notes"] = notes
   return report
@@ -185,29 +240,43 @@ def format_table(report: Dict[str, Any]) -> str:
   metric of the report, with which way each is better."""
   lines = []
   if "step" in report:
-    lines += [f"checkpoint: step {report['step']}"
-              + (f" ({report['checkpoint']})" if report.get("checkpoint")
-                 else ""), ""]
+    lines += [
+        f"checkpoint: step {report['step']}"
+        + (f" ({report['checkpoint']})" if report.get("checkpoint") else ""),
+        "",
+    ]
   lines += ["| metric | mean | min | max | better |", "|---|---|---|---|---|"]
   for r in report["metrics"].values():
-    lines.append(f"| {r['title']} | {_number(r['mean'])} | "
-                 f"{_number(r['min'])} | {_number(r['max'])} | "
-                 f"{r['better'] or 'neither'} |")
+    lines.append(
+        f"| {r['title']} | {_number(r['mean'])} | "
+        f"{_number(r['min'])} | {_number(r['max'])} | "
+        f"{r['better'] or 'neither'} |"
+    )
   counts = sorted(set(report["counts"].values()))
   lines.append("")
   line = f"samples per class (each side): {', '.join(map(str, counts))}"
   if report.get("classifier_test_accuracy") is not None:
-    line += (f"; classifier test accuracy "
-             f"{report['classifier_test_accuracy']:.4f}")
+    line += (
+        f"; classifier test accuracy "
+        f"{report['classifier_test_accuracy']:.4f}"
+    )
   lines.append(line)
   lines.extend(f"note: {n}" for n in report.get("notes", []))
   return "\n".join(lines)
 
 
-def run(workdir: Optional[str] = None, samples: Optional[str] = None,
-        out: Optional[str] = None, dataset: Optional[str] = None,
-        num_per_class: int = 1000, applications: int = 1, seed: int = 0,
-        feature_sizes=None, checkpoint=None, metrics=None) -> Dict[str, Any]:
+def run(
+    workdir: Optional[str] = None,
+    samples: Optional[str] = None,
+    out: Optional[str] = None,
+    dataset: Optional[str] = None,
+    num_per_class: int = 1000,
+    applications: int = 1,
+    seed: int = 0,
+    feature_sizes=None,
+    checkpoint=None,
+    metrics=None,
+) -> Dict[str, Any]:
   """What `python -m cign_jax.evaluate` does; returns the report written to
   eval.json (with `step` and `checkpoint`, the reason it was chosen, when
   scoring a run: `checkpoint` is 'best', 'latest' or a step, default the
@@ -218,15 +287,19 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     metrics = [str(m) for m in metrics]
     registry.needs(metrics)
   if (workdir is None) == (samples is None):
-    raise ValueError("give exactly one of workdir (a run to sample) and "
-                     "samples (an .npz to score)")
+    raise ValueError(
+        "give exactly one of workdir (a run to sample) and "
+        "samples (an .npz to score)"
+    )
   meta: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
   if samples is not None:
     arrays = sampling.open_npz(samples, "the samples file")
     for key in ("images", "labels"):
       if key not in arrays:
-        raise ValueError(f"the samples file {samples} has no '{key}' array "
-                         f"(found: {', '.join(arrays) or 'no arrays'})")
+        raise ValueError(
+            f"the samples file {samples} has no '{key}' array "
+            f"(found: {', '.join(arrays) or 'no arrays'})"
+        )
     images, labels = arrays["images"], arrays["labels"]
     out = out or os.path.dirname(os.path.abspath(samples))
     meta["samples"] = samples
@@ -237,22 +310,34 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
     meta["checkpoint"] = chosen.reason
     # The cache holds samples of one checkpoint (its step and the digest of
     # its weights) with one set of settings; anything else regenerates.
-    key = json.dumps(dict(step=step, weights=run_dir.tree_digest(loaded[2]),
-                          num_per_class=num_per_class,
-                          applications=applications, seed=seed),
-                     sort_keys=True)
+    key = json.dumps(
+        dict(
+            step=step,
+            weights=run_dir.tree_digest(loaded[2]),
+            num_per_class=num_per_class,
+            applications=applications,
+            seed=seed,
+        ),
+        sort_keys=True,
+    )
     cache = os.path.join(workdir, "eval_samples.npz")
     cached = _read_cache(cache, key)
     images, labels = cached if cached is not None else (None, None)
     run_config = loaded[0]
     if images is None:
       images, labels, _, step = generate_for_eval(
-          workdir, num_per_class, applications, seed, loaded=loaded)
-      run_dir.atomic_savez(cache, images=images, labels=labels, step=step,
-                           key=key)
+          workdir, num_per_class, applications, seed, loaded=loaded
+      )
+      run_dir.atomic_savez(
+          cache, images=images, labels=labels, step=step, key=key
+      )
     meta["step"] = step
-    settings = dict(num_per_class=num_per_class, applications=applications,
-                    seed=seed, step=step)
+    settings = dict(
+        num_per_class=num_per_class,
+        applications=applications,
+        seed=seed,
+        step=step,
+    )
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
@@ -265,5 +350,6 @@ def run(workdir: Optional[str] = None, samples: Optional[str] = None,
   if "label_accuracy" in report:
     classifier.plot_confusion(
         np.asarray(report["label_accuracy"]["confusion"]),
-        os.path.join(out, "confusion.png"))
+        os.path.join(out, "confusion.png"),
+    )
   return report

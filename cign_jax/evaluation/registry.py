@@ -50,8 +50,16 @@ METRICS_PACKAGE = "cign_jax.evaluation.metrics"
 # The numbers `python -m cign_jax.evaluate` and the Table 3 script report
 # beside FID and label accuracy (memorisation is left out: it needs an
 # Inception pass over the training split).
-DIVERSITY = ("precision", "recall", "density", "coverage", "kid", "kid_std",
-             "spread", "duplicates")
+DIVERSITY = (
+    "precision",
+    "recall",
+    "density",
+    "coverage",
+    "kid",
+    "kid_std",
+    "spread",
+    "duplicates",
+)
 
 
 class UnknownMetricError(ValueError):
@@ -71,6 +79,7 @@ class Needs:
     train_features: Inception taps of the class's training images.
     min_samples: the fewest samples per class (each side) it can use.
   """
+
   features: Tuple[int, ...] = ()
   real: bool = False
   classifier: bool = False
@@ -82,8 +91,10 @@ class Needs:
       sizes = tuple(int(s) for s in getattr(self, field))
       bad = [s for s in sizes if s not in inception.FEATURE_SIZES]
       if bad:
-        raise ValueError(f"Needs.{field}: unknown Inception tap(s) {bad}; "
-                         f"available: {inception.FEATURE_SIZES}")
+        raise ValueError(
+            f"Needs.{field}: unknown Inception tap(s) {bad}; "
+            f"available: {inception.FEATURE_SIZES}"
+        )
       object.__setattr__(self, field, sizes)
 
   def __or__(self, other: "Needs") -> "Needs":
@@ -91,14 +102,17 @@ class Needs:
         features=tuple(sorted(set(self.features) | set(other.features))),
         real=self.real or other.real,
         classifier=self.classifier or other.classifier,
-        train_features=tuple(sorted(set(self.train_features) |
-                                    set(other.train_features))),
-        min_samples=max(self.min_samples, other.min_samples))
+        train_features=tuple(
+            sorted(set(self.train_features) | set(other.train_features))
+        ),
+        min_samples=max(self.min_samples, other.min_samples),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
   """One metric module, as the registry reads it."""
+
   module: str
   names: Mapping[str, Optional[str]]
   titles: Mapping[str, str]
@@ -107,11 +121,12 @@ class Metric:
   summarise: Optional[Callable]
 
   def needs(self, names: Sequence[str]) -> Needs:
-    needs = self._needs(tuple(names)) if callable(self._needs) else \
-        self._needs
+    needs = self._needs(tuple(names)) if callable(self._needs) else self._needs
     if not isinstance(needs, Needs):
-      raise TypeError(f"{self.module}: NEEDS must be a registry.Needs or a "
-                      f"function returning one, got {type(needs).__name__}")
+      raise TypeError(
+          f"{self.module}: NEEDS must be a registry.Needs or a "
+          f"function returning one, got {type(needs).__name__}"
+      )
     if needs.features or needs.train_features:
       needs = dataclasses.replace(needs, real=True)
     return needs
@@ -124,39 +139,54 @@ def _read_module(module: types.ModuleType) -> Metric:
   short = module.__name__.rsplit(".", 1)[-1]
   for attr in ("NAMES", "NEEDS", "compute"):
     if not hasattr(module, attr):
-      raise TypeError(f"metric module {module.__name__} has no {attr}; a "
-                      "metric declares NAMES, NEEDS and compute (see "
-                      "cign_jax.evaluation.registry)")
+      raise TypeError(
+          f"metric module {module.__name__} has no {attr}; a "
+          "metric declares NAMES, NEEDS and compute (see "
+          "cign_jax.evaluation.registry)"
+      )
   names = dict(module.NAMES)
   for name, direction in names.items():
     if direction not in _DIRECTIONS:
-      raise TypeError(f"{module.__name__}: NAMES[{name!r}] must be "
-                      f"registry.LOWER, registry.HIGHER or None, got "
-                      f"{direction!r}")
-  return Metric(module=short, names=names,
-                titles=dict(getattr(module, "TITLES", {})),
-                _needs=module.NEEDS, compute=module.compute,
-                summarise=getattr(module, "summarise", None))
+      raise TypeError(
+          f"{module.__name__}: NAMES[{name!r}] must be "
+          f"registry.LOWER, registry.HIGHER or None, got "
+          f"{direction!r}"
+      )
+  return Metric(
+      module=short,
+      names=names,
+      titles=dict(getattr(module, "TITLES", {})),
+      _needs=module.NEEDS,
+      compute=module.compute,
+      summarise=getattr(module, "summarise", None),
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def _discover() -> Dict[str, Metric]:
   package = importlib.import_module(METRICS_PACKAGE)
   by_name: Dict[str, Metric] = {}
-  for info in sorted(pkgutil.iter_modules(package.__path__),
-                     key=lambda i: i.name):
+  for info in sorted(
+      pkgutil.iter_modules(package.__path__), key=lambda i: i.name
+  ):
     if info.name.startswith("_"):
       continue
-    metric = _read_module(importlib.import_module(
-        f"{METRICS_PACKAGE}.{info.name}"))
+    metric = _read_module(
+        importlib.import_module(f"{METRICS_PACKAGE}.{info.name}")
+    )
     for name in metric.names:
       if name in by_name:
-        raise TypeError(f"metric name {name!r} is declared by both "
-                        f"{by_name[name].module} and {metric.module}")
+        raise TypeError(
+            f"metric name {name!r} is declared by both "
+            f"{by_name[name].module} and {metric.module}"
+        )
       by_name[name] = metric
   validation.declare_directions(
-      {name: (None if m.names[name] is None else m.names[name] == LOWER)
-       for name, m in by_name.items()})
+      {
+          name: (None if m.names[name] is None else m.names[name] == LOWER)
+          for name, m in by_name.items()
+      }
+  )
   return by_name
 
 
@@ -170,7 +200,8 @@ def metric(name: str) -> Metric:
   if found is None:
     raise UnknownMetricError(
         f"unknown metric {name!r}; known: {', '.join(known_names())} (each a "
-        f"module in {METRICS_PACKAGE.replace('.', '/')}/)")
+        f"module in {METRICS_PACKAGE.replace('.', '/')}/)"
+    )
   return found
 
 
@@ -208,8 +239,11 @@ def needs(names: Iterable[str]) -> Needs:
   return total
 
 
-def check_samples(names: Iterable[str], samples_per_class: int,
-                  what: str = "samples per class") -> None:
+def check_samples(
+    names: Iterable[str],
+    samples_per_class: int,
+    what: str = "samples per class",
+) -> None:
   """TooFewSamplesError naming the metric when `samples_per_class` is fewer
   than one of the named metrics needs."""
   for m, requested in group(names).values():
@@ -217,16 +251,19 @@ def check_samples(names: Iterable[str], samples_per_class: int,
     if samples_per_class < need:
       raise distances.TooFewSamplesError(
           f"{', '.join(requested)} need{'s' if len(requested) == 1 else ''} "
-          f"at least {need} samples per class; {what} is {samples_per_class}")
+          f"at least {need} samples per class; {what} is {samples_per_class}"
+      )
 
 
 def check_best_metric(best_metric: str, names: Iterable[str]) -> None:
   """A ValueError when `best_metric` is one of the registry's names that
   ranks nothing (direction None)."""
   if best_metric in _discover() and direction(best_metric) is None:
-    rankable = [n for n in names if n in _discover() and
-                direction(n) is not None]
+    rankable = [
+        n for n in names if n in _discover() and direction(n) is not None
+    ]
     raise ValueError(
         f"config.best_metric: {best_metric!r} ranks nothing (neither a "
         f"lower nor a higher value is better); choose one of "
-        f"{rankable or ['val_loss']} or '' (no best checkpoint)")
+        f"{rankable or ['val_loss']} or '' (no best checkpoint)"
+    )

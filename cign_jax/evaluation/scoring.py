@@ -41,11 +41,20 @@ def reference_features_dir() -> pathlib.Path:
   return inception.fid_cache_dir() / "reference_features"
 
 
-def _features_path(cache: pathlib.Path, dataset: str, split: str, label,
-                   size: int, count: int, digest: str) -> pathlib.Path:
+def _features_path(
+    cache: pathlib.Path,
+    dataset: str,
+    split: str,
+    label,
+    size: int,
+    count: int,
+    digest: str,
+) -> pathlib.Path:
   safe = fid._safe  # pylint: disable=protected-access
-  return cache / (f"{safe(dataset)}_{safe(split)}_label{safe(label)}_f{size}"
-                  f"_n{count}_{digest}.npy")
+  return cache / (
+      f"{safe(dataset)}_{safe(split)}_label{safe(label)}_f{size}"
+      f"_n{count}_{digest}.npy"
+  )
 
 
 def _load(path: pathlib.Path) -> Optional[np.ndarray]:
@@ -72,9 +81,16 @@ class FeatureStore:
     batch_size, progress: of the Inception passes.
   """
 
-  def __init__(self, dataset: str = "mnist", split: str = "test", *,
-               use_cache: bool = True, cache_dir=None,
-               batch_size: Optional[int] = None, progress: bool = False):
+  def __init__(
+      self,
+      dataset: str = "mnist",
+      split: str = "test",
+      *,
+      use_cache: bool = True,
+      cache_dir=None,
+      batch_size: Optional[int] = None,
+      progress: bool = False,
+  ):
     self.dataset = dataset
     self.split = split
     self.use_cache = use_cache
@@ -83,16 +99,25 @@ class FeatureStore:
     self.progress = progress
     self._memory: Dict[Tuple[Any, int, int, str], np.ndarray] = {}
 
-  def extract(self, images, sizes: Sequence[int], desc: str
-              ) -> Dict[int, np.ndarray]:
+  def extract(
+      self, images, sizes: Sequence[int], desc: str
+  ) -> Dict[int, np.ndarray]:
     """{size: features} of `images`, one Inception pass up to the deepest
     of `sizes` (through `fid.extract_features`)."""
-    return fid.extract_features(images, tuple(sizes),
-                                batch_size=self.batch_size,
-                                progress=self.progress, desc=desc)
+    return fid.extract_features(
+        images,
+        tuple(sizes),
+        batch_size=self.batch_size,
+        progress=self.progress,
+        desc=desc,
+    )
 
-  def real(self, per_label: Dict[Any, np.ndarray], sizes: Sequence[int],
-           desc: str = "real features") -> Dict[Any, Dict[int, np.ndarray]]:
+  def real(
+      self,
+      per_label: Dict[Any, np.ndarray],
+      sizes: Sequence[int],
+      desc: str = "real features",
+  ) -> Dict[Any, Dict[int, np.ndarray]]:
     """{label: {size: features}} of the images given per label; whatever is
     not in memory or on disk is extracted in one pass over those labels'
     images (in label order)."""
@@ -106,8 +131,9 @@ class FeatureStore:
       for size in sizes:
         key = (label, size, len(pixels), digest)
         feats = self._memory.get(key)
-        path = _features_path(cache, self.dataset, self.split, label, size,
-                              len(pixels), digest)
+        path = _features_path(
+            cache, self.dataset, self.split, label, size, len(pixels), digest
+        )
         if feats is None and self.use_cache:
           feats = _load(path)
           if feats is not None and feats.shape != (len(pixels), size):
@@ -149,8 +175,15 @@ class ClassData:
     predicted: the classifier's labels for `fake_images` (when asked for).
   """
 
-  def __init__(self, label, count: int, fake_images, real_images,
-               predicted, features: Dict[str, Dict[int, np.ndarray]]):
+  def __init__(
+      self,
+      label,
+      count: int,
+      fake_images,
+      real_images,
+      predicted,
+      features: Dict[str, Dict[int, np.ndarray]],
+  ):
     self.label = label
     self.count = count
     self.fake_images = fake_images
@@ -169,11 +202,13 @@ class ClassData:
       try:
         raw = self._features[side][size]
       except KeyError:
-        raise KeyError(f"class {self.label}: no {side} features at {size}; "
-                       "a metric reads only what its NEEDS asks for"
-                       ) from None
+        raise KeyError(
+            f"class {self.label}: no {side} features at {size}; "
+            "a metric reads only what its NEEDS asks for"
+        ) from None
       self._checked[key] = distances.check_features(
-          raw, f"{_SIDES.get(side, side)}, label {self.label} features")
+          raw, f"{_SIDES.get(side, side)}, label {self.label} features"
+      )
     return self._checked[key]
 
   def release(self) -> None:
@@ -197,9 +232,13 @@ class ClassData:
     key = (a, b, size)
     if key not in self._inner:
       swapped = self._inner.get((b, a, size))
-      self._inner[key] = (swapped.T if swapped is not None else
-                          distances.inner_products(self.features(a, size),
-                                                   self.features(b, size)))
+      self._inner[key] = (
+          swapped.T
+          if swapped is not None
+          else distances.inner_products(
+              self.features(a, size), self.features(b, size)
+          )
+      )
     return self._inner[key]
 
   def distances(self, a: str, b: str, size: int) -> np.ndarray:
@@ -213,7 +252,8 @@ class ClassData:
         self._distances[key] = distances.distances_from_inner(
             self.inner(a, b, size),
             distances.squared_norms(self.features(a, size)),
-            distances.squared_norms(self.features(b, size)))
+            distances.squared_norms(self.features(b, size)),
+        )
     return self._distances[key]
 
 
@@ -221,6 +261,7 @@ class ClassData:
 class Summary:
   """One name over classes: `value` (what stands for all: the mean unless
   the metric says otherwise), `min`, `max`, `per_class` {label: value}."""
+
   value: float
   min: float
   max: float
@@ -238,6 +279,7 @@ class Report:
     predicted: the classifier's labels of all generated images (None when
       no metric asked for them), in the order given.
   """
+
   summaries: Dict[str, Summary]
   counts: Dict[Any, int]
   generated: Dict[Any, int]
@@ -261,11 +303,20 @@ def _per_label(images, labels, label, n=None):
   return images[idx if n is None else idx[:n]]
 
 
-def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
-          labels: Optional[Sequence] = None, max_per_class: int = 1000,
-          classifier=None, train=None, store: Optional[FeatureStore] = None,
-          train_store: Optional[FeatureStore] = None,
-          num_classes: int = 10) -> Report:
+def score(
+    names: Sequence[str],
+    gen_images,
+    gen_labels,
+    real=None,
+    *,
+    labels: Optional[Sequence] = None,
+    max_per_class: int = 1000,
+    classifier=None,
+    train=None,
+    store: Optional[FeatureStore] = None,
+    train_store: Optional[FeatureStore] = None,
+    num_classes: int = 10,
+) -> Report:
   """The named metrics of generated samples, per class.
 
   Args:
@@ -292,22 +343,29 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
   gen_images = np.asarray(gen_images)
   gen_labels = np.asarray(gen_labels).reshape(-1)
   if len(gen_labels) != len(gen_images):
-    raise ValueError(f"{len(gen_images)} generated images but "
-                     f"{len(gen_labels)} labels")
+    raise ValueError(
+        f"{len(gen_images)} generated images but " f"{len(gen_labels)} labels"
+    )
   if labels is None:
     labels = sorted(np.unique(gen_labels).tolist())
   labels = list(labels)
   if not labels:
     raise ValueError("no labels to score")
   if need.real and real is None:
-    raise ValueError(f"metrics {', '.join(names)} read real images: pass "
-                     "real=(images, labels)")
+    raise ValueError(
+        f"metrics {', '.join(names)} read real images: pass "
+        "real=(images, labels)"
+    )
   if need.train_features and train is None:
-    raise ValueError(f"metrics {', '.join(names)} read training images: "
-                     "pass train=(images, labels)")
+    raise ValueError(
+        f"metrics {', '.join(names)} read training images: "
+        "pass train=(images, labels)"
+    )
   if need.classifier and classifier is None:
-    raise ValueError(f"metrics {', '.join(names)} need the label "
-                     "classifier: pass classifier=")
+    raise ValueError(
+        f"metrics {', '.join(names)} need the label "
+        "classifier: pass classifier="
+    )
   if max_per_class < 1:
     raise ValueError(f"max_per_class must be >= 1, got {max_per_class}")
   real_labels = None if real is None else np.asarray(real[1]).reshape(-1)
@@ -332,45 +390,57 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
         raise distances.TooFewSamplesError(
             f"{', '.join(requested)}: label {label} has {counts[label]} "
             f"samples per side ({generated[label]} generated"
-            + (f", {int(np.sum(real_labels == label))} real" if need.real
-               else "") + f", at most {max_per_class}); "
+            + (
+                f", {int(np.sum(real_labels == label))} real"
+                if need.real
+                else ""
+            )
+            + f", at most {max_per_class}); "
             f"{'it needs' if len(requested) == 1 else 'they need'} at least "
-            f"{want}")
+            f"{want}"
+        )
 
   predicted = None
   if need.classifier:
     predicted = classifier.predict(gen_images)
 
   features: Dict[Any, Dict[str, Dict[int, np.ndarray]]] = {
-      label: {} for label in labels}
+      label: {} for label in labels
+  }
   if need.features:
     store = store or FeatureStore()
     real_images = np.asarray(real[0])
-    real_feats = store.real({l: _per_label(real_images, real_labels, l,
-                                           counts[l]) for l in labels},
-                            need.features)
-    sel = np.concatenate([np.flatnonzero(gen_labels == l)[:counts[l]]
-                          for l in labels])
-    gen_feats = store.extract(gen_images[sel], need.features,
-                              "generated features")
+    real_feats = store.real(
+        {l: _per_label(real_images, real_labels, l, counts[l]) for l in labels},
+        need.features,
+    )
+    sel = np.concatenate(
+        [np.flatnonzero(gen_labels == l)[: counts[l]] for l in labels]
+    )
+    gen_feats = store.extract(
+        gen_images[sel], need.features, "generated features"
+    )
     start = 0
     for label in labels:
       n = counts[label]
-      features[label]["fake"] = {s: gen_feats[s][start:start + n]
-                                 for s in need.features}
+      features[label]["fake"] = {
+          s: gen_feats[s][start : start + n] for s in need.features
+      }
       features[label]["real"] = real_feats[label]
       start += n
   if need.train_features:
     train_store = train_store or FeatureStore(split="train")
     train_images, train_labels = np.asarray(train[0]), np.asarray(
-        train[1]).reshape(-1)
+        train[1]
+    ).reshape(-1)
     per = {}
     for label in labels:
       per[label] = _per_label(train_images, train_labels, label)
       if len(per[label]) == 0:
         raise ValueError(f"label {label}: no training images")
-    train_feats = train_store.real(per, need.train_features,
-                                   "training features")
+    train_feats = train_store.real(
+        per, need.train_features, "training features"
+    )
     for label in labels:
       features[label]["train"] = train_feats[label]
 
@@ -378,18 +448,23 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
   classes: Dict[Any, ClassData] = {}
   for label in labels:
     data = ClassData(
-        label, counts[label], _per_label(gen_images, gen_labels, label),
-        None if not need.real else _per_label(np.asarray(real[0]),
-                                              real_labels, label,
-                                              counts[label]),
+        label,
+        counts[label],
+        _per_label(gen_images, gen_labels, label),
+        None
+        if not need.real
+        else _per_label(np.asarray(real[0]), real_labels, label, counts[label]),
         None if predicted is None else predicted[gen_labels == label],
-        features[label])
+        features[label],
+    )
     for m, requested in groups.values():
       got = m.compute(data, requested)
       for name in requested:
         if name not in got:
-          raise KeyError(f"metric module {m.module} returned no {name!r} "
-                         f"for label {label}")
+          raise KeyError(
+              f"metric module {m.module} returned no {name!r} "
+              f"for label {label}"
+          )
         values[name][label] = float(got[name])
     data.release()  # one class's matrices in memory at a time
     classes[label] = data
@@ -399,10 +474,20 @@ def score(names: Sequence[str], gen_images, gen_labels, real=None, *,
     m = registry.metric(name)
     per_class = values[name]
     arr = np.array(list(per_class.values()), np.float64)
-    value = (m.summarise(name, per_class, classes) if m.summarise else
-             float(arr.mean()))
-    summaries[name] = Summary(value=float(value), min=float(arr.min()),
-                              max=float(arr.max()), per_class=per_class)
-  return Report(summaries=summaries, counts=counts, generated=generated,
-                predicted=predicted)
-
+    value = (
+        m.summarise(name, per_class, classes)
+        if m.summarise
+        else float(arr.mean())
+    )
+    summaries[name] = Summary(
+        value=float(value),
+        min=float(arr.min()),
+        max=float(arr.max()),
+        per_class=per_class,
+    )
+  return Report(
+      summaries=summaries,
+      counts=counts,
+      generated=generated,
+      predicted=predicted,
+  )

@@ -47,9 +47,14 @@ from cign_jax import train_step
 from cign_jax.interop import torch_archive
 
 # Our leaf name -> the original's parameter/buffer name.
-_LEAF_NAMES = {"kernel": "weight", "bias": "bias", "scale": "weight",
-               "embedding": "weight", "mean": "running_mean",
-               "var": "running_var"}
+_LEAF_NAMES = {
+    "kernel": "weight",
+    "bias": "bias",
+    "scale": "weight",
+    "embedding": "weight",
+    "mean": "running_mean",
+    "var": "running_var",
+}
 _IGNORED_SUFFIX = ".num_batches_tracked"
 _LIGHTNING_PREFIX = "model."
 _COPY_PREFIX = "model_copy."
@@ -58,8 +63,15 @@ _COPY_PREFIX = "model_copy."
 class _Entry:
   """One of our leaves and how it is made from the original's tensor."""
 
-  def __init__(self, collection: str, path: Tuple[str, ...], torch_key: str,
-               shape: Tuple[int, ...], kind: str, kernel_size: int = 0):
+  def __init__(
+      self,
+      collection: str,
+      path: Tuple[str, ...],
+      torch_key: str,
+      shape: Tuple[int, ...],
+      kind: str,
+      kernel_size: int = 0,
+  ):
     self.collection = collection
     self.path = path
     self.torch_key = torch_key
@@ -119,20 +131,29 @@ def _entries(config) -> List[_Entry]:
   """Our variables for `config`, each with its original key and layout."""
   architecture = config.model.get("architecture", "cign")
   if architecture != "cign":
-    raise ValueError(f"config.model.architecture: only the CIGN network "
-                     f"('cign') has a checkpoint mapping, got "
-                     f"{architecture!r}")
+    raise ValueError(
+        f"config.model.architecture: only the CIGN network "
+        f"('cign') has a checkpoint mapping, got "
+        f"{architecture!r}"
+    )
   model = models.model_from_config(config)
-  shapes = jax.eval_shape(lambda k: models.init_variables(model, k),
-                          jax.random.key(0))
-  layouts = {"discriminator": models.DISCRIMINATOR_LAYOUT,
-             "generator": models.GENERATOR_LAYOUT}
+  shapes = jax.eval_shape(
+      lambda k: models.init_variables(model, k), jax.random.key(0)
+  )
+  layouts = {
+      "discriminator": models.DISCRIMINATOR_LAYOUT,
+      "generator": models.GENERATOR_LAYOUT,
+  }
   conditioning = config.model.conditioning
   entries = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
     names = tuple(str(getattr(p, "key", p)) for p in path)
-    collection, half, module, leaf_name = (names[0], names[1], names[-2],
-                                           names[-1])
+    collection, half, module, leaf_name = (
+        names[0],
+        names[1],
+        names[-2],
+        names[-1],
+    )
     torch_key = f"{half}.{module}.{_LEAF_NAMES[leaf_name]}"
     kind, k = "plain", 0
     if module.startswith("conv_"):
@@ -145,8 +166,9 @@ def _entries(config) -> List[_Entry]:
         kind = "filter_linear" if leaf_name == "kernel" else "filter_bias"
       else:
         kind = "linear" if leaf_name == "kernel" else "plain"
-    entries.append(_Entry(collection, names[1:], torch_key, leaf.shape, kind,
-                          k))
+    entries.append(
+        _Entry(collection, names[1:], torch_key, leaf.shape, kind, k)
+    )
   order = _torch_order(config)
   entries.sort(key=lambda e: order.get(e.torch_key, len(order)))
   return entries
@@ -159,11 +181,15 @@ def _torch_order(config) -> Dict[str, int]:
   for half, norms in (("discriminator", 4), ("generator", 5)):
     keys += [f"{half}.conv_{i}.weight" for i in range(1, 6)]
     for j in range(1, norms + 1):
-      keys += [f"{half}.batch_norm_{j}.{n}" for n in
-               ("weight", "bias", "running_mean", "running_var")]
+      keys += [
+          f"{half}.batch_norm_{j}.{n}"
+          for n in ("weight", "bias", "running_mean", "running_var")
+      ]
     for i in range(1, 6):
-      keys += [f"{half}.channel_mixer_{i}.weight",
-               f"{half}.channel_mixer_{i}.bias"]
+      keys += [
+          f"{half}.channel_mixer_{i}.weight",
+          f"{half}.channel_mixer_{i}.bias",
+      ]
     keys.append(f"{half}.label_embedder.weight")
     for i in range(1, 6):
       keys += [f"{half}.linear_{i}.weight", f"{half}.linear_{i}.bias"]
@@ -172,9 +198,11 @@ def _torch_order(config) -> Dict[str, int]:
 
 def _describe(config) -> str:
   m = config.model
-  return (f"conditioning={m.conditioning!r}, latent_dim={m.latent_dim}, "
-          f"intermediate_dim={m.intermediate_dim}, "
-          f"embedding_dim={m.embedding_dim}")
+  return (
+      f"conditioning={m.conditioning!r}, latent_dim={m.latent_dim}, "
+      f"intermediate_dim={m.intermediate_dim}, "
+      f"embedding_dim={m.embedding_dim}"
+  )
 
 
 def expected_torch_shapes(config) -> Dict[str, Tuple[int, ...]]:
@@ -183,8 +211,9 @@ def expected_torch_shapes(config) -> Dict[str, Tuple[int, ...]]:
   return {e.torch_key: e.torch_shape() for e in _entries(config)}
 
 
-def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
-                                  config, dtype=np.float32) -> Dict[str, Any]:
+def torch_state_dict_to_variables(
+    state_dict: Mapping[str, np.ndarray], config, dtype=np.float32
+) -> Dict[str, Any]:
   """The original's state dict (keys without prefix) -> our variables
   {'params': ..., 'batch_stats': ...} (nested dicts of numpy arrays of
   `dtype`; float32 unless a test asks for float64).
@@ -207,16 +236,20 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
     if e.torch_key not in state_dict:
       raise ValueError(
           f"missing key {e.torch_key!r} (expected shape {e.torch_shape()}) "
-          f"in the checkpoint for a model with {_describe(config)}")
+          f"in the checkpoint for a model with {_describe(config)}"
+      )
     value = np.asarray(state_dict[e.torch_key])
     if tuple(value.shape) != e.torch_shape():
       raise ValueError(
           f"key {e.torch_key!r} has shape {tuple(value.shape)} in the "
           f"checkpoint, expected {e.torch_shape()} for a model with "
-          f"{_describe(config)}")
+          f"{_describe(config)}"
+      )
     if not np.issubdtype(value.dtype, np.floating):
-      raise ValueError(f"key {e.torch_key!r} has dtype {value.dtype}, "
-                       "expected a floating-point tensor")
+      raise ValueError(
+          f"key {e.torch_key!r} has dtype {value.dtype}, "
+          "expected a floating-point tensor"
+      )
     node = out.setdefault(e.collection, {})
     for name in e.path[:-1]:
       node = node.setdefault(name, {})
@@ -226,13 +259,15 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray],
       raise ValueError(
           f"unexpected key {key!r} (shape "
           f"{tuple(np.shape(state_dict[key]))}) in the checkpoint: not part "
-          f"of a model with {_describe(config)}")
+          f"of a model with {_describe(config)}"
+      )
   out.setdefault("batch_stats", {})
   return out
 
 
-def variables_to_torch_state_dict(variables: Mapping[str, Any], config
-                                  ) -> Dict[str, np.ndarray]:
+def variables_to_torch_state_dict(
+    variables: Mapping[str, Any], config
+) -> Dict[str, np.ndarray]:
   """The inverse mapping: our variables -> the original's state dict.
 
   Args:
@@ -251,15 +286,19 @@ def variables_to_torch_state_dict(variables: Mapping[str, Any], config
   return result
 
 
-def select_model_state_dict(flat: Mapping[str, np.ndarray]
-                            ) -> Dict[str, np.ndarray]:
+def select_model_state_dict(
+    flat: Mapping[str, np.ndarray],
+) -> Dict[str, np.ndarray]:
   """The model's weights of a loaded checkpoint: keys under `model.` (the
   Lightning module's model; `model_copy.*` dropped) when there are any, else
   the dict itself."""
   if any(k.startswith(_LIGHTNING_PREFIX) for k in flat):
     n = len(_LIGHTNING_PREFIX)
-    return {(k[n:] if k.startswith(_LIGHTNING_PREFIX) else k): v
-            for k, v in flat.items() if not k.startswith(_COPY_PREFIX)}
+    return {
+        (k[n:] if k.startswith(_LIGHTNING_PREFIX) else k): v
+        for k, v in flat.items()
+        if not k.startswith(_COPY_PREFIX)
+    }
   return dict(flat)
 
 
@@ -291,8 +330,10 @@ def convert(torch_checkpoint: str, config, workdir: str):
   config = config_lib.validate(config)
   ckpt_dir = os.path.join(workdir, checkpoints.CHECKPOINT_DIR)
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ValueError(f"{workdir} already holds checkpoints ({ckpt_dir}); "
-                     "convert into a new or empty run directory")
+    raise ValueError(
+        f"{workdir} already holds checkpoints ({ckpt_dir}); "
+        "convert into a new or empty run directory"
+    )
   state_dict = load_torch_state_dict(torch_checkpoint)
   try:
     variables = torch_state_dict_to_variables(state_dict, config)
@@ -304,15 +345,19 @@ def convert(torch_checkpoint: str, config, workdir: str):
   # and here useless) random initialisation: every array is replaced.
   abstract = jax.eval_shape(lambda: train_step.create_train_state(config))
   state = abstract.replace(
-      step=jnp.zeros(abstract.step.shape, abstract.step.dtype), params=params,
-      batch_stats=batch_stats, opt_state=abstract.tx.init(params),
-      ema_params=None if abstract.ema_params is None else params)
+      step=jnp.zeros(abstract.step.shape, abstract.step.dtype),
+      params=params,
+      batch_stats=batch_stats,
+      opt_state=abstract.tx.init(params),
+      ema_params=None if abstract.ema_params is None else params,
+  )
   for part in ("params", "batch_stats", "opt_state"):
     want = jax.tree_util.tree_structure(getattr(abstract, part))
     got = jax.tree_util.tree_structure(getattr(state, part))
     if want != got:  # a bug of the mapping, not of the checkpoint
-      raise AssertionError(f"converted {part} do not match the train state: "
-                           f"{got} vs {want}")
+      raise AssertionError(
+          f"converted {part} do not match the train state: " f"{got} vs {want}"
+      )
   checkpoints.save_config(workdir, config)
   mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
   checkpoints.save(mngr, state)

@@ -73,21 +73,33 @@ def _extended_dtype(name: str):
 
 _DTYPE_NAMES = {
     # torch dtype attribute name -> numpy dtype (or ml_dtypes name)
-    "float32": np.float32, "float": np.float32,
-    "float64": np.float64, "double": np.float64,
-    "float16": np.float16, "half": np.float16,
+    "float32": np.float32,
+    "float": np.float32,
+    "float64": np.float64,
+    "double": np.float64,
+    "float16": np.float16,
+    "half": np.float16,
     "bfloat16": "bfloat16",
-    "float8_e4m3fn": "float8_e4m3fn", "float8_e5m2": "float8_e5m2",
-    "float8_e4m3fnuz": "float8_e4m3fnuz", "float8_e5m2fnuz": "float8_e5m2fnuz",
-    "int64": np.int64, "long": np.int64,
-    "int32": np.int32, "int": np.int32,
-    "int16": np.int16, "short": np.int16,
+    "float8_e4m3fn": "float8_e4m3fn",
+    "float8_e5m2": "float8_e5m2",
+    "float8_e4m3fnuz": "float8_e4m3fnuz",
+    "float8_e5m2fnuz": "float8_e5m2fnuz",
+    "int64": np.int64,
+    "long": np.int64,
+    "int32": np.int32,
+    "int": np.int32,
+    "int16": np.int16,
+    "short": np.int16,
     "int8": np.int8,
-    "uint8": np.uint8, "uint16": np.uint16, "uint32": np.uint32,
+    "uint8": np.uint8,
+    "uint16": np.uint16,
+    "uint32": np.uint32,
     "uint64": np.uint64,
     "bool": np.bool_,
-    "complex64": np.complex64, "cfloat": np.complex64,
-    "complex128": np.complex128, "cdouble": np.complex128,
+    "complex64": np.complex64,
+    "cfloat": np.complex64,
+    "complex128": np.complex128,
+    "cdouble": np.complex128,
 }
 
 _STORAGE_TYPES = {
@@ -183,8 +195,11 @@ class TorchObject:
     state = self.state
     if isinstance(state, dict):
       return state
-    if (isinstance(state, tuple) and len(state) == 2 and
-        all(s is None or isinstance(s, dict) for s in state)):
+    if (
+        isinstance(state, tuple)
+        and len(state) == 2
+        and all(s is None or isinstance(s, dict) for s in state)
+    ):
       merged = {}
       for part in state:
         merged.update(part or {})
@@ -194,8 +209,13 @@ class TorchObject:
   def __getattr__(self, name):
     # Only reached when normal lookup fails; guard the recorded fields so a
     # half-built instance (during unpickling) cannot recurse.
-    if name.startswith("__") or name in ("args", "kwargs", "state", "items",
-                                         "entries"):
+    if name.startswith("__") or name in (
+        "args",
+        "kwargs",
+        "state",
+        "items",
+        "entries",
+    ):
       raise AttributeError(name)
     attrs = self.attrs
     if name in attrs:
@@ -236,8 +256,9 @@ def _placeholder(module: str, name: str) -> type:
 # Tensor builders.
 
 
-def _strided_copy(storage: _Storage, offset: int, size, stride,
-                  dtype: np.dtype | None = None) -> np.ndarray:
+def _strided_copy(
+    storage: _Storage, offset: int, size, stride, dtype: np.dtype | None = None
+) -> np.ndarray:
   base = storage.array
   if dtype is not None and dtype != base.dtype:
     base = base.view(dtype)  # an untyped (byte) storage read as `dtype`
@@ -245,7 +266,8 @@ def _strided_copy(storage: _Storage, offset: int, size, stride,
   stride = tuple(int(s) for s in stride)
   if len(size) != len(stride):
     raise pickle.UnpicklingError(
-        f"tensor size {size} and stride {stride} differ in rank")
+        f"tensor size {size} and stride {stride} differ in rank"
+    )
   if any(s < 0 for s in size) or any(s < 0 for s in stride):
     raise pickle.UnpicklingError(f"bad tensor size {size} / stride {stride}")
   if 0 in size:
@@ -254,11 +276,15 @@ def _strided_copy(storage: _Storage, offset: int, size, stride,
   if offset < 0 or last >= base.size:
     raise pickle.UnpicklingError(
         f"tensor (offset {offset}, size {size}, stride {stride}) reaches past "
-        f"its storage {storage.record} of {base.size} elements")
+        f"its storage {storage.record} of {base.size} elements"
+    )
   item = base.dtype.itemsize
   view = np.lib.stride_tricks.as_strided(
-      base[offset:], shape=size, strides=tuple(st * item for st in stride),
-      writeable=False)
+      base[offset:],
+      shape=size,
+      strides=tuple(st * item for st in stride),
+      writeable=False,
+  )
   return np.array(view, copy=True, order="C")
 
 
@@ -269,8 +295,16 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *unused):
   return _strided_copy(storage, storage_offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
-                       backward_hooks, dtype, metadata=None):
+def _rebuild_tensor_v3(
+    storage,
+    storage_offset,
+    size,
+    stride,
+    requires_grad,
+    backward_hooks,
+    dtype,
+    metadata=None,
+):
   del requires_grad, backward_hooks, metadata
   if not isinstance(storage, _Storage):
     raise pickle.UnpicklingError(f"tensor storage is {type(storage)!r}")
@@ -278,8 +312,9 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad,
   return _strided_copy(storage, storage_offset, size, stride, np_dtype)
 
 
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None,
-                       state=None):
+def _rebuild_parameter(
+    data, requires_grad=None, backward_hooks=None, state=None
+):
   del requires_grad, backward_hooks, state
   return data
 
@@ -420,7 +455,8 @@ class _Unpickler(pickle.Unpickler):
       if len(raw) % dtype.itemsize:
         raise pickle.UnpicklingError(
             f"storage {record}: {len(raw)} bytes is not a whole number of "
-            f"{dtype} elements")
+            f"{dtype} elements"
+        )
       array = np.frombuffer(raw, dtype=dtype)
       if self._archive.big_endian and dtype.itemsize > 1:
         array = array.byteswap().view(dtype)
@@ -430,7 +466,8 @@ class _Unpickler(pickle.Unpickler):
     if storage.array.size < needed:
       raise pickle.UnpicklingError(
           f"storage {storage.record} holds {storage.array.size} elements, the "
-          f"pickle says {needed}: truncated")
+          f"pickle says {needed}: truncated"
+      )
     return storage
 
 
@@ -446,21 +483,28 @@ class _Archive:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
       raise ValueError(self._not_archive_message(str(e))) from e
     names = self._zip.namelist()
-    pickles = [n for n in names if n.endswith("data.pkl") and
-               n.count("/") == 1 and n.split("/")[1] == "data.pkl"]
+    pickles = [
+        n
+        for n in names
+        if n.endswith("data.pkl")
+        and n.count("/") == 1
+        and n.split("/")[1] == "data.pkl"
+    ]
     if len(pickles) != 1:
       self._zip.close()
       found = "no" if not pickles else f"{len(pickles)}"
-      raise ValueError(f"{self.path}: a zip file but not a PyTorch archive "
-                       f"({found} top-level '<name>/data.pkl' records)")
+      raise ValueError(
+          f"{self.path}: a zip file but not a PyTorch archive "
+          f"({found} top-level '<name>/data.pkl' records)"
+      )
     self.prefix = pickles[0].split("/")[0]
     order = f"{self.prefix}/byteorder"
     self.big_endian = False
     if order in names:
       self.big_endian = self.read(order).strip() == b"big"
-    self.is_torchscript = (f"{self.prefix}/constants.pkl" in names and
-                           any(n.startswith(f"{self.prefix}/code/")
-                               for n in names))
+    self.is_torchscript = f"{self.prefix}/constants.pkl" in names and any(
+        n.startswith(f"{self.prefix}/code/") for n in names
+    )
 
   def _not_archive_message(self, detail: str) -> str:
     head = b""
@@ -470,11 +514,15 @@ class _Archive:
     except OSError:
       pass
     if head == b"\x80\x02" or head[:1] == b"\x80":
-      return (f"{self.path}: a plain pickle, not a PyTorch zip archive (the "
-              "legacy torch.save format, before PyTorch 1.6, is not "
-              "supported; re-save it with a recent PyTorch)")
-    return (f"{self.path}: not a PyTorch zip archive, or truncated/corrupt "
-            f"({detail})")
+      return (
+          f"{self.path}: a plain pickle, not a PyTorch zip archive (the "
+          "legacy torch.save format, before PyTorch 1.6, is not "
+          "supported; re-save it with a recent PyTorch)"
+      )
+    return (
+        f"{self.path}: not a PyTorch zip archive, or truncated/corrupt "
+        f"({detail})"
+    )
 
   def has(self, record: str) -> bool:
     try:
@@ -487,26 +535,41 @@ class _Archive:
     try:
       return self._zip.read(record)
     except KeyError as e:
-      raise ValueError(f"{self.path}: record {record!r} is missing: "
-                       "truncated or corrupt archive") from e
+      raise ValueError(
+          f"{self.path}: record {record!r} is missing: "
+          "truncated or corrupt archive"
+      ) from e
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-      raise ValueError(f"{self.path}: cannot read record {record!r} "
-                       f"(truncated or corrupt archive: {e})") from e
+      raise ValueError(
+          f"{self.path}: cannot read record {record!r} "
+          f"(truncated or corrupt archive: {e})"
+      ) from e
 
   def unpickle(self, name: str, storage_dir: str):
     data = self.read(f"{self.prefix}/{name}")
     try:
-      return _Unpickler(io.BytesIO(data), self,
-                        f"{self.prefix}/{storage_dir}").load()
+      return _Unpickler(
+          io.BytesIO(data), self, f"{self.prefix}/{storage_dir}"
+      ).load()
     except ValueError as e:
       if str(e).startswith(self.path):
         raise
       raise ValueError(f"{self.path}: cannot unpickle {name}: {e}") from e
-    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError,
-            IndexError, KeyError, ImportError, OverflowError,
-            MemoryError) as e:
-      raise ValueError(f"{self.path}: cannot unpickle {name} (truncated or "
-                       f"corrupt archive?): {type(e).__name__}: {e}") from e
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        ImportError,
+        OverflowError,
+        MemoryError,
+    ) as e:
+      raise ValueError(
+          f"{self.path}: cannot unpickle {name} (truncated or "
+          f"corrupt archive?): {type(e).__name__}: {e}"
+      ) from e
 
   def close(self):
     self._zip.close()
@@ -606,7 +669,9 @@ def state_dict_from(path, prefix: str = "") -> dict[str, np.ndarray]:
   flat = flatten_arrays(obj)
   if prefix:
     dotted = prefix if prefix.endswith(".") else prefix + "."
-    flat = {k[len(dotted):]: v for k, v in flat.items() if k.startswith(dotted)}
+    flat = {
+        k[len(dotted) :]: v for k, v in flat.items() if k.startswith(dotted)
+    }
   if not flat:
     what = f" under the prefix {prefix!r}" if prefix else ""
     raise ValueError(f"{os.fspath(path)}: no tensors found{what}")

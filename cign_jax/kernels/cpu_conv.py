@@ -40,16 +40,16 @@ def _col2im(x, kernel, stride: int):
   kh, kw, ci, co = kernel.shape
   cols = x @ kernel.transpose(2, 0, 1, 3).reshape(ci, kh * kw * co)
   cols = cols.reshape(x.shape[:3] + (kh, kw, co))
-  return shared.place_taps(lambda di, dj: cols[:, :, :, di, dj, :], kh, kw,
-                           stride)
+  return shared.place_taps(
+      lambda di, dj: cols[:, :, :, di, dj, :], kh, kw, stride
+  )
 
 
 def _im2col(x, kh: int, kw: int, stride: int, padding: int):
   """(B, H', W', kh*kw*C) patches, tap-major (matches a (kh, kw, C, O) kernel)."""
   return jnp.concatenate(
-      [tap for _, tap in shared.tap_slices(x, kh, kw, stride, padding)],
-      axis=-1)
-
+      [tap for _, tap in shared.tap_slices(x, kh, kw, stride, padding)], axis=-1
+  )
 
 
 # On CPU each of a convolution's three passes (forward, input gradient dx,
@@ -69,8 +69,10 @@ FORMULATIONS = ("xla", "matmul", "native")
 
 def _check_plan(plan):
   if len(plan) != 3 or any(p not in FORMULATIONS for p in plan):
-    raise ValueError(f"a CPU conv plan is (forward, dx, dk), each one of "
-                     f"{FORMULATIONS}; got {plan!r}")
+    raise ValueError(
+        f"a CPU conv plan is (forward, dx, dk), each one of "
+        f"{FORMULATIONS}; got {plan!r}"
+    )
 
 
 def _xla_grads(reference, x, kernel, g, stride, padding):
@@ -81,8 +83,9 @@ def _xla_grads(reference, x, kernel, g, stride, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d_cpu(x, kernel, stride: int, padding: int,
-               plan=("xla", "matmul", "matmul")):
+def conv2d_cpu(
+    x, kernel, stride: int, padding: int, plan=("xla", "matmul", "matmul")
+):
   """conv2d for CPU, each pass in the formulation `plan` names (see above).
   XLA's CPU lowering of the input gradient is slower than col2im for
   CIGN's shapes; its forward and kernel gradient win for some layers."""
@@ -99,29 +102,39 @@ def _conv_transpose2d_native(x, kernel, stride, padding):
   # The adjoint (input gradient) of the conv from the output's space back to
   # x's, whose kernel is this one with its channel axes swapped.
   kh, kw = kernel.shape[0], kernel.shape[1]
-  hw = (conv_transpose_output_size(x.shape[1], kh, stride, padding),
-        conv_transpose_output_size(x.shape[2], kw, stride, padding))
-  return native_conv.conv_input_grad(x, kernel.transpose(0, 1, 3, 2), stride,
-                                     padding, hw)
+  hw = (
+      conv_transpose_output_size(x.shape[1], kh, stride, padding),
+      conv_transpose_output_size(x.shape[2], kw, stride, padding),
+  )
+  return native_conv.conv_input_grad(
+      x, kernel.transpose(0, 1, 3, 2), stride, padding, hw
+  )
 
 
 _conv2d_cpu_fwd = functools.partial(
-    _planned_forward, {"xla": conv2d_reference, "matmul": conv2d_im2col,
-                       "native": native_conv.conv_forward})
+    _planned_forward,
+    {
+        "xla": conv2d_reference,
+        "matmul": conv2d_im2col,
+        "native": native_conv.conv_forward,
+    },
+)
 
 
 def _conv2d_cpu_bwd(stride, padding, plan, res, g):
   x, kernel = res
   kh, kw, ci, co = kernel.shape
   if "xla" in plan[1:]:
-    xla_dx, xla_dk = _xla_grads(conv2d_reference, x, kernel, g, stride,
-                                padding)
+    xla_dx, xla_dk = _xla_grads(conv2d_reference, x, kernel, g, stride, padding)
   if plan[1] == "matmul":
-    dx = shared.input_window(_col2im(g, kernel.transpose(0, 1, 3, 2), stride),
-                             padding, x.shape[1], x.shape[2])
+    dx = shared.input_window(
+        _col2im(g, kernel.transpose(0, 1, 3, 2), stride),
+        padding,
+        x.shape[1],
+        x.shape[2],
+    )
   elif plan[1] == "native":
-    dx = native_conv.conv_input_grad(g, kernel, stride, padding,
-                                     x.shape[1:3])
+    dx = native_conv.conv_input_grad(g, kernel, stride, padding, x.shape[1:3])
   else:
     dx = xla_dx
   if plan[2] == "matmul":
@@ -138,8 +151,9 @@ conv2d_cpu.defvjp(_conv2d_cpu_fwd, _conv2d_cpu_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_transpose2d_cpu(x, kernel, stride: int, padding: int,
-                         plan=("matmul", "xla", "matmul")):
+def conv_transpose2d_cpu(
+    x, kernel, stride: int, padding: int, plan=("matmul", "xla", "matmul")
+):
   """conv_transpose2d for CPU, each pass in the formulation `plan` names:
   forward "matmul" is col2im; dx "xla" is XLA's plain convolution of the
   output gradient, "matmul" its im2col form; dk "matmul" an im2col product."""
@@ -147,9 +161,13 @@ def conv_transpose2d_cpu(x, kernel, stride: int, padding: int,
 
 
 _conv_transpose2d_cpu_fwd = functools.partial(
-    _planned_forward, {"xla": conv_transpose2d_reference,
-                       "matmul": conv_transpose2d_col2im,
-                       "native": _conv_transpose2d_native})
+    _planned_forward,
+    {
+        "xla": conv_transpose2d_reference,
+        "matmul": conv_transpose2d_col2im,
+        "native": _conv_transpose2d_native,
+    },
+)
 
 
 def _conv_transpose2d_cpu_bwd(stride, padding, plan, res, g):
@@ -168,21 +186,29 @@ def _conv_transpose2d_cpu_bwd(stride, padding, plan, res, g):
     dk = dk.transpose(0, 1, 3, 2)
   elif plan[2] == "matmul":
     # dK[di, dj, c, o] = sum_{b,i,j} x[b,i,j,c] g_pad[b, i*s+di, j*s+dj, o]
-    patches = _im2col(g, kh, kw, stride, padding)[:, :x.shape[1], :x.shape[2]]
+    patches = _im2col(g, kh, kw, stride, padding)[:, : x.shape[1], : x.shape[2]]
     dk = jnp.einsum("bhwc,bhwk->ck", x, patches).reshape(ci, kh, kw, co)
     dk = dk.transpose(1, 2, 0, 3)
   else:
-    dk = _xla_grads(conv_transpose2d_reference, x, kernel, g, stride,
-                    padding)[1]
+    dk = _xla_grads(conv_transpose2d_reference, x, kernel, g, stride, padding)[
+        1
+    ]
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-conv_transpose2d_cpu.defvjp(_conv_transpose2d_cpu_fwd,
-                            _conv_transpose2d_cpu_bwd)
+conv_transpose2d_cpu.defvjp(
+    _conv_transpose2d_cpu_fwd, _conv_transpose2d_cpu_bwd
+)
 
 
-def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
-             padding: int, dtype=jnp.float32):
+def cpu_plan(
+    transposed: bool,
+    x_shape,
+    kernel_shape,
+    stride: int,
+    padding: int,
+    dtype=jnp.float32,
+):
   """The CPU formulation of each pass for one layer, from measurements
   (`python benchmarks/conv_components.py`, docs/performance.md).
 
@@ -204,4 +230,3 @@ def cpu_plan(transposed: bool, x_shape, kernel_shape, stride: int,
   out_h = conv_output_size(x_shape[1], kernel_shape[0], stride, padding)
   kernel_grad = "xla" if stride > 1 and out_h <= 4 else "matmul"
   return ("xla", "matmul", kernel_grad)
-

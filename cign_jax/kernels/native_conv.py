@@ -79,36 +79,61 @@ import numpy as np
 
 from cign_jax import utils
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native",
-                      "conv_kernels.cc")
+SOURCE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "native", "conv_kernels.cc"
+)
 LIBRARY_NAME = "libcign_conv_kernels.so"
 # Beside the library: its key, size and SHA-256, written by the builder.
 RECORD_NAME = "libcign_conv_kernels.json"
 _LOCK_NAME = "lock"
 _MAX_LIBRARY_BYTES = 1 << 28
 _MAX_RECORD_BYTES = 4096
-_TARGETS = {"cign_conv_forward": "CignConvForward",
-            "cign_conv_input_grad": "CignConvInputGrad",
-            "cign_conv_kernel_grad": "CignConvKernelGrad"}
+_TARGETS = {
+    "cign_conv_forward": "CignConvForward",
+    "cign_conv_input_grad": "CignConvInputGrad",
+    "cign_conv_kernel_grad": "CignConvKernelGrad",
+}
 # What a loaded library must export to be used.
 _SYMBOLS = ("cign_native_init",) + tuple(_TARGETS.values())
 ENV_SWITCH = "CIGN_JAX_NATIVE_CONV"
 BUILD_TIMEOUT_ENV = "CIGN_JAX_NATIVE_BUILD_TIMEOUT"
 # The kernels' tuning knobs (read by conv_kernels.cc) and their largest
 # accepted values, the same bounds as the C++ side's clamps.
-TUNING_ENV = {"CIGN_JAX_NATIVE_BLOCK_KIB": 1 << 20,
-              "CIGN_JAX_NATIVE_MIN_ROWS": 1 << 16,
-              "CIGN_JAX_NATIVE_CHUNKS_PER_THREAD": 64,
-              "CIGN_JAX_NATIVE_PARTIAL_MIB": 1 << 20}
+TUNING_ENV = {
+    "CIGN_JAX_NATIVE_BLOCK_KIB": 1 << 20,
+    "CIGN_JAX_NATIVE_MIN_ROWS": 1 << 16,
+    "CIGN_JAX_NATIVE_CHUNKS_PER_THREAD": 64,
+    "CIGN_JAX_NATIVE_PARTIAL_MIB": 1 << 20,
+}
 # Largest kernel size, stride and padding the kernels accept (kMaxAttr).
 MAX_ATTR = 1 << 20
 # /proc/cpuinfo fields that say which instructions a -march=native build may
 # use (x86, aarch64, other Linux ports); per-core noise (MHz, ids) is left out.
-_CPU_FIELDS = frozenset((
-    "vendor_id", "cpu family", "model", "model name", "stepping", "flags",
-    "features", "cpu implementer", "cpu architecture", "cpu variant",
-    "cpu part", "cpu revision", "isa", "isa-ext", "uarch", "mmu", "cpu",
-    "platform", "machine", "cpu model", "ase"))
+_CPU_FIELDS = frozenset(
+    (
+        "vendor_id",
+        "cpu family",
+        "model",
+        "model name",
+        "stepping",
+        "flags",
+        "features",
+        "cpu implementer",
+        "cpu architecture",
+        "cpu variant",
+        "cpu part",
+        "cpu revision",
+        "isa",
+        "isa-ext",
+        "uarch",
+        "mmu",
+        "cpu",
+        "platform",
+        "machine",
+        "cpu model",
+        "ase",
+    )
+)
 _CPUINFO = "/proc/cpuinfo"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Marks the places of the source and output files in a compile command.
@@ -149,6 +174,7 @@ class BuildSpec(NamedTuple):
     command: the compile command, with `<source>` and `<output>` in place of
       the files.
   """
+
   key: str
   source: bytes
   command: Tuple[str, ...]
@@ -165,8 +191,10 @@ def _env_int(name: str, default: int, max_value: int) -> int:
   except ValueError:
     value = 0
   if not 1 <= value <= max_value:
-    raise NativeBuildError(f"{name}={text!r} is not an integer in "
-                           f"[1, {max_value}]; unset it or pick one there")
+    raise NativeBuildError(
+        f"{name}={text!r} is not an integer in "
+        f"[1, {max_value}]; unset it or pick one there"
+    )
   return value
 
 
@@ -178,13 +206,14 @@ def _compiler() -> List[str]:
     try:
       argv = shlex.split(cxx)
     except ValueError as e:
-      raise NativeBuildError(f"$CXX={cxx!r} is not a valid command: {e}") \
-          from e
+      raise NativeBuildError(f"$CXX={cxx!r} is not a valid command: {e}") from e
     exe = shutil.which(argv[0]) if argv else None
     if exe is None:
-      raise NativeBuildError(f"$CXX={cxx!r}: {argv[0] if argv else ''!r} "
-                             f"is not an executable on the PATH; fix or "
-                             f"unset CXX")
+      raise NativeBuildError(
+          f"$CXX={cxx!r}: {argv[0] if argv else ''!r} "
+          f"is not an executable on the PATH; fix or "
+          f"unset CXX"
+      )
     return [exe] + argv[1:]
   for name in ("c++", "g++", "clang++"):
     if shutil.which(name):
@@ -208,13 +237,21 @@ def _cpu_signature(compiler: List[str], timeout: float) -> str:
     pass
   probe = compiler + ["-###", "-E", "-march=native", "-x", "c++", os.devnull]
   try:
-    proc = subprocess.run(probe, capture_output=True, text=True, cwd="/",
-                          env=dict(os.environ, LC_ALL="C"), timeout=timeout,
-                          check=False)
+    proc = subprocess.run(
+        probe,
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=dict(os.environ, LC_ALL="C"),
+        timeout=timeout,
+        check=False,
+    )
     resolved = f"{proc.returncode}\n{proc.stdout}\n{proc.stderr}"
   except subprocess.TimeoutExpired as e:
-    raise NativeBuildError(f"{shlex.join(probe)} took more than {timeout}s "
-                           f"(${BUILD_TIMEOUT_ENV})") from e
+    raise NativeBuildError(
+        f"{shlex.join(probe)} took more than {timeout}s "
+        f"(${BUILD_TIMEOUT_ENV})"
+    ) from e
   return "\n".join(sorted(lines)) + "\n" + resolved
 
 
@@ -222,25 +259,40 @@ def _build_spec(compiler: List[str], timeout: float) -> BuildSpec:
   """The source, compile command and cache key for this machine."""
   import jaxlib  # pylint: disable=g-import-not-at-top
   import scipy_openblas32  # pylint: disable=g-import-not-at-top
+
   with open(SOURCE, "rb") as f:
     source = f.read()
   blas_dir = scipy_openblas32.get_lib_dir()
   # The library finds OpenBLAS by its absolute path (rpath): a new
   # environment gets its own build.
   command = tuple(compiler) + (
-      "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread",
+      "-O3",
+      "-march=native",
+      "-std=c++17",
+      "-shared",
+      "-fPIC",
+      "-pthread",
       f"-I{jax.ffi.include_dir()}",
-      f"-I{scipy_openblas32.get_include_dir()}", _SOURCE_ARG, "-o",
-      _OUTPUT_ARG, f"-L{blas_dir}", f"-l{scipy_openblas32.get_library()}",
-      f"-Wl,-rpath,{blas_dir}")
-  identity = json.dumps({
-      "source": hashlib.sha256(source).hexdigest(),
-      "jaxlib": jaxlib.__version__,
-      "openblas": scipy_openblas32.__version__,
-      "command": command,
-      "cpu": _cpu_signature(compiler, timeout)})
-  return BuildSpec(hashlib.sha256(identity.encode()).hexdigest()[:16],
-                   source, command)
+      f"-I{scipy_openblas32.get_include_dir()}",
+      _SOURCE_ARG,
+      "-o",
+      _OUTPUT_ARG,
+      f"-L{blas_dir}",
+      f"-l{scipy_openblas32.get_library()}",
+      f"-Wl,-rpath,{blas_dir}",
+  )
+  identity = json.dumps(
+      {
+          "source": hashlib.sha256(source).hexdigest(),
+          "jaxlib": jaxlib.__version__,
+          "openblas": scipy_openblas32.__version__,
+          "command": command,
+          "cpu": _cpu_signature(compiler, timeout),
+      }
+  )
+  return BuildSpec(
+      hashlib.sha256(identity.encode()).hexdigest()[:16], source, command
+  )
 
 
 def _check_owner_and_mode(st: os.stat_result, path: str, what: str) -> None:
@@ -250,12 +302,14 @@ def _check_owner_and_mode(st: os.stat_result, path: str, what: str) -> None:
     raise UnsafeCacheError(
         f"refusing to load from the kernel cache: the {what} {path} belongs "
         f"to uid {st.st_uid}, not to this user (uid {uid}) or root; remove "
-        f"it, or point CIGN_JAX_CACHE at a directory of your own")
+        f"it, or point CIGN_JAX_CACHE at a directory of your own"
+    )
   if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
     raise UnsafeCacheError(
         f"refusing to load from the kernel cache: the {what} {path} is "
         f"writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-        f"remove it, or point CIGN_JAX_CACHE at a directory of your own")
+        f"remove it, or point CIGN_JAX_CACHE at a directory of your own"
+    )
 
 
 def _link_refused(path: str) -> UnsafeCacheError:
@@ -263,7 +317,8 @@ def _link_refused(path: str) -> UnsafeCacheError:
   return UnsafeCacheError(
       f"refusing to load from the kernel cache: {path} is a symbolic link "
       f"(none is followed below the cache root); remove it so that the "
-      f"kernels are rebuilt there")
+      f"kernels are rebuilt there"
+  )
 
 
 def _open_private_dir(parent_fd: int, name: str, path: str) -> int:
@@ -276,8 +331,10 @@ def _open_private_dir(parent_fd: int, name: str, path: str) -> int:
   if stat.S_ISLNK(st.st_mode):
     raise _link_refused(path)
   if not stat.S_ISDIR(st.st_mode):
-    raise NativeBuildError(f"{path} is not a directory; remove it so that "
-                           f"the kernels can be cached there")
+    raise NativeBuildError(
+        f"{path} is not a directory; remove it so that "
+        f"the kernels can be cached there"
+    )
   try:
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
   except OSError as e:
@@ -320,8 +377,12 @@ def _exclusive(dir_fd: int, path: str, wait: float):
   a rebuild since nothing unverified is loaded."""
   lock_path = os.path.join(path, _LOCK_NAME)
   try:
-    fd = os.open(_LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW |
-                 os.O_NONBLOCK | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    fd = os.open(
+        _LOCK_NAME,
+        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
   except OSError as e:
     if e.errno == errno.ELOOP:
       raise _link_refused(lock_path) from e
@@ -334,8 +395,12 @@ def _exclusive(dir_fd: int, path: str, wait: float):
         break
       except BlockingIOError:
         if time.monotonic() > deadline:
-          logging.warning("cign_jax: %s has been locked for over %.0fs; "
-                          "going on without the lock", lock_path, wait)
+          logging.warning(
+              "cign_jax: %s has been locked for over %.0fs; "
+              "going on without the lock",
+              lock_path,
+              wait,
+          )
           break
         time.sleep(0.2)
       except OSError:
@@ -368,15 +433,19 @@ def _write_all(fd: int, data: bytes) -> None:
   """Writes all of `data` (os.write may write part of it)."""
   view = memoryview(data)
   while view:
-    view = view[os.write(fd, view):]
+    view = view[os.write(fd, view) :]
 
 
 def _write_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:
   """Writes `name` in dir_fd atomically: a temporary, synced, then renamed
   over it, so that a reader (or a crash) sees the old file or the new one."""
   temp = f"tmp{secrets.token_hex(8)}"
-  fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-               os.O_CLOEXEC, mode, dir_fd=dir_fd)
+  fd = os.open(
+      temp,
+      os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+      mode,
+      dir_fd=dir_fd,
+  )
   try:
     try:
       os.fchmod(fd, mode)  # whatever the umask
@@ -401,12 +470,19 @@ def _compile(spec: BuildSpec, timeout: float) -> bytes:
     out = os.path.join(work, LIBRARY_NAME)
     with open(src, "wb") as f:
       f.write(spec.source)  # the bytes that were hashed, whatever SOURCE is now
-    cmd = [src if a == _SOURCE_ARG else out if a == _OUTPUT_ARG else a
-           for a in spec.command]
+    cmd = [
+        src if a == _SOURCE_ARG else out if a == _OUTPUT_ARG else a
+        for a in spec.command
+    ]
     # A session of its own, so that a timeout ends a wrapper's children too.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=work,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=work,
+        start_new_session=True,
+    )
     try:
       _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -415,16 +491,17 @@ def _compile(spec: BuildSpec, timeout: float) -> bytes:
       proc.communicate()
       raise NativeBuildError(
           f"compiling {SOURCE} took more than {timeout}s (set "
-          f"{BUILD_TIMEOUT_ENV} to allow longer): {shlex.join(cmd)}") from e
+          f"{BUILD_TIMEOUT_ENV} to allow longer): {shlex.join(cmd)}"
+      ) from e
     if proc.returncode != 0:
-      raise NativeBuildError(f"compiling {SOURCE} failed "
-                             f"({shlex.join(cmd)}):\n{err[-4000:]}")
+      raise NativeBuildError(
+          f"compiling {SOURCE} failed " f"({shlex.join(cmd)}):\n{err[-4000:]}"
+      )
     try:
       with open(out, "rb") as f:
         return f.read()
     except OSError as e:
-      raise NativeBuildError(f"{shlex.join(cmd)} wrote no library: {e}") \
-          from e
+      raise NativeBuildError(f"{shlex.join(cmd)} wrote no library: {e}") from e
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -437,15 +514,19 @@ def _build(spec: BuildSpec, dir_fd: int, timeout: float) -> None:
   old record or none, which the check before loading rejects (a rebuild).
   """
   data = _compile(spec, timeout)
-  record = {"key": spec.key, "size": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+  record = {
+      "key": spec.key,
+      "size": len(data),
+      "sha256": hashlib.sha256(data).hexdigest(),
+  }
   _write_file(dir_fd, LIBRARY_NAME, data, 0o755)
   _write_file(dir_fd, RECORD_NAME, json.dumps(record).encode(), 0o644)
   os.fsync(dir_fd)  # the renames too
 
 
-def _read_cached(dir_fd: int, name: str, path: str, what: str,
-                 limit: int) -> Optional[bytes]:
+def _read_cached(
+    dir_fd: int, name: str, path: str, what: str, limit: int
+) -> Optional[bytes]:
   """The bytes of `name` in dir_fd if it is a regular file (not a link)
   owned by this user or root that group and others cannot write, checked
   on the opened file; None if it is missing.
@@ -456,8 +537,11 @@ def _read_cached(dir_fd: int, name: str, path: str, what: str,
   """
   try:
     # O_NONBLOCK: a FIFO planted here must not hang the open.
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK |
-                 os.O_CLOEXEC, dir_fd=dir_fd)
+    fd = os.open(
+        name,
+        os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+        dir_fd=dir_fd,
+    )
   except FileNotFoundError:
     return None
   except OSError as e:
@@ -467,8 +551,10 @@ def _read_cached(dir_fd: int, name: str, path: str, what: str,
   try:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
-      raise UnsafeCacheError(f"refusing to load from the kernel cache: "
-                             f"{path} is not a regular file")
+      raise UnsafeCacheError(
+          f"refusing to load from the kernel cache: "
+          f"{path} is not a regular file"
+      )
     _check_owner_and_mode(st, path, what)
     chunks, size = [], 0
     while size <= limit:
@@ -493,33 +579,42 @@ def _verified_library(dir_fd: int, path: str, key: str) -> bytes:
     _StaleLibrary: its record is missing or invalid, or does not match.
     UnsafeCacheError: the library or its record fails `_read_cached`.
   """
-  data = _read_cached(dir_fd, LIBRARY_NAME, path, "library",
-                      _MAX_LIBRARY_BYTES)
+  data = _read_cached(dir_fd, LIBRARY_NAME, path, "library", _MAX_LIBRARY_BYTES)
   if data is None:
     raise _NotBuilt(f"{path} is not built")
   record_path = os.path.join(os.path.dirname(path), RECORD_NAME)
-  raw = _read_cached(dir_fd, RECORD_NAME, record_path, "build record",
-                     _MAX_RECORD_BYTES)
+  raw = _read_cached(
+      dir_fd, RECORD_NAME, record_path, "build record", _MAX_RECORD_BYTES
+  )
   if raw is None:
-    raise _StaleLibrary(f"{path} has no build record ({record_path} is "
-                        f"missing)")
+    raise _StaleLibrary(
+        f"{path} has no build record ({record_path} is " f"missing)"
+    )
   try:
     record = json.loads(raw)
     size, digest = record["size"], record["sha256"]
-    valid = (record["key"] == key and isinstance(size, int) and
-             isinstance(digest, str))
+    valid = (
+        record["key"] == key
+        and isinstance(size, int)
+        and isinstance(digest, str)
+    )
   except (ValueError, KeyError, TypeError):
     valid = False
   if not valid:
-    raise _StaleLibrary(f"the build record {record_path} of {path} is not "
-                        f"valid (not JSON with this key, a size and a "
-                        f"SHA-256)")
+    raise _StaleLibrary(
+        f"the build record {record_path} of {path} is not "
+        f"valid (not JSON with this key, a size and a "
+        f"SHA-256)"
+    )
   if len(data) != size:
-    raise _StaleLibrary(f"{path} is {len(data)} bytes, its build record "
-                        f"{record_path} says {size}")
+    raise _StaleLibrary(
+        f"{path} is {len(data)} bytes, its build record "
+        f"{record_path} says {size}"
+    )
   if hashlib.sha256(data).hexdigest() != digest:
-    raise _StaleLibrary(f"the SHA-256 of {path} differs from its build "
-                        f"record {record_path}")
+    raise _StaleLibrary(
+        f"the SHA-256 of {path} differs from its build " f"record {record_path}"
+    )
   return data
 
 
@@ -532,8 +627,12 @@ def _load_bytes(data: bytes, dir_fd: int, path: str) -> ctypes.CDLL:
   then, and a mapped file truncated later would crash the process (SIGBUS).
   """
   temp = f"tmp{secrets.token_hex(8)}.so"
-  fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
-               os.O_CLOEXEC, 0o700, dir_fd=dir_fd)
+  fd = os.open(
+      temp,
+      os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+      0o700,
+      dir_fd=dir_fd,
+  )
   try:
     os.unlink(temp, dir_fd=dir_fd)
     _write_all(fd, data)
@@ -557,8 +656,9 @@ def _load_bytes(data: bytes, dir_fd: int, path: str) -> ctypes.CDLL:
 def _load_cached(spec: BuildSpec, timeout: float) -> ctypes.CDLL:
   """Loads the library from the cache, building it if it is missing, and
   rebuilding it (once) if it fails its record or does not load."""
-  with _key_directory(spec.key) as (dir_fd, key_dir), \
-      _exclusive(dir_fd, key_dir, 2 * timeout + 60):
+  with _key_directory(spec.key) as (dir_fd, key_dir), _exclusive(
+      dir_fd, key_dir, 2 * timeout + 60
+  ):
     path = os.path.join(key_dir, LIBRARY_NAME)
     _remove_stale_temporaries(dir_fd, key_dir, timeout)
     built = False
@@ -567,8 +667,11 @@ def _load_cached(spec: BuildSpec, timeout: float) -> ctypes.CDLL:
     except _NotBuilt:
       built = True
     except _StaleLibrary as e:
-      logging.warning("cign_jax: the cached C++ conv kernels are not the ones "
-                      "built (%s); rebuilding them once", e)
+      logging.warning(
+          "cign_jax: the cached C++ conv kernels are not the ones "
+          "built (%s); rebuilding them once",
+          e,
+      )
       built = True
     if built:
       _build(spec, dir_fd, timeout)
@@ -578,11 +681,13 @@ def _load_cached(spec: BuildSpec, timeout: float) -> ctypes.CDLL:
     except _LoadError as e:
       if built:
         raise
-      logging.warning("cign_jax: the cached C++ conv kernels do not load "
-                      "(%s); rebuilding them once", e)
+      logging.warning(
+          "cign_jax: the cached C++ conv kernels do not load "
+          "(%s); rebuilding them once",
+          e,
+      )
     _build(spec, dir_fd, timeout)
-    return _load_bytes(_verified_library(dir_fd, path, spec.key), dir_fd,
-                       path)
+    return _load_bytes(_verified_library(dir_fd, path, spec.key), dir_fd, path)
 
 
 def _load() -> None:
@@ -592,8 +697,9 @@ def _load() -> None:
     _env_int(name, 1, max_value)
   timeout = _env_int(BUILD_TIMEOUT_ENV, 300, 86400)
   if not os.path.isdir("/proc/self/fd"):
-    raise NativeBuildError("loading the kernels safely needs /proc/self/fd "
-                           "(Linux)")
+    raise NativeBuildError(
+        "loading the kernels safely needs /proc/self/fd " "(Linux)"
+    )
   compiler = _compiler()
   try:
     import scipy_openblas32  # pylint: disable=g-import-not-at-top,unused-import
@@ -603,9 +709,9 @@ def _load() -> None:
   lib = _load_cached(spec, timeout)
   lib.cign_native_init()
   for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib,
-                                                                  symbol)),
-                                platform="cpu")
+    jax.ffi.register_ffi_target(
+        target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu"
+    )
 
 
 def available() -> bool:
@@ -623,9 +729,11 @@ def available() -> bool:
         # too), XLA's formulations take over, and later traces do not retry.
         _state["error"] = f"{type(e).__name__}: {e}"
         if os.environ.get(ENV_SWITCH, "1") != "0":
-          logging.warning("cign_jax: the C++ conv kernels are unavailable, "
-                          "CPU convolutions use XLA (slower): %s",
-                          _state["error"])
+          logging.warning(
+              "cign_jax: the C++ conv kernels are unavailable, "
+              "CPU convolutions use XLA (slower): %s",
+              _state["error"],
+          )
     return _state["loaded"]
 
 
@@ -649,20 +757,32 @@ def unavailable_reason() -> Optional[str]:
 
 def _require():
   if not available():
-    raise NativeBuildError(f"the native conv kernels are not available: "
-                           f"{unavailable_reason()}")
+    raise NativeBuildError(
+        f"the native conv kernels are not available: " f"{unavailable_reason()}"
+    )
 
 
 def _attrs(kh, kw, stride, padding):
   """The kernels' attributes, checked (the C++ side refuses the same)."""
-  for name, value, low in (("kernel height", kh, 1), ("kernel width", kw, 1),
-                           ("stride", stride, 1), ("padding", padding, 0)):
+  for name, value, low in (
+      ("kernel height", kh, 1),
+      ("kernel width", kw, 1),
+      ("stride", stride, 1),
+      ("padding", padding, 0),
+  ):
     if not isinstance(value, (int, np.integer)) or not (
-        low <= value <= MAX_ATTR):
-      raise ValueError(f"native conv: {name} must be an integer in "
-                       f"[{low}, {MAX_ATTR}], got {value!r}")
-  return dict(kh=np.int64(kh), kw=np.int64(kw), stride=np.int64(stride),
-              padding=np.int64(padding))
+        low <= value <= MAX_ATTR
+    ):
+      raise ValueError(
+          f"native conv: {name} must be an integer in "
+          f"[{low}, {MAX_ATTR}], got {value!r}"
+      )
+  return dict(
+      kh=np.int64(kh),
+      kw=np.int64(kw),
+      stride=np.int64(stride),
+      padding=np.int64(padding),
+  )
 
 
 def _out_size(size, k, stride, padding):
@@ -676,18 +796,24 @@ def conv_forward(x, kernel, stride: int, padding: int):
   kh, kw, c, co = kernel.shape
   attrs = _attrs(kh, kw, stride, padding)
   b, h, w, _ = x.shape
-  shape = (b, _out_size(h, kh, stride, padding),
-           _out_size(w, kw, stride, padding), co)
+  shape = (
+      b,
+      _out_size(h, kh, stride, padding),
+      _out_size(w, kw, stride, padding),
+      co,
+  )
   return jax.ffi.ffi_call(
-      "cign_conv_forward", jax.ShapeDtypeStruct(shape, jnp.float32),
-      vmap_method="sequential")(
-          x.astype(jnp.float32),
-          kernel.astype(jnp.float32).reshape(kh * kw * c, co),
-          **attrs)
+      "cign_conv_forward",
+      jax.ShapeDtypeStruct(shape, jnp.float32),
+      vmap_method="sequential",
+  )(
+      x.astype(jnp.float32),
+      kernel.astype(jnp.float32).reshape(kh * kw * c, co),
+      **attrs,
+  )
 
 
-def conv_input_grad(g, kernel, stride: int, padding: int,
-                    hw: Tuple[int, int]):
+def conv_input_grad(g, kernel, stride: int, padding: int, hw: Tuple[int, int]):
   """The adjoint of conv_forward in x: g (B,Ho,Wo,Co) -> (B,H,W,C) for an
   input of spatial size hw (rows a strided conv never reads get zeros)."""
   _require()
@@ -695,11 +821,14 @@ def conv_input_grad(g, kernel, stride: int, padding: int,
   attrs = _attrs(kh, kw, stride, padding)
   shape = (g.shape[0], hw[0], hw[1], c)
   return jax.ffi.ffi_call(
-      "cign_conv_input_grad", jax.ShapeDtypeStruct(shape, jnp.float32),
-      vmap_method="sequential")(
-          g.astype(jnp.float32),
-          kernel.astype(jnp.float32).reshape(kh * kw * c, co),
-          **attrs)
+      "cign_conv_input_grad",
+      jax.ShapeDtypeStruct(shape, jnp.float32),
+      vmap_method="sequential",
+  )(
+      g.astype(jnp.float32),
+      kernel.astype(jnp.float32).reshape(kh * kw * c, co),
+      **attrs,
+  )
 
 
 def conv_kernel_grad(x, g, kh: int, kw: int, stride: int, padding: int):
@@ -710,7 +839,6 @@ def conv_kernel_grad(x, g, kh: int, kw: int, stride: int, padding: int):
   dk = jax.ffi.ffi_call(
       "cign_conv_kernel_grad",
       jax.ShapeDtypeStruct((kh * kw * c, co), jnp.float32),
-      vmap_method="sequential")(
-          x.astype(jnp.float32), g.astype(jnp.float32),
-          **attrs)
+      vmap_method="sequential",
+  )(x.astype(jnp.float32), g.astype(jnp.float32), **attrs)
   return dk.reshape(kh, kw, c, co)

@@ -19,8 +19,9 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
   return (size + 2 * padding - kernel) // stride + 1
 
 
-def conv_transpose_output_size(size: int, kernel: int, stride: int,
-                               padding: int) -> int:
+def conv_transpose_output_size(
+    size: int, kernel: int, stride: int, padding: int
+) -> int:
   """Output size of a transposed correlation: (H - 1) s - 2p + k."""
   return (size - 1) * stride - 2 * padding + kernel
 
@@ -28,9 +29,12 @@ def conv_transpose_output_size(size: int, kernel: int, stride: int,
 def conv2d_reference(x, kernel, stride: int, padding: int):
   """Cross-correlation, x (B,H,W,Ci), kernel (kh,kw,Ci,Co) -> (B,H',W',Co)."""
   return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride),
+      x,
+      kernel,
+      window_strides=(stride, stride),
       padding=((padding, padding), (padding, padding)),
-      dimension_numbers=_DIMS)
+      dimension_numbers=_DIMS,
+  )
 
 
 def conv_transpose2d_reference(x, kernel, stride: int, padding: int):
@@ -40,12 +44,18 @@ def conv_transpose2d_reference(x, kernel, stride: int, padding: int):
   """
   kh, kw = kernel.shape[0], kernel.shape[1]
   if padding > min(kh, kw) - 1:
-    raise ValueError(f"conv_transpose2d: padding {padding} must be < kernel "
-                     f"size {min(kh, kw)}")
+    raise ValueError(
+        f"conv_transpose2d: padding {padding} must be < kernel "
+        f"size {min(kh, kw)}"
+    )
   return lax.conv_general_dilated(
-      x, kernel[::-1, ::-1], window_strides=(1, 1),
+      x,
+      kernel[::-1, ::-1],
+      window_strides=(1, 1),
       padding=((kh - 1 - padding,) * 2, (kw - 1 - padding,) * 2),
-      lhs_dilation=(stride, stride), dimension_numbers=_DIMS)
+      lhs_dilation=(stride, stride),
+      dimension_numbers=_DIMS,
+  )
 
 
 def pad_hw(x, padding: int):
@@ -68,9 +78,12 @@ def tap_slices(x, kh: int, kw: int, stride: int, padding: int):
   for di in range(kh):
     for dj in range(kw):
       (h0, h1), (w0, w1) = rows(di, ho), rows(dj, wo)
-      yield (di, dj), lax.slice(xp, (0, h0, w0, 0),
-                                (xp.shape[0], h1, w1, xp.shape[3]),
-                                (1, stride, stride, 1))
+      yield (di, dj), lax.slice(
+          xp,
+          (0, h0, w0, 0),
+          (xp.shape[0], h1, w1, xp.shape[3]),
+          (1, stride, stride, 1),
+      )
 
 
 def place_taps(tap_values, kh: int, kw: int, stride: int):
@@ -91,24 +104,31 @@ def place_taps(tap_values, kh: int, kw: int, stride: int):
       y = tap_values(di, dj)
       h, w = y.shape[1], y.shape[2]
       (qh, rh), (qw, rw) = divmod(di, stride), divmod(dj, stride)
-      shifted = jnp.pad(y, ((0, 0), (qh, qh_max - qh), (qw, qw_max - qw),
-                            (0, 0)))
+      shifted = jnp.pad(
+          y, ((0, 0), (qh, qh_max - qh), (qw, qw_max - qw), (0, 0))
+      )
       key = (rh, rw)
       phases[key] = shifted if key not in phases else phases[key] + shifted
   b, c = y.shape[0], y.shape[3]
   hb, wb = h + qh_max, w + qw_max
   zero = jnp.zeros((b, hb, wb, c), y.dtype)
-  grid = jnp.stack([jnp.stack([phases.get((rh, rw), zero)
-                               for rw in range(stride)], axis=3)
-                    for rh in range(stride)], axis=2)  # (B, hb, s, wb, s, C)
+  grid = jnp.stack(
+      [
+          jnp.stack(
+              [phases.get((rh, rw), zero) for rw in range(stride)], axis=3
+          )
+          for rh in range(stride)
+      ],
+      axis=2,
+  )  # (B, hb, s, wb, s, C)
   full = grid.reshape(b, hb * stride, wb * stride, c)
-  return full[:, :(h - 1) * stride + kh, :(w - 1) * stride + kw]
+  return full[:, : (h - 1) * stride + kh, : (w - 1) * stride + kw]
 
 
 def crop(y, padding: int):
   if padding == 0:
     return y
-  return y[:, padding:y.shape[1] - padding, padding:y.shape[2] - padding, :]
+  return y[:, padding : y.shape[1] - padding, padding : y.shape[2] - padding, :]
 
 
 def input_window(full, padding: int, h: int, w: int):
@@ -122,9 +142,8 @@ def input_window(full, padding: int, h: int, w: int):
   padded at the bottom (likewise columns).
   An empty convolution's col2im (a kernel larger than the padded input) can
   be larger than the input: cut to it."""
-  y = full[:, padding:padding + h, padding:padding + w]
+  y = full[:, padding : padding + h, padding : padding + w]
   dh, dw = h - y.shape[1], w - y.shape[2]
   if dh == 0 and dw == 0:
     return y
   return jnp.pad(y, ((0, 0), (0, dh), (0, dw), (0, 0)))
-

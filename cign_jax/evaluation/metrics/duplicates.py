@@ -27,29 +27,35 @@ NEEDS = registry.Needs(features=(FEATURES,), real=True, min_samples=2)
 
 def compute(data, names):
   del names
-  return {"duplicates": from_distances(
-      data.distances("real", "real", FEATURES),
-      data.distances("fake", "fake", FEATURES))}
+  return {
+      "duplicates": from_distances(
+          data.distances("real", "real", FEATURES),
+          data.distances("fake", "fake", FEATURES),
+      )
+  }
 
 
 def _nearest_other(within: np.ndarray) -> np.ndarray:
   if len(within) < 2:
     raise distances.TooFewSamplesError(
         f"a nearest other sample needs at least 2 samples, got "
-        f"{len(within)}")
+        f"{len(within)}"
+    )
   d = np.array(within, np.float64, copy=True)
   np.fill_diagonal(d, np.inf)
   return d.min(axis=1)
 
 
-def from_distances(real_real: np.ndarray, fake_fake: np.ndarray,
-                   percentile: float = PERCENTILE) -> float:
+def from_distances(
+    real_real: np.ndarray, fake_fake: np.ndarray, percentile: float = PERCENTILE
+) -> float:
   threshold = np.percentile(_nearest_other(real_real), percentile)
   return float(np.mean(_nearest_other(fake_fake) < threshold))
 
 
-def near_duplicate_share(real_features, fake_features,
-                         percentile: float = PERCENTILE) -> float:
+def near_duplicate_share(
+    real_features, fake_features, percentile: float = PERCENTILE
+) -> float:
   """The share of generated samples closer to another generated sample than
   the `percentile`-th percentile of real nearest-neighbour distances.
 
@@ -60,9 +66,13 @@ def near_duplicate_share(real_features, fake_features,
   """
   real = distances.check_features(real_features, "real features", 2)
   fake = distances.check_features(fake_features, "generated features", 2)
-  distances.check_same_dimension(real, fake, "real features",
-                                 "generated features")
+  distances.check_same_dimension(
+      real, fake, "real features", "generated features"
+  )
   if not 0.0 <= percentile <= 100.0:
     raise ValueError(f"percentile must be in [0, 100], got {percentile}")
-  return from_distances(distances.pairwise_distances(real, real),
-                        distances.pairwise_distances(fake, fake), percentile)
+  return from_distances(
+      distances.pairwise_distances(real, real),
+      distances.pairwise_distances(fake, fake),
+      percentile,
+  )

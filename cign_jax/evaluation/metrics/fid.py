@@ -13,7 +13,7 @@ TITLES = {f"fid{s}": f"FID{s}" for s in fid_lib.FEATURE_SIZES}
 
 
 def size(name: str) -> int:
-  return int(name[len("fid"):])
+  return int(name[len("fid") :])
 
 
 def NEEDS(names):  # pylint: disable=invalid-name
@@ -24,7 +24,10 @@ def NEEDS(names):  # pylint: disable=invalid-name
 def compute(data, names):
   # Generated first, as the paper's pytorch-fid and `per_class_fid` order
   # them (the square root of s1 s2, not of s2 s1).
-  return {name: fid_lib.frechet_distance(
-      *fid_lib.statistics(data.fake_features(size(name))),
-      *fid_lib.statistics(data.real_features(size(name))))
-          for name in names}
+  return {
+      name: fid_lib.frechet_distance(
+          *fid_lib.statistics(data.fake_features(size(name))),
+          *fid_lib.statistics(data.real_features(size(name))),
+      )
+      for name in names
+  }

@@ -49,7 +49,9 @@ def compute(data, names):
   mean, std = from_inner_products(
       data.inner("fake", "fake", FEATURES),
       data.inner("real", "real", FEATURES),
-      data.inner("fake", "real", FEATURES), FEATURES)
+      data.inner("fake", "real", FEATURES),
+      FEATURES,
+  )
   return {"kid": mean, "kid_std": std}
 
 
@@ -57,8 +59,9 @@ def _kernel(inner: np.ndarray, dim: int) -> np.ndarray:
   return (inner / dim + 1.0) ** 3
 
 
-def subset_indices(n_fake: int, n_real: int, num_subsets: int,
-                   max_subset_size: int, seed: int):
+def subset_indices(
+    n_fake: int, n_real: int, num_subsets: int, max_subset_size: int, seed: int
+):
   """(m, generated index sets, real index sets): the subsets drawn, in the
   order described in the module docstring."""
   m = min(int(max_subset_size), n_fake, n_real)
@@ -77,23 +80,29 @@ def _indicators(sets, n: int) -> np.ndarray:
   return w
 
 
-def from_inner_products(fake_fake: np.ndarray, real_real: np.ndarray,
-                        fake_real: np.ndarray, dim: int,
-                        num_subsets: int = NUM_SUBSETS,
-                        max_subset_size: int = MAX_SUBSET_SIZE,
-                        seed: int = SEED) -> tuple[float, float]:
+def from_inner_products(
+    fake_fake: np.ndarray,
+    real_real: np.ndarray,
+    fake_real: np.ndarray,
+    dim: int,
+    num_subsets: int = NUM_SUBSETS,
+    max_subset_size: int = MAX_SUBSET_SIZE,
+    seed: int = SEED,
+) -> tuple[float, float]:
   """(KID, its standard deviation over subsets) from the inner products of
   generated-generated (M, M), real-real (N, N) and generated-real (M, N)
   features of dimension `dim`."""
   n_fake, n_real = fake_real.shape
   if num_subsets < 1:
     raise ValueError(f"num_subsets must be >= 1, got {num_subsets}")
-  m, fake_sets, real_sets = subset_indices(n_fake, n_real, num_subsets,
-                                           max_subset_size, seed)
+  m, fake_sets, real_sets = subset_indices(
+      n_fake, n_real, num_subsets, max_subset_size, seed
+  )
   if m < 2:
     raise distances.TooFewSamplesError(
         f"KID needs subsets of at least 2 samples; got {n_fake} generated, "
-        f"{n_real} real and max_subset_size {max_subset_size}")
+        f"{n_real} real and max_subset_size {max_subset_size}"
+    )
   k_ff = _kernel(fake_fake, dim)
   k_rr = _kernel(real_real, dim)
   k_fr = _kernel(fake_real, dim)
@@ -108,14 +117,17 @@ def from_inner_products(fake_fake: np.ndarray, real_real: np.ndarray,
   within_f = np.einsum("it,it->t", w_f, k_ff @ w_f) - w_f.T @ np.diag(k_ff)
   within_r = np.einsum("it,it->t", w_r, k_rr @ w_r) - w_r.T @ np.diag(k_rr)
   across = np.einsum("it,it->t", w_f, k_fr @ w_r)
-  mmd2 = ((within_f + within_r) / (m * (m - 1)) - 2.0 * across / (m * m))
+  mmd2 = (within_f + within_r) / (m * (m - 1)) - 2.0 * across / (m * m)
   return float(mmd2.mean()), float(mmd2.std())
 
 
-def kernel_inception_distance(real_features, fake_features,
-                              num_subsets: int = NUM_SUBSETS,
-                              max_subset_size: int = MAX_SUBSET_SIZE,
-                              seed: int = SEED) -> tuple[float, float]:
+def kernel_inception_distance(
+    real_features,
+    fake_features,
+    num_subsets: int = NUM_SUBSETS,
+    max_subset_size: int = MAX_SUBSET_SIZE,
+    seed: int = SEED,
+) -> tuple[float, float]:
   """KID of generated against real features: (mean, standard deviation)
   over `num_subsets` subsets of min(max_subset_size, M, N) samples.
 
@@ -126,9 +138,15 @@ def kernel_inception_distance(real_features, fake_features,
   """
   real = distances.check_features(real_features, "real features", 2)
   fake = distances.check_features(fake_features, "generated features", 2)
-  distances.check_same_dimension(real, fake, "real features",
-                                 "generated features")
+  distances.check_same_dimension(
+      real, fake, "real features", "generated features"
+  )
   return from_inner_products(
-      distances.inner_products(fake, fake), distances.inner_products(
-          real, real), distances.inner_products(fake, real), real.shape[1],
-      num_subsets, max_subset_size, seed)
+      distances.inner_products(fake, fake),
+      distances.inner_products(real, real),
+      distances.inner_products(fake, real),
+      real.shape[1],
+      num_subsets,
+      max_subset_size,
+      seed,
+  )

@@ -29,28 +29,33 @@ PERCENTILE = 1.0
 FEATURES = 2048  # the FID Inception's pool features
 
 NAMES = {"memorisation_ratio": None, "memorised": registry.LOWER}
-TITLES = {"memorisation_ratio": "memorisation ratio",
-          "memorised": "memorised"}
-NEEDS = registry.Needs(features=(FEATURES,), real=True,
-                       train_features=(FEATURES,), min_samples=1)
+TITLES = {"memorisation_ratio": "memorisation ratio", "memorised": "memorised"}
+NEEDS = registry.Needs(
+    features=(FEATURES,), real=True, train_features=(FEATURES,), min_samples=1
+)
 
 
 def compute(data, names):
   train = data.train_features(FEATURES)
   out = from_nearest(
       distances.nearest_distances(data.fake_features(FEATURES), train),
-      distances.nearest_distances(data.real_features(FEATURES), train))
+      distances.nearest_distances(data.real_features(FEATURES), train),
+  )
   return {n: out[n] for n in names}
 
 
-def from_nearest(fake_to_train: np.ndarray, test_to_train: np.ndarray,
-                 percentile: float = PERCENTILE) -> dict:
+def from_nearest(
+    fake_to_train: np.ndarray,
+    test_to_train: np.ndarray,
+    percentile: float = PERCENTILE,
+) -> dict:
   test_median = float(np.median(test_to_train))
   if test_median <= 0.0:
     raise distances.MetricInputError(
         "the test images of the class lie on training images (median "
         "distance 0): the ratio is undefined; are the test and training "
-        "images the same?")
+        "images the same?"
+    )
   threshold = np.percentile(test_to_train, percentile)
   return {
       "memorisation_ratio": float(np.median(fake_to_train)) / test_median,
@@ -58,8 +63,9 @@ def from_nearest(fake_to_train: np.ndarray, test_to_train: np.ndarray,
   }
 
 
-def memorisation(train_features, test_features, fake_features,
-                 percentile: float = PERCENTILE) -> dict:
+def memorisation(
+    train_features, test_features, fake_features, percentile: float = PERCENTILE
+) -> dict:
   """{'memorisation_ratio', 'memorised'} of generated features against the
   training set, with the test set's distances to it as the reference.
 
@@ -71,9 +77,14 @@ def memorisation(train_features, test_features, fake_features,
   train = distances.check_features(train_features, "training features", 1)
   test = distances.check_features(test_features, "test features", 1)
   fake = distances.check_features(fake_features, "generated features", 1)
-  distances.check_same_dimension(train, test, "training features",
-                                 "test features")
-  distances.check_same_dimension(train, fake, "training features",
-                                 "generated features")
-  return from_nearest(distances.nearest_distances(fake, train),
-                      distances.nearest_distances(test, train), percentile)
+  distances.check_same_dimension(
+      train, test, "training features", "test features"
+  )
+  distances.check_same_dimension(
+      train, fake, "training features", "generated features"
+  )
+  return from_nearest(
+      distances.nearest_distances(fake, train),
+      distances.nearest_distances(test, train),
+      percentile,
+  )

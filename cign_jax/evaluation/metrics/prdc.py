@@ -34,12 +34,18 @@ PR_K = 3
 DC_K = 5
 FEATURES = 2048  # the FID Inception's pool features
 
-NAMES = {"precision": registry.HIGHER, "recall": registry.HIGHER,
-         "density": registry.HIGHER, "coverage": registry.HIGHER}
-TITLES = {"precision": f"precision (k={PR_K})",
-          "recall": f"recall (k={PR_K})",
-          "density": f"density (k={DC_K})",
-          "coverage": f"coverage (k={DC_K})"}
+NAMES = {
+    "precision": registry.HIGHER,
+    "recall": registry.HIGHER,
+    "density": registry.HIGHER,
+    "coverage": registry.HIGHER,
+}
+TITLES = {
+    "precision": f"precision (k={PR_K})",
+    "recall": f"recall (k={PR_K})",
+    "density": f"density (k={DC_K})",
+    "coverage": f"coverage (k={DC_K})",
+}
 
 
 def NEEDS(names):  # pylint: disable=invalid-name
@@ -53,18 +59,31 @@ def compute(data, names):
   real_fake = data.distances("real", "fake", FEATURES)
   out = {}
   if {"precision", "recall"} & set(names):
-    out.update({n: v for n, v in from_distances(
-        real_real, fake_fake, real_fake, PR_K).items()
-                if n in ("precision", "recall")})
+    out.update(
+        {
+            n: v
+            for n, v in from_distances(
+                real_real, fake_fake, real_fake, PR_K
+            ).items()
+            if n in ("precision", "recall")
+        }
+    )
   if {"density", "coverage"} & set(names):
-    out.update({n: v for n, v in from_distances(
-        real_real, fake_fake, real_fake, DC_K).items()
-                if n in ("density", "coverage")})
+    out.update(
+        {
+            n: v
+            for n, v in from_distances(
+                real_real, fake_fake, real_fake, DC_K
+            ).items()
+            if n in ("density", "coverage")
+        }
+    )
   return out
 
 
-def from_distances(real_real: np.ndarray, fake_fake: np.ndarray,
-                   real_fake: np.ndarray, k: int) -> dict:
+def from_distances(
+    real_real: np.ndarray, fake_fake: np.ndarray, real_fake: np.ndarray, k: int
+) -> dict:
   """The four numbers from the distance matrices: real-real (N, N),
   generated-generated (M, M) and real-generated (N, M); diagonals of the
   first two are ignored."""
@@ -82,8 +101,9 @@ def from_distances(real_real: np.ndarray, fake_fake: np.ndarray,
   }
 
 
-def precision_recall_density_coverage(real_features, fake_features,
-                                      k: int = DC_K) -> dict:
+def precision_recall_density_coverage(
+    real_features, fake_features, k: int = DC_K
+) -> dict:
   """Improved precision and recall, density and coverage of `fake_features`
   against `real_features`, with k-nearest-neighbour balls.
 
@@ -104,9 +124,13 @@ def precision_recall_density_coverage(real_features, fake_features,
   """
   real = distances.check_features(real_features, "real features", 2)
   fake = distances.check_features(fake_features, "generated features", 2)
-  distances.check_same_dimension(real, fake, "real features",
-                                 "generated features")
+  distances.check_same_dimension(
+      real, fake, "real features", "generated features"
+  )
   k = distances.check_k(k, {"real": len(real), "generated": len(fake)})
-  return from_distances(distances.pairwise_distances(real, real),
-                        distances.pairwise_distances(fake, fake),
-                        distances.pairwise_distances(real, fake), k)
+  return from_distances(
+      distances.pairwise_distances(real, real),
+      distances.pairwise_distances(fake, fake),
+      distances.pairwise_distances(real, fake),
+      k,
+  )

@@ -25,9 +25,12 @@ NEEDS = registry.Needs(features=(FEATURES,), real=True, min_samples=2)
 
 def compute(data, names):
   del names
-  return {"spread": from_distances(
-      data.distances("real", "real", FEATURES),
-      data.distances("fake", "fake", FEATURES))}
+  return {
+      "spread": from_distances(
+          data.distances("real", "real", FEATURES),
+          data.distances("fake", "fake", FEATURES),
+      )
+  }
 
 
 def mean_pairwise(within: np.ndarray) -> float:
@@ -35,7 +38,8 @@ def mean_pairwise(within: np.ndarray) -> float:
   n = len(within)
   if n < 2:
     raise distances.TooFewSamplesError(
-        f"a mean pairwise distance needs at least 2 samples, got {n}")
+        f"a mean pairwise distance needs at least 2 samples, got {n}"
+    )
   total = within.sum() - np.trace(within)
   return float(total / (n * (n - 1)))
 
@@ -45,7 +49,8 @@ def from_distances(real_real: np.ndarray, fake_fake: np.ndarray) -> float:
   if real <= 0.0:
     raise distances.MetricInputError(
         "the real samples of the class are all one point in feature space: "
-        "their spread is 0 and the ratio is undefined")
+        "their spread is 0 and the ratio is undefined"
+    )
   return mean_pairwise(fake_fake) / real
 
 
@@ -59,7 +64,10 @@ def within_class_spread(real_features, fake_features) -> float:
   """
   real = distances.check_features(real_features, "real features", 2)
   fake = distances.check_features(fake_features, "generated features", 2)
-  distances.check_same_dimension(real, fake, "real features",
-                                 "generated features")
-  return from_distances(distances.pairwise_distances(real, real),
-                        distances.pairwise_distances(fake, fake))
+  distances.check_same_dimension(
+      real, fake, "real features", "generated features"
+  )
+  return from_distances(
+      distances.pairwise_distances(real, real),
+      distances.pairwise_distances(fake, fake),
+  )
