@@ -33,6 +33,43 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = utils.enable_compilation_cache()
 
 # The script that trains on the synthetic dataset in a subprocess.
 SYNTHETIC_MAIN = os.path.join(TESTS, "synthetic.py")
+ROOT = os.path.dirname(TESTS)
+
+
+def start_synthetic_training(workdir, overrides):
+  """The tiny config's training on the synthetic dataset, in a subprocess
+  (`tests/synthetic.py`) with `--config.KEY=VALUE` for each override; its
+  stderr is piped, for the test to read when it ends."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  return subprocess.Popen(
+      [
+          sys.executable,
+          SYNTHETIC_MAIN,
+          f"--config={ROOT}/configs/quick.py:tiny",
+          f"--workdir={workdir}",
+      ]
+      + [f"--config.{k}={v}" for k, v in overrides.items()],
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+
+
+def flip_bytes(step_dir):
+  """Flips 16 bytes in the middle of the largest file of a checkpoint step
+  (a tensor's data)."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+  target = max(files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    data = bytearray(f.read())
+    mid = len(data) // 2
+    for i in range(mid, min(mid + 16, len(data))):
+      data[i] ^= 0xFF
+    f.seek(0)
+    f.write(bytes(data))
 
 
 def tiny_config(**overrides):

@@ -5,8 +5,6 @@ while read: tests/test_run_dir.py.)"""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,7 +15,7 @@ from cign_jax import checkpoints
 from cign_jax import run_dir
 from cign_jax import train
 from cign_jax import utils
-from conftest import SYNTHETIC_MAIN
+from conftest import start_synthetic_training
 from conftest import tiny_config
 import synthetic as synthetic_data  # tests/synthetic.py
 
@@ -47,21 +45,7 @@ def test_evaluate_in_a_loop_beside_a_training(tmp_path):
       "keep_checkpoints": 2,
   }
   workdir = str(tmp_path / "live")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
-  proc = subprocess.Popen(
-      [
-          sys.executable,
-          SYNTHETIC_MAIN,
-          f"--config={ROOT}/configs/quick.py:tiny",
-          f"--workdir={workdir}",
-      ]
-      + [f"--config.{k}={v}" for k, v in overrides.items()],
-      env=env,
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  proc = start_synthetic_training(workdir, overrides)
   scored = []  # (reported step, the step and weights digest it scored)
   try:
     while proc.poll() is None:

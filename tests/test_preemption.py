@@ -28,6 +28,7 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from conftest import SYNTHETIC_MAIN
+from conftest import flip_bytes
 from conftest import tiny_config
 import synthetic
 
@@ -366,19 +367,6 @@ def state():
   return train_step_lib.create_train_state(tiny_config())
 
 
-def _flip_bytes(step_dir):
-  """Flips bytes in the middle of the largest file of a step (a tensor)."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
-  target = max(files, key=os.path.getsize)
-  with open(target, "r+b") as f:
-    data = bytearray(f.read())
-    mid = len(data) // 2
-    for i in range(mid, min(mid + 16, len(data))):
-      data[i] ^= 0xFF
-    f.seek(0)
-    f.write(bytes(data))
-
-
 def test_process_stopped_as_a_step_is_committed_leaves_it_verified(
     tmp_path, monkeypatch, state
 ):
@@ -405,7 +393,7 @@ def test_process_stopped_as_a_step_is_committed_leaves_it_verified(
   monkeypatch.undo()
   mngr.close()
   assert _full_state(workdir)[0] == 2
-  _flip_bytes(step_dir)
+  flip_bytes(step_dir)
   with pytest.raises(
       checkpoints.CheckpointError, match=r"step 2 .*good steps there: 1"
   ):
@@ -448,7 +436,7 @@ def test_step_without_checksum_is_incomplete_and_not_restored(
   step_dir = os.path.join(ckpt_dir, "2")
   for alter in (False, True):
     if alter:
-      _flip_bytes(step_dir)
+      flip_bytes(step_dir)
     with pytest.raises(checkpoints.CheckpointError) as err:
       checkpoints.load_model(workdir)
     message = str(err.value)

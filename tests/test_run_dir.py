@@ -17,7 +17,8 @@ from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax import utils
 from cign_jax.commands import sample as sample_command
-from conftest import SYNTHETIC_MAIN
+from conftest import flip_bytes
+from conftest import start_synthetic_training
 from conftest import tiny_config
 import synthetic as synthetic_data  # tests/synthetic.py
 
@@ -224,21 +225,8 @@ def test_lock_of_a_killed_process_is_released(tmp_path):
 # Checkpoints are verified.
 
 
-def _flip_bytes(step_dir):
-  """Flips bytes in the middle of the largest data file of a step."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
-  target = max(files, key=os.path.getsize)
-  with open(target, "r+b") as f:
-    data = bytearray(f.read())
-    mid = len(data) // 2
-    for i in range(mid, min(mid + 16, len(data))):
-      data[i] ^= 0xFF
-    f.seek(0)
-    f.write(bytes(data))
-
-
 def test_corrupt_latest_step_names_it_and_the_good_steps(run_copy):
-  _flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
+  flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
   with pytest.raises(checkpoints.CheckpointError) as err:
     checkpoints.load_model(run_copy)
   message = str(err.value)
@@ -366,7 +354,7 @@ def _last_stderr_line(cmd):
 def test_corrupt_checkpoint_ends_on_one_plain_line(run_copy, tmp_path):
   import sys  # pylint: disable=g-import-not-at-top
 
-  _flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
+  flip_bytes(os.path.join(run_copy, "checkpoints", "6"))
   last = _last_stderr_line(
       [
           sys.executable,
@@ -482,26 +470,10 @@ def test_reader_in_a_loop_beside_a_training(tmp_path):
   """`load_model` (what sample and evaluate use) in a loop while a training
   saves a checkpoint every step: the training finishes, and its final state
   equals an undisturbed run's."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
 
   overrides = {"num_train_steps": 4, "checkpoint_every_steps": 1}
   workdir = str(tmp_path / "live")
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=CACHE)
-  proc = subprocess.Popen(
-      [
-          sys.executable,
-          SYNTHETIC_MAIN,
-          f"--config={ROOT}/configs/quick.py:tiny",
-          f"--workdir={workdir}",
-      ]
-      + [f"--config.{k}={v}" for k, v in overrides.items()],
-      env=env,
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
+  proc = start_synthetic_training(workdir, overrides)
   reads = 0
   try:
     while proc.poll() is None:
