@@ -65,7 +65,7 @@ class WorkdirLock:
       holder = holder or "holder unknown"
       raise RunLockedError(
           f"{workdir} is being trained by another process ({holder}); wait "
-          "for it to end or stop it, or use another --workdir"
+          "for it to end or stop it, or train in another run directory"
       ) from None
     os.ftruncate(fd, 0)
     os.pwrite(

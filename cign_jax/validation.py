@@ -213,7 +213,7 @@ class BestCheckpoint:
       if saved.get("best_metric", metric) != metric:
         raise ValueError(
             f"{path} ranks checkpoints by {saved.get('best_metric')!r}, the "
-            f"config by {metric!r}; use a new --workdir or the same "
+            f"config by {metric!r}; use a new run directory or the same "
             "config.best_metric"
         )
       self.history = list(saved.get("history", []))
