@@ -199,6 +199,14 @@ got = native_conv.conv_forward(x, k, 2, 1)
 lax_error = float(jnp.max(jnp.abs(got - ops.conv2d_reference(x, k, 2, 1))))
 """
 
+# Whether the kernels load, and how far they are from lax's convolution.
+_KERNELS_AGAINST_LAX = (
+    "ok = native_conv.available()\n"
+    + _LAX_CHECK
+    + "result(ok=ok, why=native_conv.unavailable_reason(), "
+    "lax_error=lax_error)\n"
+)
+
 
 # --- the cache key -----------------------------------------------------------
 
@@ -285,13 +293,7 @@ def test_build_runs_a_cxx_wrapper_on_the_hashed_bytes(tmp_path):
       """,
   )
   cache = tmp_path / "cache"
-  script = (
-      f"native_conv.SOURCE = {str(source)!r}\n"
-      "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + "result(ok=ok, why=native_conv.unavailable_reason(), "
-      "lax_error=lax_error)\n"
-  )
+  script = f"native_conv.SOURCE = {str(source)!r}\n" + _KERNELS_AGAINST_LAX
   _, out = _run(script, cache, CXX=f"{wrapper} {CXX}")
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
@@ -330,13 +332,7 @@ def test_a_truncated_library_is_rebuilt_not_loaded(cache_copy):
       os.mkdir(path)
     os.utime(path, (old, old))
   open(os.path.join(key_dir, "tmpbusy.so"), "wb").close()
-  proc, out = _run(
-      "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + "result(ok=ok, why=native_conv.unavailable_reason(), "
-      "lax_error=lax_error)\n",
-      cache_copy,
-  )
+  proc, out = _run(_KERNELS_AGAINST_LAX, cache_copy)
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
   assert f"{lib} is 5000 bytes" in proc.stderr
@@ -359,13 +355,7 @@ def test_a_replaced_library_is_not_loaded(cache_copy, tmp_path):
   assert len(planted) < len(good)
   planted += b"\0" * (len(good) - len(planted))  # ELF ignores a tail
   _replace_file(lib, planted)
-  proc, out = _run(
-      "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + "result(ok=ok, why=native_conv.unavailable_reason(), "
-      "lax_error=lax_error)\n",
-      cache_copy,
-  )
+  proc, out = _run(_KERNELS_AGAINST_LAX, cache_copy)
   assert not marker.exists(), "the replaced library was loaded"
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
@@ -386,13 +376,7 @@ def test_a_library_without_the_kernels_is_rebuilt(cache_copy, tmp_path):
       _record_for(planted, os.path.basename(key_dir)).encode(),
       0o644,
   )
-  proc, out = _run(
-      "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + "result(ok=ok, why=native_conv.unavailable_reason(), "
-      "lax_error=lax_error)\n",
-      cache_copy,
-  )
+  proc, out = _run(_KERNELS_AGAINST_LAX, cache_copy)
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
   assert f"{lib} lacks CignConvForward" in proc.stderr
@@ -406,13 +390,7 @@ def test_a_library_without_its_record_is_rebuilt(cache_copy):
   key_dir = _key_dir(cache_copy)
   lib = os.path.join(key_dir, native_conv.LIBRARY_NAME)
   os.unlink(os.path.join(key_dir, native_conv.RECORD_NAME))
-  proc, out = _run(
-      "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + "result(ok=ok, why=native_conv.unavailable_reason(), "
-      "lax_error=lax_error)\n",
-      cache_copy,
-  )
+  proc, out = _run(_KERNELS_AGAINST_LAX, cache_copy)
   assert out["ok"], out["why"]
   assert out["lax_error"] < 1e-4
   assert f"{lib} has no build record" in proc.stderr
@@ -497,15 +475,7 @@ def test_concurrent_first_uses_build_once(tmp_path):
       """,
   )
   cache = tmp_path / "cache"
-  script = (
-      _PREAMBLE
-      + "ok = native_conv.available()\n"
-      + _LAX_CHECK
-      + (
-          "result(ok=ok, why=native_conv.unavailable_reason(), "
-          "lax_error=lax_error)\n"
-      )
-  )
+  script = _PREAMBLE + _KERNELS_AGAINST_LAX
   env = _env(cache, CXX=f"{wrapper} {CXX}")
   procs = [
       subprocess.Popen(
