@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 
@@ -29,6 +30,22 @@ def atomic_write(path, mode: str = "wb"):
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+@contextlib.contextmanager
+def file_lock(path):
+  """Holds an exclusive `fcntl.flock` on `path` (created, with its
+  directory) for the block, waiting for any other holder: processes that
+  would build the same cached file (a prepared dataset, a trained
+  classifier) take turns, and the later ones find it built."""
+  path = os.fspath(path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def cache_root() -> str:

@@ -6,6 +6,8 @@ cached in the default cache dir, where later runs find them.
 
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -70,6 +72,45 @@ def test_plot_confusion_writes_png(tmp_path):
   with Image.open(path) as image:
     image.load()
     assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_concurrent_first_uses_train_once(
+    tmp_path, monkeypatch, synthetic_dataset
+):
+  """Two callers that find no cached classifier at the same time (two test
+  workers, two evaluations) train it once: the second waits for the first
+  and loads what it saved. The training (counted) is one epoch on the
+  synthetic images after a short pause, so that the calls overlap."""
+  calls = []
+  real_train = cls.train
+  images, labels = synthetic_dataset
+  tiny = ((np.tile(images, (4, 1, 1, 1)), np.tile(labels, 4)), (images, labels))
+
+  def slow_train(dataset, data_dir="", seed=0, log=print, splits=None):
+    del data_dir, log, splits
+    calls.append(dataset)
+    time.sleep(0.5)
+    return real_train(
+        dataset, seed=seed, epochs=1, log=lambda *a: None, splits=tiny
+    )
+
+  monkeypatch.setattr(cls, "train", slow_train)
+  got = [None, None]
+
+  def use(i):
+    got[i] = cls.load_or_train("mnist", cache_dir=str(tmp_path))
+
+  threads = [threading.Thread(target=use, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert calls == ["mnist"]
+  assert got[0].params_sha256 and got[0].params_sha256 == got[1].params_sha256
+  assert cls.load_or_train("mnist", cache_dir=str(tmp_path)).params_sha256 == (
+      got[0].params_sha256
+  )
+  assert calls == ["mnist"]
 
 
 @pytest.fixture(scope="module")

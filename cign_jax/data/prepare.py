@@ -29,8 +29,6 @@ Preparing (``ensure_prepared`` or ``python -m cign_jax.data prepare NAME``)
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import importlib.util
 import io
@@ -45,6 +43,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from cign_jax import utils
 from cign_jax.data import check_dataset
 from cign_jax.data import sources
 
@@ -202,16 +201,6 @@ def _prepare_with_tfds_download(dataset: str, data_dir: str) -> None:
   builder.download_and_prepare()
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-  with open(path, "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def ensure_prepared(dataset: str, data_dir: str = "") -> str:
   """Prepares `dataset` (array_record) unless it is there; returns the data dir.
 
@@ -223,7 +212,9 @@ def ensure_prepared(dataset: str, data_dir: str = "") -> str:
   if is_prepared(dataset, data_dir):
     return data_dir
   os.makedirs(data_dir, exist_ok=True)
-  with _lock(os.path.join(data_dir, f".cign_jax_prepare_{dataset}.lock")):
+  with utils.file_lock(
+      os.path.join(data_dir, f".cign_jax_prepare_{dataset}.lock")
+  ):
     if is_prepared(dataset, data_dir):  # Another process did it meanwhile.
       return data_dir
     info = _read_info(dataset, data_dir)

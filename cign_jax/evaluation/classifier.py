@@ -47,6 +47,8 @@ from cign_jax.data import reader
 ARCH_VERSION = 1
 PARAMS_FILE = "params.msgpack"
 INFO_FILE = "info.json"
+# Held while a process trains the cache's classifier (`load_or_train`).
+TRAINING_LOCK_FILE = ".training.lock"
 PREDICT_BATCH = 1000
 
 # Training recipe (about a minute per dataset on 2 CPU cores).
@@ -384,8 +386,15 @@ def load_or_train(
   directory = os.path.join(default_cache_dir(cache_dir), dataset)
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
-  classifier, info = train(dataset, data_dir, seed=seed, log=log, splits=splits)
-  save(classifier, info, directory)
+  # One trainer at a time per cache: a process that waited here loads what
+  # the first one trained instead of training it again.
+  with utils.file_lock(os.path.join(directory, TRAINING_LOCK_FILE)):
+    if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
+      return load(dataset, directory)
+    classifier, info = train(
+        dataset, data_dir, seed=seed, log=log, splits=splits
+    )
+    save(classifier, info, directory)
   return classifier
 
 
