@@ -263,6 +263,38 @@ def test_preprocessing_quantises():
   )
 
 
+class _PixelSumExtractor(_RecordingExtractor):
+  """Records its inputs and answers, at every tap, each image's pixel sum
+  and its first pixel: features that tell images apart."""
+
+  def extract(self, pixels, max_features, preprocess=None, progress=None):
+    super().extract(pixels, max_features, preprocess, progress)
+    flat = pixels.reshape(len(pixels), -1).astype(np.float32)
+    feats = np.stack([flat.sum(axis=1), flat[:, 0]], axis=1)
+    return {
+        s: np.tile(feats, (1, s // 2))
+        for s in fid.FEATURE_SIZES
+        if s <= max_features
+    }
+
+
+def test_repeated_images_are_extracted_once():
+  rng = np.random.default_rng(3)
+  a, b, c = rng.integers(0, 256, size=(3, 28, 28, 1)).astype(np.uint8)
+  images = np.stack([a, b, a, a, c, b])
+  recorder = _PixelSumExtractor()
+  feats = fid.extract_features(images, (64, 2048), extractor=recorder)
+  ((pixels, deepest, _),) = recorder.seen
+  assert len(pixels) == 3 and deepest == 2048
+  want = _PixelSumExtractor().extract(images, 2048)
+  for size in (64, 2048):
+    np.testing.assert_array_equal(feats[size], want[size])
+  # Distinct images keep their order and their single pass.
+  recorder = _PixelSumExtractor()
+  fid.extract_features(images[[4, 1, 0]], (64,), extractor=recorder)
+  np.testing.assert_array_equal(recorder.seen[0][0], images[[4, 1, 0]])
+
+
 # ---------------------------------------------------------------------------
 # Per-class protocol, with a stand-in feature extractor.
 

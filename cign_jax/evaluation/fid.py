@@ -164,8 +164,23 @@ def extract_features(
 ) -> dict[int, np.ndarray]:
   """Inception features of images in [-1, 1] ((N, H, W) or (N, H, W, C)) or
   uint8 pixels: {size: (N, size) float32} for each requested size. The
-  network runs only up to the deepest requested tap."""
+  network runs only up to the deepest requested tap, and once per distinct
+  8-bit image: a collapsed generator's repeated images cost one pass."""
   pixels = quantize(images)
+  flat = pixels.reshape(len(pixels), -1)
+  _, first, inverse = np.unique(
+      flat, axis=0, return_index=True, return_inverse=True
+  )
+  if len(first) < len(pixels):
+    feats = extract_features(
+        pixels[first],
+        feature_sizes,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+        extractor=extractor,
+    )
+    return {s: f[inverse.reshape(-1)] for s, f in feats.items()}
   deepest = _deepest(feature_sizes)
   if extractor is None:
     extractor = get_extractor(batch_size)
