@@ -3,7 +3,8 @@ one's best checkpoint with the paper's protocol, writes table3.md.
 
   python experiments/reproduce_table3.py --root=runs/table3 \
       [--configs=channel_small,channel_large,filter_small,filter_large] \
-      [--max_minutes=0] [--num_epochs=0] [--data_npz=mnist.npz] [--quick]
+      [--max_minutes=0] [--num_epochs=0] [--data_npz=mnist.npz] [--quick] \
+      [--diversity=precision,recall,...]
 
 For each config (a name in cign_jax/configs or a path): trains it in
 ROOT/NAME (resuming when that directory holds a run; the best checkpoint
@@ -18,7 +19,8 @@ for the same samples, the diversity metrics of `cign_jax.evaluation`'s
 registry (`registry.DIVERSITY`: improved precision and recall, density and
 coverage, KID, within-class spread, near-duplicates), each mean / min /
 max over the classes, which FID alone does not show (a class drawn as
-nearly one image can keep a small FID).
+nearly one image can keep a small FID); `--diversity` names fewer of them
+(or none: `--diversity=`), each costing the Inception's 2048-d pass.
 
 --max_minutes: training of all runs together stops cleanly at this limit
 (the latest checkpoint saved); the same command continues where it
@@ -120,6 +122,12 @@ flags.DEFINE_string(
     "Dataset .npz (train_images, "
     "train_labels, test_images, test_labels; uint8).",
 )
+flags.DEFINE_list(
+    "diversity",
+    list(registry.DIVERSITY),
+    "The diversity metrics (registry names) scored beside FID and label "
+    "accuracy on the same samples; empty: none (no 2048-d Inception pass).",
+)
 flags.DEFINE_bool(
     "quick",
     False,
@@ -219,7 +227,7 @@ def evaluate_run(workdir, data, quick, clf):
   chosen = checkpoints.resolve_checkpoint(workdir, "best")
   sizes = QUICK_FEATURE_SIZES if quick else FEATURE_SIZES
   per_class = QUICK_SAMPLES_PER_CLASS if quick else SAMPLES_PER_CLASS
-  names = metric_names(sizes)
+  names = metric_names(sizes, FLAGS.diversity)
   protocol = {
       "step": chosen.step,
       "feature_sizes": list(sizes),
@@ -269,12 +277,16 @@ def evaluate_run(workdir, data, quick, clf):
   return result
 
 
-def metric_names(sizes):
+def metric_names(sizes, diversity=registry.DIVERSITY):
   """The registry names scored: FID at `sizes`, label accuracy, and the
-  diversity metrics."""
-  return (
-      [f"fid{s}" for s in sizes] + ["label_accuracy"] + list(registry.DIVERSITY)
-  )
+  `diversity` metrics."""
+  unknown = [n for n in diversity if n not in registry.DIVERSITY]
+  if unknown:
+    raise ValueError(
+        f"--diversity: {', '.join(unknown)} not among the diversity metrics "
+        f"{', '.join(registry.DIVERSITY)}"
+    )
+  return [f"fid{s}" for s in sizes] + ["label_accuracy"] + list(diversity)
 
 
 def _number(value):
@@ -385,9 +397,13 @@ def _diversity_table(rows):
   """The registry's diversity metrics of the same samples, one row per
   scored run (mean / min / max over the classes)."""
   scored = [r for r in rows if r.get("result")]
-  if not scored:
+  names = [
+      n
+      for n in registry.DIVERSITY
+      if any(n in r["result"].get("metrics", {}) for r in scored)
+  ]
+  if not names:
     return []
-  names = list(registry.DIVERSITY)
   lines = [
       "",
       "## Diversity of the same samples",

@@ -52,15 +52,16 @@ def test_real_digits_score_well_and_swapped_labels_do_not(tmp_path):
   assert 0.8 <= m["spread"]["min"] <= m["spread"]["max"] <= 1.25
   assert m["duplicates"]["max"] <= 0.05
   assert abs(m["kid"]["mean"]) < 0.01
+  # Swapped labels: FID and accuracy only (the 2048-d pass is the costly
+  # part; precision and coverage of another class's images are checked on
+  # features in test_feature_metrics.py).
   bad = evaluate.run(
-      samples=_real_samples(tmp_path, swap=True), feature_sizes=[64]
+      samples=_real_samples(tmp_path, swap=True),
+      metrics=["fid64", "label_accuracy"],
   )
   assert bad["label_accuracy"]["accuracy"] <= 0.03
   assert bad["label_accuracy"]["confusion"][0][1] >= N - 2
   assert bad["fid"]["64"]["min"] > 5 * good["fid"]["64"]["max"]
-  assert bad["metrics"]["precision"]["max"] <= 0.1
-  assert bad["metrics"]["coverage"]["max"] <= 0.1
-  assert bad["metrics"]["kid"]["min"] > 10 * abs(m["kid"]["mean"])
   table = evaluate.format_table(good)
   assert "FID64" in table and "label accuracy" in table
   assert "| recall (k=3) |" in table and "| near-duplicates |" in table
