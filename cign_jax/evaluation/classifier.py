@@ -194,6 +194,11 @@ def train(
     test_x, test_y = reader.load_split(dataset, "test", data_dir)
   else:
     (train_x, train_y), (test_x, test_y) = splits
+  if len(train_x) < BATCH_SIZE:
+    raise ValueError(
+        f"{len(train_x)} training images for the {dataset} classifier, fewer "
+        f"than one batch of {BATCH_SIZE}: give at least {BATCH_SIZE}"
+    )
   batches = reader.TrainBatches(train_x, train_y, BATCH_SIZE, seed)
   total_steps = epochs * batches.steps_per_epoch
 
@@ -366,6 +371,16 @@ def load(dataset: str, directory: str) -> Classifier:
   )
 
 
+def _digest(split) -> str:
+  """A short digest of (images, labels)."""
+  h = hashlib.sha256()
+  for array in split:
+    array = np.ascontiguousarray(array)
+    h.update(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+  return h.hexdigest()[:16]
+
+
 def load_or_train(
     dataset: str,
     data_dir: str = "",
@@ -379,11 +394,14 @@ def load_or_train(
 
   `cache_dir` is the root (default <cache_root>/classifier); the files are in
   its `<dataset>/` folder. A bad cache raises ClassifierCacheError (see the
-  module docstring) unless `retrain`. `splits`: the data to train on when
-  none is cached, as `train` takes it.
+  module docstring) unless `retrain`. `splits`: the data to train on, as
+  `train` takes it; its classifier is cached apart, in
+  `<dataset>-data-<digest of the training split>/`, so that one trained on
+  other images (a subset, a user's .npz) never stands in for the dataset's.
   """
   data_lib.check_dataset(dataset)
-  directory = os.path.join(default_cache_dir(cache_dir), dataset)
+  name = dataset if splits is None else f"{dataset}-data-{_digest(splits[0])}"
+  directory = os.path.join(default_cache_dir(cache_dir), name)
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
   # One trainer at a time per cache: a process that waited here loads what
