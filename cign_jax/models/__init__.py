@@ -4,6 +4,8 @@
   'cign'; channel, filter or no conditioning).
 - `ign_dcgan`: the IGN code's unconditional MNIST network,
   `DCGANIdempotentNetwork` (architecture 'ign_dcgan').
+- `dcgan`: pytorch/examples' DCGAN as an IGN, the IGN paper's CelebA 64x64
+  network, `DCGANNetwork` (architecture 'dcgan').
 - `layers`: the blocks both are made of, with PyTorch's semantics.
 - `checks`: the checks of labels and images at the API boundary.
 
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from cign_jax.models.checks import check_finite
+from cign_jax.models.checks import check_input_shape
 from cign_jax.models.checks import check_images
 from cign_jax.models.checks import check_labels
 from cign_jax.models.checks import count_parameters
@@ -31,6 +34,8 @@ from cign_jax.models.cign import DISCRIMINATOR_LAYOUT
 from cign_jax.models.cign import Generator
 from cign_jax.models.cign import GENERATOR_LAYOUT
 from cign_jax.models.cign import IdempotentNetwork
+from cign_jax.models.cign import LAYOUTS
+from cign_jax.models.dcgan import DCGANNetwork
 from cign_jax.models.ign_dcgan import DCGAN_DECODER_LAYOUT
 from cign_jax.models.ign_dcgan import DCGAN_ENCODER_LAYOUT
 from cign_jax.models.ign_dcgan import DCGANDecoder
@@ -47,6 +52,7 @@ from cign_jax.models.layers import precision_context
 from cign_jax.models.layers import torch_uniform_init
 from cign_jax.models.layers import TorchBatchNorm
 from cign_jax.models import cign as _cign
+from cign_jax.models import dcgan as _dcgan
 from cign_jax.models import ign_dcgan as _ign_dcgan
 from cign_jax.models import layers as _layers
 
@@ -58,7 +64,7 @@ class _Package(types.ModuleType):
 
   def __setattr__(self, name, value):
     super().__setattr__(name, value)
-    for module in (_layers, _cign, _ign_dcgan):
+    for module in (_layers, _cign, _ign_dcgan, _dcgan):
       if name in vars(module):
         setattr(module, name, value)
 
@@ -69,15 +75,32 @@ sys.modules[__name__].__class__ = _Package
 def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
   """The network `config.model` describes: `IdempotentNetwork` for
   architecture 'cign' (the default), `DCGANIdempotentNetwork` for
-  'ign_dcgan'."""
+  'ign_dcgan', `DCGANNetwork` for 'dcgan'. The image shape and class count
+  must be set (a training fills those left 0 from its data)."""
   m = config.model
+  for key in ("image_size", "image_channels", "num_classes"):
+    if int(m.get(key, 1)) < 1:
+      raise ValueError(
+          f"config.model.{key} is unset ({m[key]}): training takes it from "
+          "the data; to build the network without data, set it"
+      )
   architecture = m.get("architecture", "cign")
   if architecture == "ign_dcgan":
     return dcgan_model_from_config(config)
+  if architecture == "dcgan":
+    return DCGANNetwork(
+        latent_dim=m.latent_dim,
+        intermediate_dim=m.intermediate_dim,
+        image_channels=m.image_channels,
+        image_size=m.image_size,
+        num_classes=m.num_classes,
+        conditioning=m.conditioning,
+        dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+    )
   if architecture != "cign":
     raise ValueError(
         f"config.model.architecture: unknown architecture "
-        f"{architecture!r}; expected 'cign' or 'ign_dcgan'"
+        f"{architecture!r}; expected 'cign', 'ign_dcgan' or 'dcgan'"
     )
   return IdempotentNetwork(
       conditioning=m.conditioning,
@@ -90,7 +113,14 @@ def model_from_config(config: ml_collections.ConfigDict) -> nn.Module:
       dtype=jnp.dtype(config.get("compute_dtype", "float32")),
       channel_conv=m.get("channel_conv", "auto"),
       matmul_precision=config.get("matmul_precision", "default"),
+      image_size=m.get("image_size", 28),
   )
+
+
+def image_shape(model: nn.Module) -> tuple:
+  """(H, W, C) of the images `model` maps."""
+  size = getattr(model, "image_size", 28)
+  return (size, size, model.image_channels)
 
 
 def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):
@@ -103,6 +133,6 @@ def init_variables(model: IdempotentNetwork, key, batch_size: int = 2):
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _jitted_init(model, key, batch_size):
-  x = jnp.zeros((batch_size, 28, 28, model.image_channels), jnp.float32)
+  x = jnp.zeros((batch_size,) + image_shape(model), jnp.float32)
   labels = jnp.zeros((batch_size,), jnp.int32)
   return model.init({"params": key}, x, labels, train=False)

@@ -58,15 +58,27 @@ def check_finite(array, what: str):
     )
 
 
-def check_images(images, image_channels: int = 1):
-  """Validates images in [-1, 1] at an API boundary: (N, 28, 28[, C])."""
+def check_input_shape(x, image_size: int, image_channels: int):
+  """A network's input: (B, image_size, image_size, image_channels)."""
+  want = (image_size, image_size, image_channels)
+  if x.ndim != 4 or tuple(x.shape[1:]) != want:
+    raise ValueError(
+        f"expected images of shape (B, {image_size}, {image_size}, "
+        f"{image_channels}), got {tuple(x.shape)}"
+    )
+
+
+def check_images(images, image_channels: int = 1, image_size: int = 28):
+  """Validates images in [-1, 1] at an API boundary: (N, S, S[, C])."""
   images = np.asarray(images, np.float32)
   if images.ndim == 3 and image_channels == 1:
     images = images[..., None]
-  if images.ndim != 4 or images.shape[1:] != (28, 28, image_channels):
+  s = image_size
+  if images.ndim != 4 or images.shape[1:] != (s, s, image_channels):
+    grey = f"(N, {s}, {s}) or " if image_channels == 1 else ""
     raise ValueError(
-        f"wrong image shape {images.shape}: expected (N, 28, 28) "
-        f"or (N, 28, 28, {image_channels})"
+        f"wrong image shape {images.shape}: expected {grey}"
+        f"(N, {s}, {s}, {image_channels})"
     )
   if images.shape[0] == 0:
     raise ValueError(

@@ -1,12 +1,18 @@
 """IGN and CIGN networks (Flax linen), NHWC, with the paper's architecture.
 
 f(x, c) = generator(discriminator(x, c), c)   (CIGN paper, section 4; IGN's
-DCGAN-style encoder/decoder). Each of the two halves has five blocks; block i:
+DCGAN-style encoder/decoder). At 28x28 each of the two halves has the
+paper's five blocks; block i:
 
   discriminator: [BatchNorm, not before block 1] -> conditioning -> conv
-                 (no bias) -> dropout 0.15 -> LeakyReLU 0.2 (block 5: sigmoid)
+                 (no bias) -> dropout 0.15 -> LeakyReLU 0.2 (last: sigmoid)
   generator:     BatchNorm -> conditioning -> transposed conv (no bias)
-                 -> dropout 0.15 (not in block 5) -> ReLU (block 5: tanh)
+                 -> dropout 0.15 (not in the last) -> ReLU (last: tanh)
+
+At 32x32 and 64x64 the halves are DCGAN-style with the same blocks:
+4x4 stride-2 convolutions down to 4x4, then a 4x4 valid convolution to 1x1,
+mirrored by transposed convolutions (four blocks at 32, five at 64; the
+channels double per block as at 28: ld, 2 ld, ...). `LAYOUTS` has each.
 
 Conditioning (each half owns a label embedding, 10 x embedding_dim, and every
 block owns a Linear from it, passed through tanh):
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 
 from cign_jax import config as config_lib
 from cign_jax import grouped
+from cign_jax.models.checks import check_input_shape
 from cign_jax.models.layers import ChannelConditioning
 from cign_jax.models.layers import Conv
 from cign_jax.models.layers import Dropout
@@ -44,11 +51,28 @@ DISCRIMINATOR_LAYOUT = ((4, 2, 1), (4, 2, 1), (3, 2, 1), (4, 2, 1), (2, 1, 0))
 GENERATOR_LAYOUT = ((2, 1, 0), (4, 2, 1), (3, 2, 1), (4, 2, 1), (4, 2, 1))
 
 
+def _dcgan_layouts(image_size: int):
+  """Halving 4x4/2 convolutions from `image_size` down to 4, then 4x4 valid
+  to 1x1; the generator mirrors them."""
+  halvings = (image_size // 4).bit_length() - 1
+  down = ((4, 2, 1),) * halvings + ((4, 1, 0),)
+  return down, tuple(reversed(down))
+
+
+# image size -> (discriminator layout, generator layout); the sizes the
+# 'cign' architecture takes (config.ARCHITECTURE_SIZES lists the same).
+LAYOUTS = {
+    28: (DISCRIMINATOR_LAYOUT, GENERATOR_LAYOUT),
+    32: _dcgan_layouts(32),
+    64: _dcgan_layouts(64),
+}
+
+
 class _Half(nn.Module):
-  """One half of f: five conditioned blocks (shared code of both halves)."""
+  """One half of f: its conditioned blocks (shared code of both halves)."""
 
   conditioning: str
-  channels: Sequence[int]  # output channels of the five blocks
+  channels: Sequence[int]  # output channels of the blocks
   layout: Sequence[Tuple[int, int, int]]
   transpose: bool
   embedding_dim: int = 5
@@ -140,7 +164,7 @@ class _Half(nn.Module):
 
 
 class Discriminator(_Half):
-  """The encoder half: (B, 28, 28, 1) -> (B, 1, 1, intermediate_dim)."""
+  """The encoder half: (B, H, W, C) -> (B, 1, 1, intermediate_dim)."""
 
   transpose: bool = False
   layout: Sequence[Tuple[int, int, int]] = DISCRIMINATOR_LAYOUT
@@ -152,11 +176,12 @@ class Discriminator(_Half):
     return True
 
   def _activation(self, i, y):
-    return nn.sigmoid(y) if i == 5 else nn.leaky_relu(y, 0.2)
+    last = i == len(self.layout)
+    return nn.sigmoid(y) if last else nn.leaky_relu(y, 0.2)
 
 
 class Generator(_Half):
-  """The decoder half: (B, 1, 1, intermediate_dim) -> (B, 28, 28, 1)."""
+  """The decoder half: (B, 1, 1, intermediate_dim) -> (B, H, W, C)."""
 
   transpose: bool = True
   layout: Sequence[Tuple[int, int, int]] = GENERATOR_LAYOUT
@@ -165,10 +190,10 @@ class Generator(_Half):
     return True
 
   def _dropout_in(self, i):
-    return i < 5
+    return i < len(self.layout)
 
   def _activation(self, i, y):
-    return jnp.tanh(y) if i == 5 else nn.relu(y)
+    return jnp.tanh(y) if i == len(self.layout) else nn.relu(y)
 
 
 class IdempotentNetwork(nn.Module):
@@ -190,6 +215,8 @@ class IdempotentNetwork(nn.Module):
   # 'default' (XLA's choice: TF32 on recent NVIDIA GPUs), 'high' or
   # 'highest' (full float32).
   matmul_precision: str = "default"
+  # H = W of the images: 28 (the paper's network) or 32, 64 (`LAYOUTS`).
+  image_size: int = 28
 
   def setup(self):
     if self.conditioning not in config_lib.CONDITIONINGS:
@@ -211,11 +238,19 @@ class IdempotentNetwork(nn.Module):
           f"unknown matmul_precision {self.matmul_precision!r}; "
           f"expected one of {config_lib.MATMUL_PRECISIONS}"
       )
+    if self.image_size not in LAYOUTS:
+      raise ValueError(
+          f"the CIGN network takes images of size {sorted(LAYOUTS)}, got "
+          f"{self.image_size}"
+      )
+    down, up = LAYOUTS[self.image_size]
+    # Channels double per block down to the code, and halve back up.
+    widths = tuple(ld * 2**i for i in range(len(down) - 1))
     self.discriminator = Discriminator(
-        channels=(ld, 2 * ld, 4 * ld, 8 * ld, self.intermediate_dim), **common
+        channels=widths + (self.intermediate_dim,), layout=down, **common
     )
     self.generator = Generator(
-        channels=(8 * ld, 4 * ld, 2 * ld, ld, self.image_channels), **common
+        channels=widths[::-1] + (self.image_channels,), layout=up, **common
     )
 
   def __call__(
@@ -228,7 +263,7 @@ class IdempotentNetwork(nn.Module):
     """f(x, labels).
 
     Args:
-      x: images (B, 28, 28, image_channels).
+      x: images (B, image_size, image_size, image_channels).
       labels: int labels (B,) (ignored when unconditional).
       train: batch statistics and dropout (training) or running statistics.
       groups: training only: sizes of the batches of several forward calls
@@ -240,11 +275,7 @@ class IdempotentNetwork(nn.Module):
     Returns:
       f(x, labels), float32, x's shape.
     """
-    if x.ndim != 4 or x.shape[1:] != (28, 28, self.image_channels):
-      raise ValueError(
-          f"expected images of shape (B, 28, 28, "
-          f"{self.image_channels}), got {tuple(x.shape)}"
-      )
+    check_input_shape(x, self.image_size, self.image_channels)
     if self.conditioning != "none":
       if labels is None:
         raise ValueError(f"a {self.conditioning}-conditioned CIGN needs labels")

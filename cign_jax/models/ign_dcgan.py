@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cign_jax.models.checks import check_input_shape
 from cign_jax.models.layers import ChannelDropout
 from cign_jax.models.layers import Conv
 from cign_jax.models.layers import TorchBatchNorm
@@ -104,8 +105,14 @@ class DCGANIdempotentNetwork(nn.Module):
   num_classes: int = 10
   conditioning: str = "none"
   dtype: Any = jnp.float32
+  image_size: int = 28  # the layouts above take 28x28 only
 
   def setup(self):
+    if self.image_size != 28:
+      raise ValueError(
+          f"the 'ign_dcgan' network takes images of size [28], got "
+          f"{self.image_size}"
+      )
     if self.conditioning != "none":
       raise ValueError(
           f"the DCGAN IGN network is unconditional: "
@@ -143,11 +150,7 @@ class DCGANIdempotentNetwork(nn.Module):
       f(x) in (-1, 1), float32.
     """
     del labels
-    if x.ndim != 4 or x.shape[1:] != (28, 28, self.image_channels):
-      raise ValueError(
-          f"expected images of shape (B, 28, 28, "
-          f"{self.image_channels}), got {tuple(x.shape)}"
-      )
+    check_input_shape(x, self.image_size, self.image_channels)
     h = self.discriminator(x, train)
     return self.generator(h, train).astype(jnp.float32)
 
@@ -165,4 +168,5 @@ def dcgan_model_from_config(
       num_classes=m.num_classes,
       conditioning=m.conditioning,
       dtype=jnp.dtype(config.get("compute_dtype", "float32")),
+      image_size=m.get("image_size", 28),
   )
