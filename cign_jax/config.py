@@ -409,10 +409,10 @@ def fit_to_data(
   for key, value in found.items():
     if m[key] == 0:
       m[key] = value
-    elif key == "num_classes" and m.conditioning == "none":
-      continue  # labels are ignored; the classes need not match
-    elif key == "num_classes" and m[key] > value:
-      continue  # fewer classes in the data than the model can represent
+    elif key == "num_classes":
+      # A model may represent more classes than the data show; labels it
+      # cannot represent are refused by the training (`train`).
+      continue
     elif m[key] != value:
       raise ValueError(
           f"config.model.{key} is {m[key]}, but the data "
