@@ -139,7 +139,8 @@ def _find_cycle(graph):
 def test_the_graph_sees_known_imports():
   """The parser finds imports written in each of the styles used."""
   graph = import_graph()
-  assert "cign_jax.ops" in graph["cign_jax.models.layers"]  # from cign_jax import ops
+  # from cign_jax import ops
+  assert "cign_jax.ops" in graph["cign_jax.models.layers"]
   assert "cign_jax.kernels.cpu_conv" in graph["cign_jax.ops"]
   assert "cign_jax.data.reader" in graph["cign_jax.train"]
   # in a function

@@ -12,6 +12,7 @@ import pytest
 from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import train
+from cign_jax.commands import sample as sample_command
 from cign_jax.data import reader
 from cign_jax.data import registry
 from conftest import tiny_config
@@ -228,6 +229,15 @@ def test_training_through_a_folder_records_the_shape_and_classes(
   assert step == 2 and tuple(run_config.data.class_names)[0] == "apple"
   samples = np.asarray(Image.open(os.path.join(workdir, "samples.png")))
   assert samples.ndim == 3 and samples.shape[-1] == 3  # an RGB grid
+  # The sample command takes class names for labels.
+  out = str(tmp_path / "mango.npz")
+  images, labels = sample_command.sample_to_file(
+      workdir, out, labels=["mango", "0"], num_per_label=2
+  )
+  assert labels.tolist() == [1, 1, 0, 0]
+  assert images.shape == (4, 32, 32, 3)
+  with pytest.raises(ValueError, match="unknown class 'kiwi'.*apple, mango"):
+    sample_command.sample_to_file(workdir, out, labels=["kiwi"])
   # Resumed with the same config: nothing to do, no complaint.
   train.train_and_evaluate(config, workdir)
   # Another image size for the same run is refused, naming the field.
@@ -301,6 +311,10 @@ def _tfds_dir(tmp_path_factory):
                   "label": tfds.features.ClassLabel(
                       names=["red", "green", "blue"]
                   ),
+                  # A boolean attribute, as celeb_a's: is the image red?
+                  "attributes": tfds.features.FeaturesDict(
+                      {"Red": tfds.features.Tensor(shape=(), dtype=np.bool_)}
+                  ),
               }
           )
       )
@@ -316,7 +330,11 @@ def _tfds_dir(tmp_path_factory):
       for i, (x, y) in enumerate(zip(xs, ys)):
         buf = io.BytesIO()
         Image.fromarray(x).save(buf, "PNG")
-        yield i, {"image": buf.getvalue(), "label": int(y)}
+        yield i, {
+            "image": buf.getvalue(),
+            "label": int(y),
+            "attributes": {"Red": bool(y == 0)},
+        }
 
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   CignTinyColours(
@@ -397,3 +415,21 @@ def test_unknown_kinds_and_empty_arguments_are_refused():
   config = tiny_config(**{"data.dataset": "hdf5:/x.h5"})
   with pytest.raises(ValueError, match="folder:PATH"):
     config_lib.validate(config)
+
+
+def test_tfds_boolean_attribute_as_two_classes(tfds_dir):
+  data_dir, (images, labels), _ = tfds_dir
+  found = registry.load(
+      "tfds:cign_tiny_colours", data_dir=data_dir, label_key="attributes/Red"
+  )
+  assert found.num_classes == 2 and found.class_names == ("not Red", "Red")
+  got = sorted(
+      (x.tobytes(), int(y)) for x, y in zip(found.train[0], found.train[1])
+  )
+  want = sorted((x.tobytes(), int(y == 0)) for x, y in zip(images, labels))
+  assert got == want
+  unlabelled = registry.load(
+      "tfds:cign_tiny_colours", data_dir=data_dir, label_key=""
+  )
+  assert unlabelled.num_classes == 1
+  assert not unlabelled.train[1].any()

@@ -40,7 +40,7 @@ def _classes(root: str, what: str):
   return names
 
 
-def _files(root: str, classes, what: str):
+def _files(root: str, classes):
   """[(path, label)] of every image under root/<class>/."""
   found = []
   for label, name in enumerate(classes):
@@ -96,7 +96,7 @@ def read(path: str, options: registry.SourceOptions) -> reader.DataSplits:
         f"{what} has no class sub-folders; expected PATH/<class>/<images> "
         "(one sub-folder per class, as torchvision's ImageFolder)"
     )
-  train_files = _files(train_root, classes, what)
+  train_files = _files(train_root, classes)
   if not train_files:
     raise ValueError(f"{what}: the class folders hold no files")
   test_files = None
@@ -114,7 +114,7 @@ def read(path: str, options: registry.SourceOptions) -> reader.DataSplits:
       ]
       test_files = [
           (p, classes.index(test_classes[label]))
-          for p, label in _files(test_root, test_classes, what)
+          for p, label in _files(test_root, test_classes)
       ]
       break
   channels = options.image_channels
