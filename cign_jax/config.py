@@ -13,15 +13,21 @@ import os
 
 import ml_collections
 
-from cign_jax.data import DATASETS
+from cign_jax.data import check_dataset_name
 
 # The one list of each: models, losses and the commands check against these
-# (the datasets' is `data.DATASETS`).
+# (the datasets' is `data.DATASETS`, with the source kinds of
+# `data.registry`).
 CONDITIONINGS = ("channel", "filter", "none")
 # 'cign': the CIGN paper's five-block network (any conditioning);
 # 'ign_dcgan': the unconditional DCGAN-like network of the IGN code
-# (`models.DCGANIdempotentNetwork`).
-ARCHITECTURES = ("cign", "ign_dcgan")
+# (`models.DCGANIdempotentNetwork`); 'dcgan': pytorch/examples' DCGAN as an
+# IGN, the IGN paper's CelebA network (`models.DCGANNetwork`).
+ARCHITECTURES = ("cign", "ign_dcgan", "dcgan")
+# The image sizes (H = W) each architecture takes.
+ARCHITECTURE_SIZES = {"cign": (28, 32, 64), "ign_dcgan": (28,), "dcgan": (64,)}
+# model fields that, left 0, are taken from the data when a training starts.
+FROM_DATA = ("image_size", "image_channels", "num_classes")
 # 'adamw': PyTorch's AdamW (decoupled weight decay); 'adam': PyTorch's Adam
 # (weight decay, if any, added to the gradient as an L2 term).
 OPTIMIZERS = ("adamw", "adam")
@@ -69,16 +75,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ""
   # Gaussian noise added to training images (then clamped to [-1, 1]).
   config.data.train_noise_std = 0.15
+  # Sources other than mnist / fashion_mnist ('folder:PATH', 'npz:PATH',
+  # 'tfds:NAME'; cign_jax.data.registry): the size images are resized and
+  # centre-cropped to (folders; 0: model.image_size, else the files' own
+  # size), the tfds features holding the image and the label ('' for the
+  # label: an unlabelled dataset, one class), and the class names (labels
+  # 0..K-1 in order; filled from the data, e.g. a folder's sub-folder names).
+  config.data.image_size = 0
+  config.data.image_key = "image"
+  config.data.label_key = "label"
+  config.data.class_names = ()
 
   config.model = ml_collections.ConfigDict()
-  # 'cign' | 'ign_dcgan' (the IGN code's network; unconditional: needs
-  # conditioning 'none'; latent_dim = channels of its first conv,
-  # intermediate_dim = channels of its 1x1 code).
+  # 'cign' | 'ign_dcgan' (the IGN code's network) | 'dcgan' (pytorch/examples'
+  # DCGAN, 64x64). The last two are unconditional: they need conditioning
+  # 'none'; latent_dim = channels of their first conv, intermediate_dim =
+  # channels of their 1x1 code.
   config.model.architecture = "cign"
   config.model.conditioning = "channel"  # 'channel' | 'filter' | 'none' (IGN)
   config.model.latent_dim = 32
   config.model.intermediate_dim = 128
   config.model.embedding_dim = 5
+  # The data's class count and image shape (H = W = image_size, C =
+  # image_channels): 0 takes them from the data when a training starts (the
+  # run's config.json records what was taken); a value set is checked
+  # against the data.
   config.model.num_classes = 10
   config.model.image_size = 28
   config.model.image_channels = 1
@@ -213,31 +234,35 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_choice(
       m.architecture, ARCHITECTURES, "model.architecture", "architecture"
   )
-  if m.architecture == "ign_dcgan":
+  if m.architecture in ("ign_dcgan", "dcgan"):
     _check(
         m.conditioning == "none",
         "model.conditioning",
-        f"the 'ign_dcgan' network is unconditional: it needs "
+        f"the {m.architecture!r} network is unconditional: it needs "
         f"conditioning 'none', got {m.conditioning!r}",
     )
+  if m.architecture == "ign_dcgan":
     _check(
         int(m.intermediate_dim) % 16 == 0,
         "model.intermediate_dim",
         f"the 'ign_dcgan' decoder halves its channels four times: must "
         f"be a multiple of 16, got {m.intermediate_dim}",
     )
-  for key in (
-      "latent_dim",
-      "intermediate_dim",
-      "embedding_dim",
-      "num_classes",
-      "image_channels",
-  ):
+  for key in ("latent_dim", "intermediate_dim", "embedding_dim"):
     _check(int(m[key]) >= 1, f"model.{key}", f"must be >= 1, got {m[key]}")
+  for key in FROM_DATA:
+    _check(
+        int(m[key]) >= 0,
+        f"model.{key}",
+        f"must be >= 1, or 0 to take it from the data; got {m[key]}",
+    )
+  sizes = ARCHITECTURE_SIZES[m.architecture]
   _check(
-      m.image_size == 28,
+      m.image_size == 0 or m.image_size in sizes,
       "model.image_size",
-      f"the paper's architecture is for 28x28 images, got {m.image_size}",
+      f"the {m.architecture!r} architecture takes images of size "
+      f"{' or '.join(map(str, sizes))} (or 0: the data's), got "
+      f"{m.image_size}",
   )
   _check(
       0.0 <= m.dropout_rate < 1.0,
@@ -263,7 +288,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       f"must be > 0, got {l.tightness_clamp_a}",
   )
   _check(
-      0 <= l.num_mismatch_labels <= m.num_classes - 1,
+      m.num_classes == 0 or 0 <= l.num_mismatch_labels <= m.num_classes - 1,
       "loss.num_mismatch_labels",
       f"must be in 0..{m.num_classes - 1}, got {l.num_mismatch_labels}",
   )
@@ -291,7 +316,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       "ema_decay",
       f"must be in [0, 1), got {config.ema_decay}",
   )
-  _check_choice(config.data.dataset, DATASETS, "data.dataset", "dataset")
+  try:
+    check_dataset_name(config.data.dataset)
+  except ValueError as e:
+    raise ValueError(f"config.data.dataset: {e}") from None
+  _check(
+      config.data.image_size >= 0,
+      "data.image_size",
+      f"must be >= 0 (0: model.image_size), got {config.data.image_size}",
+  )
+  _check(
+      m.num_classes == 0
+      or not config.data.class_names
+      or len(config.data.class_names) == m.num_classes,
+      "data.class_names",
+      f"names {len(config.data.class_names)} classes, but "
+      f"model.num_classes is {m.num_classes}",
+  )
   _check(
       config.data.train_noise_std >= 0,
       "data.train_noise_std",
@@ -334,6 +375,65 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       f"{tuple(config.mesh_axis_names)}",
   )
   return config
+
+
+def fit_to_data(
+    config: ml_collections.ConfigDict,
+    image_shape,
+    num_classes: int,
+    class_names=(),
+) -> ml_collections.ConfigDict:
+  """The config with the model's unset (0) image shape and class count
+  taken from the data, and the data's class names; raises ValueError when
+  a value set differs from the data's, or the data's size is one the
+  architecture cannot take.
+
+  Args:
+    config: a validated config.
+    image_shape: (H, W, C) of the data's images.
+    num_classes: the data's class count (labels 0..num_classes-1).
+    class_names: the data's names of the classes, if it has any.
+
+  Returns:
+    A copy of `config`, validated.
+  """
+  h, w, c = (int(v) for v in image_shape)
+  if h != w:
+    raise ValueError(
+        f"the data's images are {h}x{w}; the networks take square images "
+        "(for a folder, set config.data.image_size to resize and crop them)"
+    )
+  config = ml_collections.ConfigDict(config.to_dict())
+  m = config.model
+  found = {"image_size": h, "image_channels": c, "num_classes": num_classes}
+  for key, value in found.items():
+    if m[key] == 0:
+      m[key] = value
+    elif key == "num_classes":
+      # A model may represent more classes than the data show; labels it
+      # cannot represent are refused by the training (`train`).
+      continue
+    elif m[key] != value:
+      raise ValueError(
+          f"config.model.{key} is {m[key]}, but the data "
+          f"({config.data.dataset}) has {value}; set it to {value}, or to 0 "
+          "to take it from the data"
+      )
+  if m.conditioning != "none" and m.num_classes < 2:
+    raise ValueError(
+        f"a {m.conditioning}-conditioned model needs at least two classes; "
+        f"the data ({config.data.dataset}) has {m.num_classes}: add classes, "
+        "or train an unconditional model (model.conditioning = 'none')"
+    )
+  names = tuple(str(n) for n in class_names)
+  if names and not config.data.class_names:
+    config.data.class_names = names
+  elif names and tuple(config.data.class_names) != names:
+    raise ValueError(
+        f"config.data.class_names {tuple(config.data.class_names)} differ "
+        f"from the data's classes {names}"
+    )
+  return validate(config)
 
 
 def computed_metrics(config: ml_collections.ConfigDict) -> tuple:

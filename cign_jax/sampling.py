@@ -61,10 +61,25 @@ def apply_repeatedly(
   return np.concatenate(outs)
 
 
-def prior_noise(key, num: int, image_channels: int = 1, clip: bool = False):
+def prior_noise(
+    key,
+    num: int,
+    image_channels: int = 1,
+    clip: bool = False,
+    image_size: int = 28,
+):
+  """`num` draws of the prior, (num, image_size, image_size, image_channels)."""
   return np.asarray(
-      losses.sample_prior(key, (num, 28, 28, image_channels), clip)
+      losses.sample_prior(
+          key, (num, image_size, image_size, image_channels), clip
+      )
   )
+
+
+def model_prior_noise(key, model, num: int, clip: bool = False):
+  """`prior_noise` of the shape `model` maps."""
+  h, _, c = models.image_shape(model)
+  return prior_noise(key, num, c, clip, image_size=h)
 
 
 def generate(
@@ -89,10 +104,10 @@ def generate(
     batch_size: samples per compiled call.
 
   Returns:
-    float32 images in [-1, 1], (N, 28, 28, C), as numpy.
+    float32 images in [-1, 1], (N, H, W, C), as numpy.
   """
   labels = models.check_labels(labels, model.num_classes)
-  z = prior_noise(key, labels.shape[0], model.image_channels, clip)
+  z = model_prior_noise(key, model, labels.shape[0], clip)
   return apply_repeatedly(model, variables, z, labels, applications, batch_size)
 
 
@@ -110,15 +125,16 @@ def project(
     model: the network.
     variables: its variables ({'params', 'batch_stats'}).
     images: inputs in [-1, 1] (noisy, degraded, out of distribution),
-      (N, 28, 28) or (N, 28, 28, 1).
+      (N, H, W, C) of the model's shape ((N, H, W) when C = 1).
     labels: one label per image; needed unless the model is unconditional.
     applications: how many times f is applied.
     batch_size: images per compiled call.
 
   Returns:
-    f^applications(x, c): float32 images in [-1, 1], (N, 28, 28, C).
+    f^applications(x, c): float32 images in [-1, 1], (N, H, W, C).
   """
-  images = models.check_images(images, model.image_channels)
+  h, _, c = models.image_shape(model)
+  images = models.check_images(images, c, image_size=h)
   if labels is None:
     if model.conditioning != "none":
       raise ValueError("projection with a conditional model needs labels")
@@ -140,14 +156,14 @@ def label_grid(
 ):
   """The paper's appendix figure: one row per label (`labels`, default every
   class), the same noise in every row. Returns images (len(labels),
-  num_per_label, 28, 28, C)."""
+  num_per_label, H, W, C)."""
   if labels is None:
     k = model.num_classes if model.conditioning != "none" else 1
     labels = range(k)
   labels = models.check_labels(list(labels), model.num_classes)
   if num_per_label < 1:
     raise ValueError(f"num_per_label must be >= 1, got {num_per_label}")
-  z = prior_noise(key, num_per_label, model.image_channels, clip)
+  z = model_prior_noise(key, model, num_per_label, clip)
   x = np.tile(z, (len(labels), 1, 1, 1))
   out = apply_repeatedly(
       model, variables, x, np.repeat(labels, num_per_label), applications
@@ -163,8 +179,8 @@ def write_sample_grid(
     num_per_label: int = 10,
 ):
   """The paper's figure for a run (`config.samples_noise_seed`, its prior):
-  a row per label, the same noise in every row; as a uint8 image, also
-  written to `path` as PNG when given."""
+  a row per label, the same noise in every row; as a uint8 image ((H, W)
+  grey, (H, W, 3) RGB), also written to `path` as PNG when given."""
   rows = label_grid(
       model,
       variables,
@@ -179,14 +195,23 @@ def write_sample_grid(
 
 
 def grid_image(rows: np.ndarray, pad: int = 2) -> np.ndarray:
-  """(R, C, 28, 28, ch) in [-1, 1] -> one uint8 (H, W) image with gaps."""
+  """(R, C, h, w[, ch]) in [-1, 1] -> one uint8 image with gaps: (H, W)
+  for one channel, (H, W, 3) for three (RGB)."""
   r, c, h, w = rows.shape[:4]
-  canvas = np.ones((r * (h + pad) + pad, c * (w + pad) + pad), np.float32)
+  channels = rows.shape[4] if rows.ndim == 5 else 1
+  if channels not in (1, 3):
+    raise ValueError(
+        f"a grid shows images of 1 (grey) or 3 (RGB) channels, got {channels}"
+    )
+  shape = (r * (h + pad) + pad, c * (w + pad) + pad, channels)
+  canvas = np.ones(shape, np.float32)
   for i in range(r):
     for j in range(c):
-      img = rows[i, j].reshape(h, w, -1)[..., 0]
+      img = rows[i, j].reshape(h, w, channels)
       top, left = pad + i * (h + pad), pad + j * (w + pad)
       canvas[top : top + h, left : left + w] = (img + 1.0) / 2.0
+  if channels == 1:
+    canvas = canvas[..., 0]
   return np.round(np.clip(canvas, 0, 1) * 255).astype(np.uint8)
 
 

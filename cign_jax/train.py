@@ -78,17 +78,32 @@ def _check_resume_config(workdir: str, config: ml_collections.ConfigDict):
       )
     return
   previous = checkpoints.load_config(workdir)
-  old = json.loads(previous.to_json())
-  new = json.loads(config.to_json())
+  old = _leaves(json.loads(previous.to_json()))
+  new = _leaves(json.loads(config.to_json()))
   for key in sorted(set(old) | set(new)):
     if key in RESUMABLE_CHANGES:
       continue
     if old.get(key) != new.get(key):
-      raise ValueError(
-          f"config.{key} differs from the run in {workdir} ({old.get(key)} "
-          f"there, {new.get(key)} now); use a new run directory or the same "
-          "config"
+      from_data = key in ("data.class_names",) + tuple(
+          f"model.{k}" for k in config_lib.FROM_DATA
       )
+      raise ValueError(
+          f"config.{key.split('.')[0]} differs from the run in {workdir}: "
+          f"config.{key} is {old.get(key)} there, {new.get(key)} now"
+          + (" (the data differ from the run's)" if from_data else "")
+          + "; use a new run directory or the same config and data"
+      )
+
+
+def _leaves(tree, prefix=""):
+  """{'model.image_size': 28, ...}: a config's values by dotted name."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def _format_eta(seconds: float) -> str:
@@ -103,10 +118,10 @@ def _check_samples_finite(config, model, state, step, mngr, workdir):
   finite (finite but huge weights or BatchNorm statistics can overflow the
   running-statistics forward pass that the training step never takes)."""
   k = model.num_classes if model.conditioning != "none" else 1
-  z = sampling.prior_noise(
+  z = sampling.model_prior_noise(
       jax.random.key(config.samples_noise_seed),
+      model,
       k,
-      model.image_channels,
       config.model.clip_prior,
   )
   out = sampling.apply_repeatedly(
@@ -147,7 +162,7 @@ def train_and_evaluate(
       grids; resumed from its latest checkpoint when there is one.
     dataset: optional data instead of the config's tfds dataset (notebooks,
       tests, machines without tensorflow-datasets): (images uint8
-      (N, 28, 28, 1), labels) to train on, without validation; or
+      (N, H, W, C), labels) to train on, without validation; or
       {'train': (images, labels), 'test': (images, labels)}, the test split
       giving the validation loss.
     evaluator: in-loop evaluation, called as evaluator(model, variables,
@@ -171,22 +186,16 @@ def train_and_evaluate(
   t_begin = time.time()
   config = config_lib.validate(config)
   # Every check comes before the first write to the run directory, so a
-  # refused start leaves it as it was.
+  # refused start leaves it as it was. The data come first: the config's
+  # unset image shape and class count are the data's.
+  data = reader.load_training_data(config, dataset)
+  (images, labels), test = data.train, data.test
+  config = config_lib.fit_to_data(
+      config, images.shape[1:], data.num_classes, data.class_names
+  )
   _check_resume_config(workdir, config)
   mesh = sharding.create_mesh(config)
   sharding.check_batch_divides(config, mesh)
-
-  if dataset is None:
-    images, labels = reader.load_split(
-        config.data.dataset, "train", config.data.data_dir
-    )
-    test = None
-    if config.eval_num_examples != 0:
-      test = reader.load_split(
-          config.data.dataset, "test", config.data.data_dir
-      )
-  else:
-    (images, labels), test = reader.split_dataset(dataset)
   val_split = validation.validation_split(config, test)
   if config.best_metric == "val_loss" and val_split is None:
     others = [
@@ -486,7 +495,10 @@ def _train(
       grid = sampling.write_sample_grid(
           config, model, train_step_lib.eval_variables(state)
       )
-      writer.write_images(done, {"samples": grid[None, :, :, None]})
+      writer.write_images(
+          done,
+          {"samples": grid[None] if grid.ndim == 3 else grid[None, ..., None]},
+      )
 
     at_evaluation = (
         val_split is not None or evaluator is not None

@@ -144,7 +144,7 @@ def validation_loss(
   Args:
     model: the `IdempotentNetwork`.
     variables: {'params', 'batch_stats'} (`train_step.eval_variables`).
-    images_u8: uint8 images (N, 28, 28, 1) (the test split).
+    images_u8: uint8 images (N, H, W, C) (the test split).
     labels: their labels (N,).
     config: the run's config (loss weights, batch size, seed).
     epoch: the epoch the draws are keyed by.

@@ -1,10 +1,12 @@
 """Trains (or loads from the cache) the label-accuracy classifier.
 
-python -m cign_jax.classifier train --dataset=mnist|fashion_mnist
+python -m cign_jax.classifier train --dataset=mnist|fashion_mnist|KIND:ARG
     [--data_dir=] [--cache_dir=] [--seed=0] [--retrain]
+
+KIND:ARG is a source kind ('tfds:NAME', 'folder:PATH', 'npz:PATH') read with
+its default options (images at their own size).
 """
 
-import os
 import time
 
 from absl import app
@@ -21,9 +23,10 @@ def main(argv):
   if len(argv) != 2 or argv[1] != "train":
     raise app.UsageError(
         "usage: python -m cign_jax.classifier train "
-        "--dataset=mnist|fashion_mnist [--data_dir=] "
+        "--dataset=mnist|fashion_mnist|KIND:ARG [--data_dir=] "
         "[--cache_dir=] [--seed=0] [--retrain]"
     )
+  data.check_dataset_name(FLAGS.dataset)
   start = time.time()
   classifier = classifier_lib.load_or_train(
       FLAGS.dataset,
@@ -32,8 +35,8 @@ def main(argv):
       seed=FLAGS.seed,
       retrain=FLAGS.retrain,
   )
-  directory = os.path.join(
-      classifier_lib.default_cache_dir(FLAGS.cache_dir), FLAGS.dataset
+  directory = classifier_lib.cache_directory(
+      FLAGS.dataset, classifier.image_shape, FLAGS.cache_dir
   )
   print(
       f"{FLAGS.dataset} classifier test accuracy: "
@@ -43,7 +46,12 @@ def main(argv):
 
 
 def _define_flags():
-  flags.DEFINE_enum("dataset", "mnist", list(data.DATASETS), "Dataset.")
+  flags.DEFINE_string(
+      "dataset",
+      "mnist",
+      f"Dataset: one of {', '.join(data.DATASETS)}, or "
+      f"{', '.join(k + ':...' for k in data.SOURCE_KINDS)}.",
+  )
   flags.DEFINE_string("data_dir", "", "tfds data dir ('' = default).")
   flags.DEFINE_string(
       "cache_dir", "", "Classifier cache root ('' = <cache_root>/classifier)."

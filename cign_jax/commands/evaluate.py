@@ -12,11 +12,12 @@ else its latest; eval.json and the printed table name the step and why),
 in the format `cign_jax.sample` writes, kept as DIR/eval_samples.npz and
 reused only for the same checkpoint (step and weights) and settings;
 with --samples it scores images made by anything else (`images` float in
-[-1, 1], (N, 28, 28[, 1]); `labels`).
+[-1, 1], (N, H, W[, C]) as the dataset's; `labels`).
 
 Every metric is per class: for each label, the dataset's test images of that
 label (up to 1000) against as many generated with it; mean/min/max over
-labels. By default (--metrics names others, from
+labels. An unconditional run is scored over the whole set (its samples
+against the test images of every label, as one class). By default (--metrics names others, from
 `cign_jax.evaluation.registry`): per-class FID as the CIGN paper (Table 3)
 at 64, 192, 768 features (and 2048 when every class has at least 2048
 samples); label accuracy, the library's classifier

@@ -5,11 +5,13 @@
       [--checkpoint=best|latest|STEP]
   python -m cign_jax.sample --workdir=DIR --out=proj.npz --inputs=IN.npz
 
-Writes `images` (float32 in [-1, 1], (N, 28, 28, 1)) and `labels` to the
-.npz, and a PNG grid beside it (FILE.png): one row per label when sampling,
-inputs above their projections when projecting. `--inputs` takes an .npz
-with `images` (float in [-1, 1], (N, 28, 28) or (N, 28, 28, 1)) and
-`labels` (not needed for an unconditional model).
+Writes `images` (float32 in [-1, 1], (N, H, W, C), the run's shape) and
+`labels` to the .npz, and a PNG grid beside it (FILE.png, RGB for RGB
+images): one row per label when sampling, inputs above their projections
+when projecting. `--labels` takes class indices or, for a run whose data
+name their classes (a folder's sub-folders), class names. `--inputs` takes
+an .npz with `images` (float in [-1, 1], (N, H, W, C), or (N, H, W) for one
+channel) and `labels` (not needed for an unconditional model).
 """
 
 import os
@@ -34,7 +36,11 @@ def _define_flags():
   importing this module beside another command does not clash)."""
   flags.DEFINE_string("workdir", None, "Run directory (training or convert).")
   flags.DEFINE_string("out", None, "Output .npz file.")
-  flags.DEFINE_list("labels", None, "Labels to sample (default: all classes).")
+  flags.DEFINE_list(
+      "labels",
+      None,
+      "Labels (or class names) to sample (default: all classes).",
+  )
   flags.DEFINE_integer("num_per_label", 10, "Samples per label.")
   flags.DEFINE_integer("seed", 0, "Seed of the prior noise.")
   flags.DEFINE_integer("applications", 1, "Apply f this many times.")
@@ -50,8 +56,9 @@ def _define_flags():
   )
 
 
-def _parse_labels(labels) -> list:
-  """--labels as a list of ints, with errors that name the flag."""
+def _parse_labels(labels, class_names: Sequence[str] = ()) -> list:
+  """--labels as a list of ints (class names are looked up in
+  `class_names`), with errors that name the flag."""
   labels = list(labels)
   if not labels:
     raise ValueError(
@@ -59,10 +66,19 @@ def _parse_labels(labels) -> list:
         "or leave the flag out to sample every class"
     )
   out = []
+  names = [str(n) for n in class_names]
   for label in labels:
+    if str(label) in names:
+      out.append(names.index(str(label)))
+      continue
     try:
       out.append(int(label))
     except (TypeError, ValueError):
+      if names:
+        raise ValueError(
+            f"--labels: unknown class {label!r}; the run's classes are "
+            f"{', '.join(names)} (or their indices 0..{len(names) - 1})"
+        ) from None
       raise ValueError(
           f"--labels must be integers separated by commas, got " f"{label!r}"
       ) from None
@@ -78,7 +94,8 @@ def _read_inputs(inputs: str, model: models.IdempotentNetwork):
         f"--inputs file {inputs} has no 'images' array (found: "
         f"{', '.join(arrays) or 'no arrays'})"
     )
-  x = models.check_images(arrays["images"], model.image_channels)
+  size, _, channels = models.image_shape(model)
+  x = models.check_images(arrays["images"], channels, image_size=size)
   if "labels" in arrays:
     return x, models.check_labels(
         arrays["labels"], model.num_classes, x.shape[0]
@@ -105,12 +122,13 @@ def sample_to_file(
   """Samples from the run in `workdir` (or projects `inputs`) into `out`.
 
   What `python -m cign_jax.sample` does: writes `images` (float32 in [-1, 1],
-  (N, 28, 28, 1)) and `labels` to the .npz `out`, and a PNG grid beside it.
+  (N, H, W, C)) and `labels` to the .npz `out`, and a PNG grid beside it.
 
   Args:
     workdir: a run directory (training or `convert`).
     out: the .npz file to write.
-    labels: the labels to sample (default: every class).
+    labels: the labels to sample, as indices or class names (default:
+      every class).
     num_per_label: samples per label; every label gets the same noise.
     seed: seed of the prior noise.
     applications: how many times f is applied.
@@ -125,13 +143,15 @@ def sample_to_file(
   """
   if not out.endswith(".npz"):
     raise ValueError(f"--out must name an .npz file, got {out!r}")
-  if labels is not None:
-    labels = _parse_labels(labels)
+  if labels is not None and not list(labels):
+    _parse_labels([])  # raises: an empty --labels needs no run to refuse
   if checkpoint is None and step is not None:
     checkpoint = step
   chosen, (config, model, variables, step) = checkpoints.load_chosen_model(
       workdir, checkpoint
   )
+  if labels is not None:
+    labels = _parse_labels(labels, config.data.class_names)
   if inputs is not None:
     x, labels_out = _read_inputs(inputs, model)
     images = sampling.project(model, variables, x, labels_out, applications)

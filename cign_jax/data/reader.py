@@ -1,27 +1,35 @@
-"""Reading MNIST / Fashion-MNIST: splits as arrays, and the training batches.
+"""Reading the datasets: splits as arrays, and the training batches.
+
+``load_training_data`` gives a training its splits, whatever the source:
+MNIST / Fashion-MNIST by name (below), or a source kind of
+``cign_jax.data.registry`` ('tfds:NAME', 'folder:PATH', 'npz:PATH'), all as
+uint8 arrays in memory.
 
 The prepared datasets are read with ``tfds.data_source(name, data_dir=...,
 download=False)``, which needs no TensorFlow. ``load_split`` prepares the
 dataset if needed (``cign_jax.data.prepare``), decodes a split once and keeps
 the arrays in ``<data_dir>/cign_jax_arrays/`` (and in memory), so later calls
-take milliseconds. Images are uint8 (N, 28, 28, 1); ``to_model_range`` scales
-them to [-1, 1].
+take milliseconds. Images are uint8 (N, H, W, C) (MNIST's (N, 28, 28, 1));
+``to_model_range`` scales them to [-1, 1].
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 import zipfile
 
 import numpy as np
 
 from cign_jax import utils
 from cign_jax.data import IMAGE_SHAPE
+from cign_jax.data import NUM_CLASSES
 from cign_jax.data import SPLIT_SIZES
 from cign_jax.data import check_dataset
+from cign_jax.data import source_kind
 
 
 def _prepare():
@@ -118,11 +126,19 @@ def _load_split_cached(dataset: str, split: str, data_dir: str):
 def load_split(
     dataset: str, split: str, data_dir: str = ""
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Images uint8 (N, 28, 28, 1) and labels int32 (N,) of a split.
+  """Images uint8 (N, H, W, C) and labels int32 (N,) of a split.
 
-  Prepares the dataset if needed. The arrays are shared between calls and
+  MNIST / Fashion-MNIST: prepares the dataset if needed. A source kind
+  ('npz:PATH', ...): read with its default options (`load_training_data`
+  reads with the config's). The arrays are shared between calls and
   read-only; copy them before changing them.
   """
+  if source_kind(dataset) is not None:
+    found = _registry().load(dataset, data_dir=data_dir)
+    part = found.train if split == "train" else found.test
+    if part is None:
+      raise ValueError(f"{dataset} has no {split} split")
+    return part
   check_dataset(dataset)
   if split not in SPLIT_SIZES:
     raise ValueError(
@@ -137,6 +153,53 @@ def to_model_range(images_uint8) -> np.ndarray:
   """uint8 pixels to float32 in [-1, 1]: (x / 255 - 0.5) * 2."""
   x = np.asarray(images_uint8, dtype=np.float32) / np.float32(255.0)
   return (x - np.float32(0.5)) * np.float32(2.0)
+
+
+def _registry():
+  """`cign_jax.data.registry`, imported on first use (its sources import
+  Pillow or tensorflow-datasets)."""
+  from cign_jax.data import registry  # pylint: disable=g-import-not-at-top
+
+  return registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSplits:
+  """A training's data: the training split and the test split (or None),
+  each (images uint8 (N, H, W, C), labels int32 (N,)), the class count
+  and the class names (empty when the data names none)."""
+
+  train: Tuple[np.ndarray, np.ndarray]
+  test: Optional[Tuple[np.ndarray, np.ndarray]]
+  num_classes: int
+  class_names: Tuple[str, ...] = ()
+
+
+def _classes_in(labels) -> int:
+  labels = np.asarray(labels)
+  return int(labels.max()) + 1 if labels.size else 1
+
+
+def load_training_data(config, dataset=None, with_test=None) -> DataSplits:
+  """The data a training with `config` reads: `dataset` when given (see
+  `split_dataset`), else `config.data.dataset`; its test split when
+  `with_test`, by default when the run computes a validation loss."""
+  if with_test is None:
+    with_test = config.eval_num_examples != 0
+  if dataset is not None:
+    train, test = split_dataset(dataset)
+    return DataSplits(train, test, _classes_in(train[1]))
+  data = config.data
+  if source_kind(data.dataset) is not None:
+    found = _registry().load_for_config(config)
+    if not with_test:
+      found = dataclasses.replace(found, test=None)
+    return found
+  train = load_split(data.dataset, "train", data.data_dir)
+  test = None
+  if with_test:
+    test = load_split(data.dataset, "test", data.data_dir)
+  return DataSplits(train, test, NUM_CLASSES)
 
 
 class TrainBatches:
@@ -182,7 +245,7 @@ class TrainBatches:
     return self._perm
 
   def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 in [-1, 1] (B, 28, 28, 1), labels int32 (B,))."""
+    """(images float32 in [-1, 1] (B, H, W, C), labels int32 (B,))."""
     step = int(step)
     if step < 0:
       raise ValueError(f"step must be non-negative, got {step}.")

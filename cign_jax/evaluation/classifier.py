@@ -1,16 +1,20 @@
 """A small CNN classifier that scores generated samples ("label accuracy").
 
 Trained by the library on a dataset's training split (images in the model
-range [-1, 1], shape (N, 28, 28, 1)) and used to check whether a sample shows
-the label it was asked for.
+range [-1, 1], the data's shape (N, H, W, C); MNIST's (N, 28, 28, 1)) and
+used to check whether a sample shows the label it was asked for. Any
+labelled dataset gets one, its input shape and class count the data's.
 
   python -m cign_jax.classifier train --dataset=mnist [--data_dir=...]
       [--cache_dir=...] [--seed=0] [--retrain]
 
 trains, evaluates on the test split, prints the test accuracy and caches the
-parameters in ``<cache_dir>/<dataset>/``: ``params.msgpack``
-(flax.serialization) and ``info.json`` (dataset, test accuracy, sha256 of the
-params file, architecture version, seed, training time). ``cache_dir``
+parameters in ``<cache_dir>/<dataset>/`` (MNIST and Fashion-MNIST; another
+dataset or shape in ``<cache_dir>/<dataset, made a folder name>/<H>x<W>x<C>/``,
+`cache_directory`): ``params.msgpack``
+(flax.serialization) and ``info.json`` (dataset, image shape, class count,
+test accuracy, sha256 of the params file, architecture version, seed,
+training time). ``cache_dir``
 defaults to ``<cache_root>/classifier`` where ``<cache_root>`` is
 ``$CIGN_JAX_CACHE`` or ``~/.cache/cign_jax``.
 
@@ -27,6 +31,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 
 import flax.linen as nn
@@ -60,6 +65,7 @@ MAX_SHIFT = 2  # Random translation (pixels) for augmentation.
 # Random shifts of up to MAX_SHIFT pixels: used on MNIST; on Fashion-MNIST
 # (centred garments) they cost about 1.5 points of test accuracy in a trial
 # (90.2% vs 91.8%), so it trains on the plain images.
+# Other datasets train on the plain images.
 AUGMENT_SHIFT = {"mnist": True, "fashion_mnist": False}
 
 
@@ -99,11 +105,28 @@ def default_cache_dir(cache_dir: str = "") -> str:
   return os.path.join(utils.cache_root(), "classifier")
 
 
-def _init_variables(model: CNN, seed: int = 0):
+def _init_variables(
+    model: CNN, seed: int = 0, image_shape=data_lib.IMAGE_SHAPE
+):
   return model.init(
       jax.random.PRNGKey(seed),
-      jnp.zeros((1, *data_lib.IMAGE_SHAPE), jnp.float32),
+      jnp.zeros((1, *image_shape), jnp.float32),
   )
+
+
+def cache_directory(dataset: str, image_shape, cache_dir: str = "") -> str:
+  """Where the classifier of `dataset` at `image_shape` (H, W, C) is
+  cached: <root>/<dataset> for MNIST and Fashion-MNIST at their shape (the
+  layout of earlier versions), else <root>/<name>/<H>x<W>x<C>, the name the
+  dataset's with other characters than letters, digits, '.', '_' and '-'
+  replaced and a digest of it appended (paths differ in more than those)."""
+  root = default_cache_dir(cache_dir)
+  shape = tuple(int(v) for v in image_shape)
+  if dataset in data_lib.DATASETS and shape == data_lib.IMAGE_SHAPE:
+    return os.path.join(root, dataset)
+  digest = hashlib.sha256(dataset.encode()).hexdigest()[:8]
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", dataset).strip("_")[-60:]
+  return os.path.join(root, f"{name}-{digest}", "x".join(map(str, shape)))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -121,8 +144,10 @@ class Classifier:
       test_accuracy: float | None,
       params_sha256: str = "",
       num_classes: int = 10,
+      image_shape=data_lib.IMAGE_SHAPE,
   ):
     self.model = CNN(num_classes=num_classes)
+    self.image_shape = tuple(int(v) for v in image_shape)
     self.variables = variables
     self.dataset = dataset
     self.test_accuracy = test_accuracy
@@ -130,13 +155,15 @@ class Classifier:
     self.num_classes = num_classes
 
   def logits(self, images) -> np.ndarray:
-    """Logits (N, num_classes) for images in [-1, 1], (N, 28, 28[, 1])."""
+    """Logits (N, num_classes) for images in [-1, 1], (N, H, W[, C]) of
+    the classifier's shape."""
     images = np.asarray(images, dtype=np.float32)
     if images.ndim == 3:
       images = images[..., None]
-    if images.ndim != 4 or images.shape[1:] != data_lib.IMAGE_SHAPE:
+    if images.ndim != 4 or images.shape[1:] != self.image_shape:
       raise ValueError(
-          f"expected images of shape (N, 28, 28, 1), got " f"{images.shape}."
+          f"expected images of shape (N, {', '.join(map(str, self.image_shape))}"
+          f"), got {images.shape}."
       )
     n = len(images)
     out = np.empty((n, self.num_classes), np.float32)
@@ -187,23 +214,23 @@ def train(
 ) -> tuple[Classifier, dict]:
   """Trains a classifier on the training split; returns it and its info.
   `splits`: ((train images uint8, labels), (test images, labels)) instead of
-  reading the dataset with tensorflow-datasets."""
-  data_lib.check_dataset(dataset)
+  reading the dataset (a source kind with its default options). The input
+  shape and the class count are the data's."""
+  data_lib.check_dataset_name(dataset)
   if splits is None:
     train_x, train_y = reader.load_split(dataset, "train", data_dir)
     test_x, test_y = reader.load_split(dataset, "test", data_dir)
   else:
     (train_x, train_y), (test_x, test_y) = splits
-  if len(train_x) < BATCH_SIZE:
-    raise ValueError(
-        f"{len(train_x)} training images for the {dataset} classifier, fewer "
-        f"than one batch of {BATCH_SIZE}: give at least {BATCH_SIZE}"
-    )
-  batches = reader.TrainBatches(train_x, train_y, BATCH_SIZE, seed)
+  image_shape = tuple(int(v) for v in np.shape(train_x)[1:])
+  num_classes = _num_classes(dataset, train_y, test_y)
+  batches = reader.TrainBatches(
+      train_x, train_y, min(BATCH_SIZE, len(train_y)), seed
+  )
   total_steps = epochs * batches.steps_per_epoch
 
-  model = CNN(num_classes=data_lib.NUM_CLASSES)
-  variables = _init_variables(model, seed)
+  model = CNN(num_classes=num_classes)
+  variables = _init_variables(model, seed, image_shape)
   params, batch_stats = variables["params"], variables["batch_stats"]
   schedule = optax.warmup_cosine_decay_schedule(
       0.0,
@@ -218,7 +245,7 @@ def train(
   @jax.jit
   def step_fn(params, batch_stats, opt_state, images, labels, rng):
     shift_rng, dropout_rng = jax.random.split(rng)
-    if AUGMENT_SHIFT[dataset]:
+    if AUGMENT_SHIFT.get(dataset, False):
       images = _random_shift(shift_rng, images)
 
     def loss_fn(params):
@@ -263,12 +290,15 @@ def train(
       {"params": params, "batch_stats": batch_stats},
       dataset,
       None,
-      num_classes=data_lib.NUM_CLASSES,
+      num_classes=num_classes,
+      image_shape=image_shape,
   )
   predicted = classifier.predict(reader.to_model_range(test_x))
   classifier.test_accuracy = float(np.mean(predicted == test_y))
   info = {
       "dataset": dataset,
+      "image_shape": list(image_shape),
+      "num_classes": num_classes,
       "test_accuracy": classifier.test_accuracy,
       "arch_version": ARCH_VERSION,
       "seed": int(seed),
@@ -276,6 +306,13 @@ def train(
       "train_seconds": round(train_seconds, 1),
   }
   return classifier, info
+
+
+def _num_classes(dataset: str, *labels) -> int:
+  """MNIST's and Fashion-MNIST's ten; else the largest label + 1."""
+  if dataset in data_lib.DATASETS:
+    return data_lib.NUM_CLASSES
+  return max(int(np.max(y)) for y in labels if np.size(y)) + 1
 
 
 # --- Cache ------------------------------------------------------------------
@@ -344,7 +381,12 @@ def load(dataset: str, directory: str) -> Classifier:
         f"(sha256 {digest}, {info_path} says {info.get('params_sha256')}); "
         f"delete {directory} to retrain."
     )
-  template = jax.device_get(_init_variables(CNN(data_lib.NUM_CLASSES)))
+  # Earlier versions cached MNIST-shaped classifiers without these keys.
+  num_classes = int(info.get("num_classes", data_lib.NUM_CLASSES))
+  image_shape = tuple(info.get("image_shape", data_lib.IMAGE_SHAPE))
+  template = jax.device_get(
+      _init_variables(CNN(num_classes), image_shape=image_shape)
+  )
   try:
     variables = serialization.from_bytes(template, payload)
     shapes_ok = jax.tree_util.tree_all(
@@ -367,7 +409,8 @@ def load(dataset: str, directory: str) -> Classifier:
       dataset,
       info.get("test_accuracy"),
       digest,
-      num_classes=data_lib.NUM_CLASSES,
+      num_classes=num_classes,
+      image_shape=image_shape,
   )
 
 
@@ -393,15 +436,30 @@ def load_or_train(
   """The cached classifier of `dataset`, trained and cached first if absent.
 
   `cache_dir` is the root (default <cache_root>/classifier); the files are in
-  its `<dataset>/` folder. A bad cache raises ClassifierCacheError (see the
-  module docstring) unless `retrain`. `splits`: the data to train on, as
-  `train` takes it; its classifier is cached apart, in
-  `<dataset>-data-<digest of the training split>/`, so that one trained on
-  other images (a subset, a user's .npz) never stands in for the dataset's.
+  `cache_directory(dataset, shape)`. A bad cache raises
+  ClassifierCacheError (see the module docstring) unless `retrain`.
+  `splits`: the data to train on, as `train` takes it (their shape chooses
+  the cache; without them the dataset is read, a source kind with its
+  default options); a classifier trained on given splits is cached apart,
+  in that folder's name plus `-data-<digest of the training split>`, so
+  that one trained on other images (a subset, a user's .npz) never stands
+  in for the dataset's.
   """
-  data_lib.check_dataset(dataset)
-  name = dataset if splits is None else f"{dataset}-data-{_digest(splits[0])}"
-  directory = os.path.join(default_cache_dir(cache_dir), name)
+  data_lib.check_dataset_name(dataset)
+  given = splits is not None
+  if given:
+    image_shape = np.shape(splits[0][0])[1:]
+  elif dataset in data_lib.DATASETS:
+    image_shape = data_lib.IMAGE_SHAPE
+  else:
+    splits = (
+        reader.load_split(dataset, "train", data_dir),
+        reader.load_split(dataset, "test", data_dir),
+    )
+    image_shape = np.shape(splits[0][0])[1:]
+  directory = cache_directory(dataset, image_shape, cache_dir)
+  if given:
+    directory = f"{directory}-data-{_digest(splits[0])}"
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
   # One trainer at a time per cache: a process that waited here loads what

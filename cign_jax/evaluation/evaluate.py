@@ -27,6 +27,7 @@ from cign_jax import checkpoints
 from cign_jax import models
 from cign_jax import run_dir
 from cign_jax import sampling
+from cign_jax import data as data_lib
 from cign_jax.data import reader
 from cign_jax.evaluation import classifier
 from cign_jax.evaluation import fid
@@ -48,18 +49,15 @@ def generate_for_eval(
   """num_per_class samples of every label from a checkpoint of the run
   (`checkpoint`: 'best', 'latest' or a step; default the best when the run
   keeps one, else the latest), or from `loaded`, the result of
-  `checkpoints.load_model`."""
+  `checkpoints.load_model`. An unconditional model gives num_per_class
+  samples, all labelled 0 (for the whole-set metrics)."""
   config, model, variables, step = loaded or checkpoints.load_model(
       workdir, checkpoint=checkpoint
   )
-  if model.conditioning == "none":
-    raise ValueError(
-        "per-class evaluation needs a conditional model; this "
-        "run is an unconditional IGN"
-    )
   if num_per_class < 2:
     raise ValueError(f"num_per_class must be >= 2, got {num_per_class}")
-  labels = np.repeat(np.arange(model.num_classes), num_per_class)
+  k = 1 if model.conditioning == "none" else model.num_classes
+  labels = np.repeat(np.arange(k), num_per_class)
   images = sampling.generate(
       model,
       variables,
@@ -93,11 +91,14 @@ def _read_cache(path: str, key: str):
 
 
 def default_metrics(
-    feature_sizes=None, smallest: Optional[int] = None
+    feature_sizes=None,
+    smallest: Optional[int] = None,
+    label_accuracy: bool = True,
 ) -> Tuple[List[str], List[str]]:
   """(names, notes): per-class FID at `feature_sizes` (default 64, 192, 768,
   and 2048 when the smallest class, `smallest` samples, has at least 2048),
-  label accuracy, and the diversity metrics (`registry.DIVERSITY`)."""
+  label accuracy (unless `label_accuracy` is False: whole-set scoring), and
+  the diversity metrics (`registry.DIVERSITY`)."""
   notes = []
   if feature_sizes is None:
     sizes = [64, 192, 768]
@@ -117,8 +118,9 @@ def default_metrics(
           f"feature sizes must be among {fid.FEATURE_SIZES}, "
           f"got {tuple(feature_sizes)}"
       )
+  accuracy = ["label_accuracy"] if label_accuracy else []
   return (
-      [f"fid{s}" for s in sizes] + ["label_accuracy"] + list(registry.DIVERSITY)
+      [f"fid{s}" for s in sizes] + accuracy + list(registry.DIVERSITY)
   ), notes
 
 
@@ -132,8 +134,10 @@ def evaluate_samples(
     clf=None,
     metrics=None,
     train=None,
+    whole_set: bool = False,
 ) -> Dict[str, Any]:
-  """The registry's metrics of samples in [-1, 1], per class.
+  """The registry's metrics of samples in [-1, 1], per class (or over the
+  whole set).
 
   Args:
     images, labels: the samples and the labels they were drawn for.
@@ -147,6 +151,9 @@ def evaluate_samples(
     metrics: metric names (default: `default_metrics`).
     train: (images uint8, labels) of the training split, for metrics that
       read it (default: the dataset's, loaded only then).
+    whole_set: score all samples against all real images as one class (an
+      unconditional model; the IGN paper's CelebA FID): every label is
+      taken as 0, and label accuracy is not in the default metrics.
 
   Returns:
     The report written to eval.json: `metrics` {name: {mean, min, max,
@@ -157,12 +164,32 @@ def evaluate_samples(
     `label_accuracy` {accuracy, per_label, confusion, num_samples} and
     `classifier_test_accuracy` (when label accuracy was computed).
   """
-  images = models.check_images(images)
-  labels = models.check_labels(labels, 10, images.shape[0])
-  present = sorted(np.unique(labels).tolist())
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise ValueError(
+        f"wrong image shape {images.shape}: expected (N, H, W) or "
+        "(N, H, W, C)"
+    )
+  images = models.check_images(
+      images, images.shape[-1], image_size=images.shape[1]
+  )
   if real is None:
     real = reader.load_split(dataset, "test")
+  if whole_set:
+    labels = np.zeros((len(images),), np.int32)
+    real = (real[0], np.zeros((len(real[0]),), np.int32))
+    if train is not None:
+      train = (train[0], np.zeros((len(train[0]),), np.int32))
   real_labels = np.asarray(real[1])
+  if dataset in data_lib.DATASETS:
+    num_classes = data_lib.NUM_CLASSES
+  else:
+    seen = [np.asarray(labels).reshape(-1), real_labels.reshape(-1)]
+    num_classes = max(int(np.max(x)) for x in seen if x.size) + 1
+  labels = models.check_labels(labels, num_classes, images.shape[0])
+  present = sorted(np.unique(labels).tolist())
   notes: List[str] = []
   if metrics is None:
     smallest = min(
@@ -173,14 +200,21 @@ def evaluate_samples(
         )
         for c in present
     )
-    names, notes = default_metrics(feature_sizes, smallest)
+    names, notes = default_metrics(
+        feature_sizes, smallest, label_accuracy=not whole_set
+    )
   else:
     names = [str(n) for n in metrics]
   need = registry.needs(names)
-  if need.classifier:
-    clf = clf or classifier.load_or_train(dataset)
   if need.train_features and train is None:
     train = reader.load_split(dataset, "train")
+  if need.classifier and clf is None:
+    splits = None
+    if dataset not in data_lib.DATASETS:
+      if train is None:
+        train = reader.load_split(dataset, "train")
+      splits = (train, real)
+    clf = classifier.load_or_train(dataset, splits=splits)
   result = scoring.score(
       names,
       images,
@@ -192,6 +226,7 @@ def evaluate_samples(
       train=train,
       store=scoring.FeatureStore(dataset, "test", progress=progress),
       train_store=scoring.FeatureStore(dataset, "train", progress=progress),
+      num_classes=num_classes,
   )
   report: Dict[str, Any] = {
       "dataset": dataset,
@@ -222,7 +257,7 @@ def evaluate_samples(
     report["fid_notes"] = notes
   if result.predicted is not None:
     report["label_accuracy"] = classifier.label_accuracy(
-        result.predicted, labels
+        result.predicted, labels, num_classes
     )
     report["classifier_test_accuracy"] = clf.test_accuracy
   report["notes"] = notes
@@ -292,6 +327,8 @@ def run(
         "samples (an .npz to score)"
     )
   meta: Dict[str, Any] = {"date": time.strftime("%Y-%m-%d")}
+  real = train = None
+  whole_set = False
   if samples is not None:
     arrays = sampling.open_npz(samples, "the samples file")
     for key in ("images", "labels"):
@@ -341,7 +378,22 @@ def run(
     out = out or workdir
     meta.update(workdir=workdir, **settings)
     dataset = dataset or run_config.data.dataset
+    whole_set = loaded[1].conditioning == "none"
+    if data_lib.source_kind(dataset) is not None:
+      # The run's own reading of its data (size, channels, keys).
+      splits = reader.load_training_data(run_config, with_test=True)
+      if splits.test is None:
+        raise ValueError(
+            f"{dataset} has no test split to score the samples against"
+        )
+      real, train = splits.test, splits.train
   named = {} if metrics is None else {"metrics": metrics}
+  # Only what differs from evaluate_samples' defaults.
+  for key, value in (("real", real), ("train", train)):
+    if value is not None:
+      named[key] = value
+  if whole_set:
+    named["whole_set"] = True
   report = evaluate_samples(images, labels, dataset, feature_sizes, **named)
   report.update(meta)
   os.makedirs(out, exist_ok=True)

@@ -17,7 +17,7 @@ Protocol (`shared/reference/fid.md`):
    pytorch-fid's handling of a non-finite or complex square root.
 
 Steps 1-2 run inside the same jitted function as the network
-(`preprocess_pixels`), so only 28x28 uint8 images travel to the device.
+(`preprocess_pixels`), so only the small uint8 images travel to the device.
 
 `per_class_fid` is the paper's per-class FID: for each label, up to
 `max_per_class` (1000) real test images of that label against the same number

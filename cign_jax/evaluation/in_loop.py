@@ -41,6 +41,7 @@ from cign_jax import config as config_lib
 from cign_jax import sampling
 from cign_jax import train
 from cign_jax.data import reader
+from cign_jax.data import source_kind
 from cign_jax.evaluation import classifier as classifier_lib
 from cign_jax.evaluation import distances
 from cign_jax.evaluation import registry
@@ -184,11 +185,20 @@ def train_and_evaluate(
   evaluator = None
   if config_lib.needs_evaluator(config):
     splits = test = train_split = None
-    if dataset is not None:
-      train_split, test = reader.split_dataset(dataset)
+    eval_config = config
+    if dataset is not None or source_kind(config.data.dataset) is not None:
+      # The data as the training reads them; their shape and classes fill
+      # the config's unset fields for the evaluator as the training will.
+      data = reader.load_training_data(config, dataset, with_test=True)
+      train_split, test = data.train, data.test
       if test is not None:
         splits = (train_split, test)
-    evaluator = InLoopEvaluator(config, test, classifier, splits, train_split)
+      eval_config = config_lib.fit_to_data(
+          config, train_split[0].shape[1:], data.num_classes, data.class_names
+      )
+    evaluator = InLoopEvaluator(
+        eval_config, test, classifier, splits, train_split
+    )
   return train.train_and_evaluate(
       config,
       workdir,
