@@ -170,12 +170,46 @@ def train_and_evaluate(
 
   t_begin = time.time()
   config = config_lib.validate(config)
+  if config_lib.is_sweep(config):
+    raise ValueError(
+        f"config.sweep varies {', '.join(config_lib.swept_settings(config))}"
+        ": a sweep trains its members together with cign_jax.sweeps."
+        "training.train_and_evaluate (what `python -m cign_jax.main` runs)"
+    )
   # Every check comes before the first write to the run directory, so a
   # refused start leaves it as it was.
   _check_resume_config(workdir, config)
   mesh = sharding.create_mesh(config)
   sharding.check_batch_divides(config, mesh)
+  images, labels, val_split = load_training_data(config, dataset, evaluator)
+  batches = reader.TrainBatches(images, labels, config.batch_size, config.seed)
+  total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
+  # One writer per run: held until this function returns (or the process
+  # ends, when the OS drops it).
+  lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  try:
+    with run_dir.noting_sigterm():
+      return _train(
+          config,
+          workdir,
+          mesh,
+          batches,
+          total_steps,
+          val_split,
+          evaluator,
+          t_begin,
+          time_limit_seconds,
+      )
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def load_training_data(config, dataset, evaluator):
+  """(training images, labels, validation split or None) of a run (see
+  `train_and_evaluate` for `dataset`), checked against what the config
+  asks for."""
   if dataset is None:
     images, labels = reader.load_split(
         config.data.dataset, "train", config.data.data_dir
@@ -206,29 +240,8 @@ def train_and_evaluate(
         "train_and_evaluate (what `python -m cign_jax.main` does) or pass "
         "evaluator="
     )
-  batches = reader.TrainBatches(images, labels, config.batch_size, config.seed)
   _check_labels_fit(config, labels)
-  total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
-
-  # One writer per run: held until this function returns (or the process
-  # ends, when the OS drops it).
-  lock = run_dir.WorkdirLock(workdir) if jax.process_index() == 0 else None
-  try:
-    with run_dir.noting_sigterm():
-      return _train(
-          config,
-          workdir,
-          mesh,
-          batches,
-          total_steps,
-          val_split,
-          evaluator,
-          t_begin,
-          time_limit_seconds,
-      )
-  finally:
-    if lock is not None:
-      lock.release()
+  return images, labels, val_split
 
 
 def _check_labels_fit(config, labels):

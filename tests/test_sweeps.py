@@ -1,0 +1,288 @@
+"""Sweeps (`config.sweep`, `cign_jax.sweeps`): what may be swept, the
+members' settings, and that member k of a sweep trains as the single run of
+its settings does (the single run's step is the reference)."""
+
+import json
+import os
+
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import pytest
+
+from cign_jax import checkpoints
+from cign_jax import config as config_lib
+from cign_jax import losses
+from cign_jax import models
+from cign_jax import sharding
+from cign_jax import train
+from cign_jax import train_step as train_step_lib
+from cign_jax.data import reader
+from cign_jax.sweeps import step as step_lib
+from cign_jax.sweeps import training as sweep_training
+from conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sweep(**swept):
+  """The tiny config with config.sweep.NAME = values for each NAME__PATH
+  keyword (dots written as '__')."""
+  config = tiny_config()
+  for name, values in swept.items():
+    node = config.sweep
+    *parents, leaf = name.split("__")
+    for part in parents:
+      node = node[part]
+    node[leaf] = tuple(values)
+  return config
+
+
+def test_an_empty_sweep_is_a_single_run():
+  config = tiny_config()
+  assert not config_lib.is_sweep(config)
+  assert config_lib.swept_settings(config) == {}
+
+
+def test_members_zip_the_lists_or_cross_them():
+  config = _sweep(seed=(0, 1, 2), optimizer__learning_rate=(1e-3, 2e-3, 3e-3))
+  config_lib.validate(config)
+  assert config_lib.sweep_members(config) == [
+      {"seed": 0, "optimizer.learning_rate": 1e-3},
+      {"seed": 1, "optimizer.learning_rate": 2e-3},
+      {"seed": 2, "optimizer.learning_rate": 3e-3},
+  ]
+  config = _sweep(seed=(0, 1), loss__rec_weight=(20.0, 10.0, 5.0))
+  with pytest.raises(ValueError, match="different numbers of values"):
+    config_lib.validate(config)
+  config.sweep.product = True
+  members = config_lib.sweep_members(config_lib.validate(config))
+  assert members == [
+      {"seed": s, "loss.rec_weight": w} for s in (0, 1) for w in (20, 10, 5)
+  ]
+
+
+def test_a_member_config_holds_its_own_values_and_no_sweep():
+  config = _sweep(seed=(3, 4), model__dropout_rate=(0.1, 0.2))
+  member = config_lib.member_config(config, config_lib.sweep_members(config)[1])
+  assert member.seed == 4 and member.model.dropout_rate == 0.2
+  assert not config_lib.is_sweep(member)
+  assert config.seed == 0  # the sweep's config is left as it was
+  config_lib.validate(member)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("batch_size", "batch_size cannot be swept"),
+        ("model__latent_dim", "model.latent_dim cannot be swept"),
+        ("model__conditioning", "model.conditioning cannot be swept"),
+        (
+            "loss__num_mismatch_labels",
+            "loss.num_mismatch_labels cannot be swept",
+        ),
+    ],
+)
+def test_what_changes_the_program_is_refused_by_name(setting, message):
+  config = tiny_config()
+  node = config.sweep
+  *parents, leaf = setting.split("__")
+  for part in parents:
+    if part not in node:
+      node[part] = type(config)()
+    node = node[part]
+  node[leaf] = (1, 2)
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_bad_member_values_are_named():
+  with pytest.raises(ValueError, match="member 1.*learning_rate: must be > 0"):
+    config_lib.validate(_sweep(optimizer__learning_rate=(1e-3, -1.0)))
+  with pytest.raises(ValueError, match="seed: 1.5 is not a valid value"):
+    config_lib.validate(_sweep(seed=(0, 1.5)))
+  with pytest.raises(ValueError, match="all be 0 or all be positive"):
+    config_lib.validate(_sweep(ema_decay=(0.0, 0.9)))
+
+
+def test_the_command_line_sets_a_sweep():
+  """`--config.sweep.seed="(0, 1, 2, 3)"` as the train command parses it."""
+  argv = [
+      "main",
+      f"--config={ROOT}/configs/channel_small.py",
+      "--config.sweep.seed=(0, 1, 2, 3)",
+      "--config.sweep.optimizer.learning_rate=(1e-3, 2e-3, 3e-3, 4e-3)",
+  ]
+  values = flags.FlagValues()
+  # (The override flags are found in the arguments given here, as the
+  # command finds them in sys.argv.)
+  config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+  values(argv)
+  config = config_lib.validate(values.config)
+  assert [m["seed"] for m in config_lib.sweep_members(config)] == [0, 1, 2, 3]
+  assert config_lib.sweep_members(config)[3]["optimizer.learning_rate"] == 4e-3
+
+
+def test_a_single_run_refuses_a_sweep(tmp_path, synthetic_dataset):
+  with pytest.raises(ValueError, match="cign_jax.sweeps"):
+    train.train_and_evaluate(
+        _sweep(seed=(0, 1)), str(tmp_path), dataset=synthetic_dataset
+    )
+
+
+# The members of the exactness checks: every kind of swept setting (the
+# seed: initial state, data order, noise and dropout keys; the optimiser's
+# numbers; the loss weights; the dropout rate; the average's decay; the
+# training noise), 2 or 3 members. One wrong label per image keeps the
+# mismatch batch small.
+_SWEPT = {
+    2: dict(
+        seed=(0, 1),
+        optimizer__learning_rate=(1e-3, 3e-3),
+        loss__rec_weight=(20.0, 7.0),
+        model__dropout_rate=(0.15, 0.3),
+        ema_decay=(0.9, 0.99),
+    ),
+    3: dict(
+        seed=(2, 0, 1),
+        optimizer__weight_decay=(0.01, 0.0, 0.1),
+        optimizer__b1=(0.5, 0.9, 0.5),
+        loss__tight_noise_weight=(2.5, 1.0, 4.0),
+        loss__idem_mismatch_weight=(3.0, 1.0, 0.5),
+        data__train_noise_std=(0.15, 0.3, 0.05),
+    ),
+}
+_NUM_STEPS = 3
+
+
+def _exactness_sweep(conditioning, num_members):
+  config = _sweep(**_SWEPT[num_members])
+  config.model.conditioning = conditioning
+  config.loss.num_mismatch_labels = 1
+  config_lib.validate(config)
+  members = [
+      config_lib.member_config(config, s)
+      for s in config_lib.sweep_members(config)
+  ]
+  return config, members
+
+
+class _Float64Namespace(type(jnp)):
+  """`jax.numpy` with `float32` meaning float64 (the modules cast BatchNorm
+  statistics, outputs and L1 distances to float32)."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+
+@pytest.fixture
+def float64(monkeypatch):
+  """Float64 everywhere: x64 on, the modules' float32 casts float64."""
+  namespace = _Float64Namespace("jax_numpy_float64")
+  namespace.float32 = jnp.float64
+  monkeypatch.setattr(models, "jnp", namespace)
+  monkeypatch.setattr(losses, "jnp", namespace)
+  monkeypatch.setattr(train_step_lib, "jnp", namespace)  # the average's decay
+
+  class Linear64(models.Linear):
+    dtype: object = jnp.float64
+
+  monkeypatch.setattr(models, "Linear", Linear64)
+  with jax.enable_x64(True):
+    yield
+
+
+def _flat(tree):
+  return {
+      jax.tree_util.keystr(k): np.asarray(v, np.float64)
+      for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def _states(members, model, dtype):
+  """Each member's initial state, as its single run makes it, in dtype."""
+  tx = train_step_lib.make_optimizer(members[0])
+  cast = lambda t: jax.tree_util.tree_map(
+      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      t,
+  )
+  return [
+      cast(train_step_lib.create_train_state(m, model=model, tx=tx))
+      for m in members
+  ]
+
+
+def _batches(members, synthetic_dataset, step, dtype):
+  images, labels = synthetic_dataset
+  out = [
+      reader.TrainBatches(images, labels, m.batch_size, m.seed).batch(step)
+      for m in members
+  ]
+  return [(jnp.asarray(x, dtype), jnp.asarray(c)) for x, c in out]
+
+
+@pytest.mark.parametrize(
+    "conditioning, num_members",
+    [("channel", 2), pytest.param("filter", 3, marks=pytest.mark.slow)],
+)
+def test_members_train_as_single_runs_float64(
+    conditioning, num_members, float64, synthetic_dataset
+):
+  """Three steps of the sweep against three steps of its last member's
+  single run (its own jitted `train_step`), in float64: the loss terms,
+  parameters, BatchNorm statistics, optimiser state and average agree to
+  1e-10. (One member is compared, as each compiles its own single-run
+  step; it is the last, whose settings all differ from the first's.)"""
+  del float64
+  config, members = _exactness_sweep(conditioning, num_members)
+  names = list(config_lib.swept_settings(config))
+  model = models.model_from_config(members[0]).clone(dtype=jnp.float64)
+  numbers = step_lib.member_numbers(members, names)
+  assert all(
+      v.dtype == (np.uint32 if k == "dropout_threshold" else np.float64)
+      for k, v in numbers.items()
+  )
+  sweep_step = jax.jit(
+      lambda s, x, c, k, h: step_lib.sweep_train_step(
+          s, x, c, k, h, config=members[0], total_steps=_NUM_STEPS
+      )
+  )
+  states = step_lib.stack(_states(members, model, jnp.float64))
+  keys = step_lib.member_keys([m.seed for m in members])
+  sweep_metrics = []
+  for step in range(_NUM_STEPS):
+    batches = _batches(members, synthetic_dataset, step, jnp.float64)
+    states, metrics = sweep_step(
+        states,
+        jnp.stack([x for x, _ in batches]),
+        jnp.stack([c for _, c in batches]),
+        keys,
+        numbers,
+    )
+    sweep_metrics.append(jax.device_get(metrics))
+  k = num_members - 1
+  member = members[k]
+  single = jax.jit(train_step_lib.make_train_step(member))
+  # The single run's own network (its dropout rate) and optimiser.
+  own_model = models.model_from_config(member).clone(dtype=jnp.float64)
+  state = _states([member], own_model, jnp.float64)[0]
+  state = state.replace(tx=train_step_lib.make_optimizer(member))
+  for step in range(_NUM_STEPS):
+    ((x, c),) = _batches([member], synthetic_dataset, step, jnp.float64)
+    state, metrics = single(state, x, c, jax.random.key(member.seed))
+    for name in losses.LOSS_TERMS + ("loss",):
+      want = float(metrics[name])
+      got = float(sweep_metrics[step][name][k])
+      assert abs(got - want) <= 1e-10 * abs(want), (step, name, got, want)
+      # The other members train otherwise (their own settings and data).
+      assert sweep_metrics[step]["loss"][0] != sweep_metrics[step]["loss"][k]
+    assert np.all(sweep_metrics[step]["finite"] == 1.0)
+  got = _flat(checkpoints.state_tree(step_lib.member(states, k)))
+  want = _flat(checkpoints.state_tree(state))
+  assert got.keys() == want.keys()
+  for key in want:
+    scale = max(np.max(np.abs(want[key])), 1e-300)
+    err = np.max(np.abs(got[key] - want[key])) / scale
+    assert err <= 1e-10, f"member {k} {key}: relative difference {err:.3g}"
