@@ -286,3 +286,160 @@ def test_members_train_as_single_runs_float64(
     scale = max(np.max(np.abs(want[key])), 1e-300)
     err = np.max(np.abs(got[key] - want[key])) / scale
     assert err <= 1e-10, f"member {k} {key}: relative difference {err:.3g}"
+
+
+# The sweep of the training-loop checks: two members, one compiled step.
+_LOOP_SWEPT = dict(seed=(0, 1), optimizer__learning_rate=(1e-3, 2e-3))
+
+
+def _member_leaves(workdir, k, step=None):
+  """(step, leaves) of member k's checkpoint (default: the latest)."""
+  mngr = checkpoints.manager(sweep_training.member_dir(workdir, k))
+  try:
+    template = train_step_lib.create_train_state(
+        checkpoints.load_config(sweep_training.member_dir(workdir, k))
+    )
+    state = checkpoints.restore(mngr, template, step)
+  finally:
+    mngr.close()
+  return int(state.step), [
+      np.asarray(a)
+      for a in jax.tree_util.tree_leaves(checkpoints.state_tree(state))
+  ]
+
+
+def _assert_same_leaves(a, b):
+  assert a[0] == b[0]
+  assert len(a[1]) == len(b[1])
+  for x, y in zip(a[1], b[1]):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_sweep(tmp_path_factory, synthetic_dataset):
+  workdir = str(tmp_path_factory.mktemp("sweep"))
+  states = sweep_training.train_and_evaluate(
+      _sweep(**_LOOP_SWEPT), workdir, dataset=synthetic_dataset
+  )
+  return workdir, jax.device_get(states)
+
+
+def test_every_member_is_a_run_directory(uninterrupted_sweep):
+  workdir, states = uninterrupted_sweep
+  record = sweep_training.read_sweep(workdir)
+  assert record["swept"] == ["seed", "optimizer.learning_rate"]
+  assert [m["settings"] for m in record["members"]] == [
+      {"seed": 0, "optimizer.learning_rate": 1e-3},
+      {"seed": 1, "optimizer.learning_rate": 2e-3},
+  ]
+  assert record["stopped"] == {}
+  assert config_lib.is_sweep(checkpoints.load_config(workdir))
+  num_steps = tiny_config().num_train_steps
+  for k, (seed, lr) in enumerate([(0, 1e-3), (1, 2e-3)]):
+    run = sweep_training.member_dir(workdir, k)
+    member = checkpoints.load_config(run)
+    assert (member.seed, member.optimizer.learning_rate) == (seed, lr)
+    assert not config_lib.is_sweep(member)
+    files = os.listdir(run)
+    assert "samples.png" in files
+    assert any(f.startswith("events.out.tfevents") for f in files)
+    assert sorted(
+        int(s) for s in os.listdir(os.path.join(run, "checkpoints"))
+    ) == [2, 4, 6]
+    # The readers of a run read a member as they read any run.
+    _, _, variables, step = checkpoints.load_model(run)
+    assert step == num_steps
+    want = step_lib.member(
+        {"params": states.params, "batch_stats": states.batch_stats}, k
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(want)
+    ):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Each member trained on its own: other seeds, other parameters.
+  assert not np.array_equal(
+      np.asarray(jax.tree_util.tree_leaves(states.params)[0][0]),
+      np.asarray(jax.tree_util.tree_leaves(states.params)[0][1]),
+  )
+
+
+def test_a_member_trains_as_its_single_run_float32(tmp_path, synthetic_dataset):
+  """Member 1's first step in the training loop (its initial state, data
+  order, keys and learning rate) against its single run's, within the
+  float32 tolerances of the multi-device checks
+  (`multidevice_worker.compare_states`)."""
+  import multidevice_worker  # pylint: disable=g-import-not-at-top
+
+  config = _sweep(**_LOOP_SWEPT)
+  config.num_train_steps = 1
+  states = sweep_training.train_and_evaluate(
+      config, str(tmp_path / "sweep"), dataset=synthetic_dataset
+  )
+  member = config_lib.member_config(config, config_lib.sweep_members(config)[1])
+  single = train.train_and_evaluate(
+      member, str(tmp_path / "single"), dataset=synthetic_dataset
+  )
+  got = multidevice_worker.flat(step_lib.member(jax.device_get(states), 1))
+  want = multidevice_worker.flat(jax.device_get(single))
+  multidevice_worker.compare_states("member 1", got, want, member.optimizer)
+  # Member 0 is another run (seed 0): far outside those tolerances.
+  other = multidevice_worker.flat(step_lib.member(jax.device_get(states), 0))
+  with pytest.raises(AssertionError):
+    multidevice_worker.compare_states("member 0", other, want, member.optimizer)
+
+
+def test_a_stopped_sweep_resumes_as_the_uninterrupted_one(
+    uninterrupted_sweep, tmp_path, synthetic_dataset
+):
+  """Stopped after its first step (time limit), then resumed by the same
+  call, a sweep ends bit for bit where the uninterrupted one does; also
+  when a member's last checkpoint is missing (a stop while the members were
+  saved): the members resume from the last step they all have."""
+  reference, _ = uninterrupted_sweep
+  workdir = str(tmp_path / "sweep")
+  config = _sweep(**_LOOP_SWEPT)
+  sweep_training.train_and_evaluate(
+      config, workdir, dataset=synthetic_dataset, time_limit_seconds=0
+  )
+  for k in (0, 1):
+    assert _member_leaves(workdir, k)[0] == 1
+  # As if stopped while member 1's checkpoint was written: none of its.
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  shutil.rmtree(
+      os.path.join(sweep_training.member_dir(workdir, 1), "checkpoints", "1")
+  )
+  sweep_training.train_and_evaluate(config, workdir, dataset=synthetic_dataset)
+  for k in (0, 1):
+    _assert_same_leaves(
+        _member_leaves(workdir, k), _member_leaves(reference, k)
+    )
+
+
+def test_a_diverging_member_stops_and_the_others_go_on(
+    uninterrupted_sweep, tmp_path, synthetic_dataset
+):
+  """A member whose learning rate blows it up is stopped and recorded in
+  sweep.json, its last good checkpoint kept; the other member trains on to
+  the end, as it does beside a member that does not diverge."""
+  reference, _ = uninterrupted_sweep
+  workdir = str(tmp_path / "sweep")
+  # (At 2e3 the tiny network's step overflows after a few good steps; at
+  # 1e4 and above the first step's state already samples non-finite
+  # images, before any checkpoint.)
+  config = _sweep(seed=(0, 1), optimizer__learning_rate=(1e-3, 2e3))
+  config.checkpoint_every_steps = 1
+  sweep_training.train_and_evaluate(config, workdir, dataset=synthetic_dataset)
+  stopped = sweep_training.read_sweep(workdir)["stopped"]
+  assert list(stopped) == ["1"]
+  run = sweep_training.member_dir(workdir, 1)
+  steps = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")))
+  assert steps and stopped["1"]["last_checkpoint"] == steps[-1]
+  assert all(s < stopped["1"]["step"] for s in steps)
+  assert "samples.png" not in os.listdir(run)
+  assert "samples.png" in os.listdir(sweep_training.member_dir(workdir, 0))
+  _assert_same_leaves(_member_leaves(workdir, 0), _member_leaves(reference, 0))
+  # The same command again: the stopped member stays stopped, and the
+  # finished one has nothing left to do.
+  sweep_training.train_and_evaluate(config, workdir, dataset=synthetic_dataset)
+  assert list(sweep_training.read_sweep(workdir)["stopped"]) == ["1"]
