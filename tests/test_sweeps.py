@@ -23,6 +23,7 @@ from cign_jax.data import reader
 from cign_jax.sweeps import step as step_lib
 from cign_jax.sweeps import training as sweep_training
 from conftest import tiny_config
+import multidevice_worker  # the float32 tolerances of the multi-device checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,29 +364,140 @@ def test_every_member_is_a_run_directory(uninterrupted_sweep):
   )
 
 
-def test_a_member_trains_as_its_single_run_float32(tmp_path, synthetic_dataset):
+@pytest.fixture(scope="module")
+def one_step_sweep(tmp_path_factory, synthetic_dataset):
+  """The loop sweep's first step, on this process's one device: (config,
+  stacked states on the host)."""
+  config = _sweep(**_LOOP_SWEPT)
+  config.num_train_steps = 1
+  states = sweep_training.train_and_evaluate(
+      config,
+      str(tmp_path_factory.mktemp("one_step_sweep")),
+      dataset=synthetic_dataset,
+  )
+  return config, jax.device_get(states)
+
+
+def test_a_member_trains_as_its_single_run_float32(
+    one_step_sweep, tmp_path, synthetic_dataset
+):
   """Member 1's first step in the training loop (its initial state, data
   order, keys and learning rate) against its single run's, within the
   float32 tolerances of the multi-device checks
   (`multidevice_worker.compare_states`)."""
-  import multidevice_worker  # pylint: disable=g-import-not-at-top
-
-  config = _sweep(**_LOOP_SWEPT)
-  config.num_train_steps = 1
-  states = sweep_training.train_and_evaluate(
-      config, str(tmp_path / "sweep"), dataset=synthetic_dataset
-  )
+  config, states = one_step_sweep
   member = config_lib.member_config(config, config_lib.sweep_members(config)[1])
   single = train.train_and_evaluate(
       member, str(tmp_path / "single"), dataset=synthetic_dataset
   )
-  got = multidevice_worker.flat(step_lib.member(jax.device_get(states), 1))
+  got = multidevice_worker.flat(step_lib.member(states, 1))
   want = multidevice_worker.flat(jax.device_get(single))
   multidevice_worker.compare_states("member 1", got, want, member.optimizer)
   # Member 0 is another run (seed 0): far outside those tolerances.
-  other = multidevice_worker.flat(step_lib.member(jax.device_get(states), 0))
+  other = multidevice_worker.flat(step_lib.member(states, 0))
   with pytest.raises(AssertionError):
     multidevice_worker.compare_states("member 0", other, want, member.optimizer)
+
+
+# The sweep's first step on 2 simulated CPU devices, one member on each
+# (the mesh's 'members' axis; its 'data' axis of size 1 is where each
+# member's batch would be split, as a single run's is: test_multidevice.py).
+_MULTIDEVICE = """
+import os, sys
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=2"
+)
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, {tests!r})
+import fast_compile
+fast_compile.apply()
+import jax
+from jax.sharding import PartitionSpec as P
+import numpy as np
+import synthetic
+from cign_jax.configs import quick
+from cign_jax.sweeps import training
+config = quick.get_config("tiny")
+config.sweep.seed = (0, 1)
+config.sweep.optimizer.learning_rate = (1e-3, 2e-3)
+config.num_train_steps = 1
+config.mesh_shape = (2, 1)
+config.mesh_axis_names = ("members", "data")
+states = training.train_and_evaluate(
+    config, {workdir!r}, dataset=synthetic.dataset()
+)
+leaf = jax.tree_util.tree_leaves(states.params)[0]
+assert leaf.sharding.spec == P("members"), leaf.sharding
+assert len(leaf.sharding.device_set) == 2
+assert leaf.addressable_shards[0].data.shape[0] == 1  # one member each
+np.savez({out!r}, **{{
+    jax.tree_util.keystr(k): np.asarray(v)
+    for k, v in jax.tree_util.tree_leaves_with_path(
+        jax.device_get(states)
+    )
+}})
+print("MEMBERS_ALONG_THE_MESH_OK")
+"""
+
+
+@pytest.mark.slow
+def test_members_along_a_mesh_axis(one_step_sweep, tmp_path):
+  """Members laid along a 'members' mesh axis of 2 simulated devices, one
+  member on each, train as on one device, within the float32 tolerances of
+  the multi-device checks."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  out = str(tmp_path / "states.npz")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env["XLA_FLAGS"] = " ".join(
+      f
+      for f in env.get("XLA_FLAGS", "").split()
+      if "xla_force_host_platform_device_count" not in f
+  )
+  script = _MULTIDEVICE.format(
+      tests=os.path.join(ROOT, "tests"),
+      workdir=str(tmp_path / "sweep"),
+      out=out,
+  )
+  proc = subprocess.run(
+      [sys.executable, "-c", script],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert "MEMBERS_ALONG_THE_MESH_OK" in proc.stdout, proc.stderr[-3000:]
+  config, states = one_step_sweep
+  stored = np.load(out)
+  for k in (0, 1):
+    want = multidevice_worker.flat(step_lib.member(states, k))
+    got = {key: stored[key][k] for key in _stacked_keys(states)}
+    member = config_lib.member_config(
+        config, config_lib.sweep_members(config)[k]
+    )
+    multidevice_worker.compare_states(
+        f"member {k}", _as_state_keys(got, states), want, member.optimizer
+    )
+
+
+def _stacked_keys(states):
+  return [
+      jax.tree_util.keystr(k)
+      for k, _ in jax.tree_util.tree_leaves_with_path(states)
+  ]
+
+
+def _as_state_keys(by_state_path, states):
+  """{state-path: array} as `multidevice_worker.flat` names a state's
+  arrays (its checkpoint tree's paths)."""
+  tree = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(states),
+      [by_state_path[k] for k in _stacked_keys(states)],
+  )
+  return multidevice_worker.flat(tree)
 
 
 def test_a_stopped_sweep_resumes_as_the_uninterrupted_one(

@@ -36,7 +36,6 @@ from cign_jax import config as config_lib
 from cign_jax import dropout as dropout_lib
 from cign_jax import losses
 from cign_jax import models
-from cign_jax import sharding
 from cign_jax import step_programs
 from cign_jax import train_step as train_step_lib
 
@@ -138,10 +137,57 @@ def sweep_train_step(
   return jax.vmap(one)(states, images, labels, base_keys, numbers)
 
 
+# The mesh axis that members may be laid along (`config.mesh_axis_names`):
+# each device then holds its members' states, and the other axes split each
+# member's batch (data parallelism within a member).
+MEMBERS_AXIS = "members"
+
+
+def _member_axis(mesh):
+  return MEMBERS_AXIS if MEMBERS_AXIS in mesh.axis_names else None
+
+
+def _data_axes(mesh):
+  return tuple(n for n in mesh.axis_names if n != MEMBERS_AXIS)
+
+
+def member_sharding(mesh) -> NamedSharding:
+  """The members' states, keys and numbers (leading axis K): split along
+  the mesh's 'members' axis when it has one, else on every device."""
+  return NamedSharding(mesh, P(_member_axis(mesh)))
+
+
 def member_batch_sharding(mesh) -> NamedSharding:
-  """The members' batches (K, B, ...): every member on every device, its
-  batch split over the mesh (data parallelism within a member)."""
-  return NamedSharding(mesh, P(None, mesh.axis_names))
+  """The members' batches (K, B, ...): members along the 'members' axis
+  (if any), each member's batch split over the other axes."""
+  data = _data_axes(mesh)
+  return NamedSharding(mesh, P(_member_axis(mesh), data if data else None))
+
+
+def check_fits(config, num_members: int, mesh):
+  """The members divide over the 'members' axis and each member's batch
+  over the others, or a ValueError saying what would."""
+  shape = dict(zip(mesh.axis_names, mesh.devices.shape))
+  along = shape.get(MEMBERS_AXIS, 1)
+  if num_members % along:
+    raise ValueError(
+        f"the sweep's {num_members} members do not divide over the "
+        f"{along} devices of the mesh's '{MEMBERS_AXIS}' axis; give a "
+        f"multiple of {along} members or another config.mesh_shape"
+    )
+  per_member = mesh.size // along
+  if config.batch_size % per_member:
+    raise ValueError(
+        f"config.batch_size {config.batch_size} does not divide by the "
+        f"{per_member} devices a member's batch is split over; choose a "
+        f"multiple of {per_member}"
+    )
+
+
+def put_members(tree, mesh):
+  """Places the members' stacked pytree (one process) as
+  `member_sharding`."""
+  return jax.device_put(tree, member_sharding(mesh))
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -183,8 +229,9 @@ def get(
     mesh,
     total_steps: int,
 ) -> SweepProgram:
-  """The sweep's model, optimiser and jitted step (the state and metrics
-  replicated, the batches split as `member_batch_sharding`, the states
+  """The sweep's model, optimiser and jitted step (the states, keys,
+  numbers and metrics as `member_sharding`, the batches as
+  `member_batch_sharding`, the states
   donated), the same objects for the process's next sweep of the same
   program (`step_programs.signature` of the first member, the swept names
   and the number of members)."""
@@ -200,14 +247,14 @@ def get(
       step = functools.partial(
           sweep_train_step, config=first, total_steps=total_steps
       )
-      repl, batch = sharding.replicated(mesh), member_batch_sharding(mesh)
+      members_, batch = member_sharding(mesh), member_batch_sharding(mesh)
       program = SweepProgram(
           model=models.model_from_config(first),
           tx=train_step_lib.make_optimizer(first, total_steps),
           step_fn=jax.jit(
               step,
-              in_shardings=(repl, batch, batch, repl, repl),
-              out_shardings=(repl, repl),
+              in_shardings=(members_, batch, batch, members_, members_),
+              out_shardings=(members_, members_),
               donate_argnums=(0,),
           ),
       )

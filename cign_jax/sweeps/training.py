@@ -111,7 +111,12 @@ def train_and_evaluate(
   for k, member in enumerate(members):
     train._check_resume_config(member_dir(workdir, k), member)  # pylint: disable=protected-access
   mesh = sharding.create_mesh(config)
-  sharding.check_batch_divides(config, mesh)
+  step_lib.check_fits(config, len(members), mesh)
+  if jax.process_count() > 1:
+    raise ValueError(
+        "a sweep trains in one process (its devices may be several); "
+        "train its members as separate runs on several hosts"
+    )
   images, labels, val_split = train.load_training_data(
       config, dataset, evaluator
   )
@@ -131,6 +136,13 @@ def train_and_evaluate(
   finally:
     if lock is not None:
       lock.release()
+
+
+def _member_state(states, k):
+  """Member k's state on the host: its slice may live on any device of the
+  mesh (members along its 'members' axis), and what reads it (sampling,
+  evaluation, checkpoints) places it where it computes."""
+  return jax.device_get(step_lib.member(states, k))
 
 
 class _Member:
@@ -281,11 +293,11 @@ class _Sweep:
       _write_sweep(self.workdir, config, self.settings, self.stopped)
     for run in self.runs:
       run.open(start)
-    states = sharding.put_replicated(states, self.mesh)
-    keys = sharding.put_replicated(
+    states = step_lib.put_members(states, self.mesh)
+    keys = step_lib.put_members(
         step_lib.member_keys([m.seed for m in self.members]), self.mesh
     )
-    numbers = sharding.put_replicated(
+    numbers = step_lib.put_members(
         step_lib.member_numbers(self.members, self.names), self.mesh
     )
     batch_sharding = step_lib.member_batch_sharding(self.mesh)
@@ -336,7 +348,7 @@ class _Sweep:
             grid = sampling.write_sample_grid(
                 self.members[k],
                 model,
-                train_step_lib.eval_variables(step_lib.member(states, k)),
+                train_step_lib.eval_variables(_member_state(states, k)),
             )
             self.runs[k].writer.write_images(
                 done, {"samples": grid[None, :, :, None]}
@@ -352,7 +364,7 @@ class _Sweep:
             train._evaluate_point(  # pylint: disable=protected-access
                 self.members[k],
                 model,
-                step_lib.member(states, k),
+                _member_state(states, k),
                 done,
                 steps_per_epoch,
                 self.val_split,
@@ -398,7 +410,7 @@ class _Sweep:
         sampling.write_sample_grid(
             self.members[k],
             model,
-            train_step_lib.eval_variables(step_lib.member(states, k)),
+            train_step_lib.eval_variables(_member_state(states, k)),
             os.path.join(self.runs[k].workdir, "samples.png"),
         )
       logging.info(
@@ -412,7 +424,7 @@ class _Sweep:
 
   def _save(self, states, done):
     for k in self.active():
-      state = step_lib.member(states, k)
+      state = _member_state(states, k)
       try:
         train._check_samples_finite(  # pylint: disable=protected-access
             self.members[k],
