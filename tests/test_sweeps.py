@@ -2,7 +2,7 @@
 members' settings, and that member k of a sweep trains as the single run of
 its settings does (the single run's step is the reference)."""
 
-import json
+import logging
 import os
 
 from absl import flags
@@ -16,7 +16,6 @@ from cign_jax import checkpoints
 from cign_jax import config as config_lib
 from cign_jax import losses
 from cign_jax import models
-from cign_jax import sharding
 from cign_jax import train
 from cign_jax import train_step as train_step_lib
 from cign_jax.data import reader
@@ -529,7 +528,7 @@ def test_a_stopped_sweep_resumes_as_the_uninterrupted_one(
 
 
 def test_a_diverging_member_stops_and_the_others_go_on(
-    uninterrupted_sweep, tmp_path, synthetic_dataset
+    uninterrupted_sweep, tmp_path, synthetic_dataset, caplog
 ):
   """A member whose learning rate blows it up is stopped and recorded in
   sweep.json, its last good checkpoint kept; the other member trains on to
@@ -541,8 +540,15 @@ def test_a_diverging_member_stops_and_the_others_go_on(
   # images, before any checkpoint.)
   config = _sweep(seed=(0, 1), optimizer__learning_rate=(1e-3, 2e3))
   config.checkpoint_every_steps = 1
+  caplog.set_level(logging.INFO, logger="absl")
   sweep_training.train_and_evaluate(config, workdir, dataset=synthetic_dataset)
   stopped = sweep_training.read_sweep(workdir)["stopped"]
+  # The progress lines show each member's loss, then the stopped member.
+  progress = [
+      r.getMessage() for r in caplog.records if "| loss [0]" in r.getMessage()
+  ]
+  assert progress and "[1] " in progress[0]
+  assert "[1] stopped" in progress[-1] and "[0] stopped" not in progress[-1]
   assert list(stopped) == ["1"]
   run = sweep_training.member_dir(workdir, 1)
   steps = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")))
