@@ -125,6 +125,23 @@ def test_the_command_line_sets_a_sweep():
   assert config_lib.sweep_members(config)[3]["optimizer.learning_rate"] == 4e-3
 
 
+def test_the_command_line_names_what_cannot_be_swept():
+  from cign_jax import commands  # pylint: disable=g-import-not-at-top
+
+  line = commands._unknown_config_key(  # pylint: disable=protected-access
+      ["main", "--config.sweep.model.latent_dim=(4, 8)"]
+  )
+  assert line.startswith("error: --config.sweep.model.latent_dim: ")
+  assert "model.latent_dim cannot be swept" in line and "seed" in line
+  # A typo outside the sweep keeps the general message.
+  assert (
+      "has no key 'batch_sise'"
+      in commands._unknown_config_key(  # pylint: disable=protected-access
+          ["main", "--config.batch_sise=8"]
+      )
+  )
+
+
 def test_a_single_run_refuses_a_sweep(tmp_path, synthetic_dataset):
   with pytest.raises(ValueError, match="cign_jax.sweeps"):
     train.train_and_evaluate(
