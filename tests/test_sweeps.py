@@ -578,3 +578,56 @@ def test_a_diverging_member_stops_and_the_others_go_on(
   # finished one has nothing left to do.
   sweep_training.train_and_evaluate(config, workdir, dataset=synthetic_dataset)
   assert list(sweep_training.read_sweep(workdir)["stopped"]) == ["1"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam"])
+def test_every_sweepable_setting_enters_one_step(optimizer):
+  """A sweep of every setting of config.SWEEPABLE at once, with the cosine
+  schedule, traces into one step (jax.eval_shape: no compile) whose
+  outputs are the members' (K,) metrics and states."""
+  config = tiny_config()
+  config.optimizer.name = optimizer
+  config.optimizer.lr_schedule = "cosine"
+  base = config_lib.base_config()
+  for name in config_lib.SWEEPABLE:
+    *parents, leaf = name.split(".")
+    node, ref = config.sweep, base
+    for part in parents:
+      node, ref = node[part], ref[part]
+    value = ref[leaf]
+    node[leaf] = (value, value + (1 if name == "seed" else 0.5 * value or 0.1))
+  config.sweep.model.dropout_rate = (0.1, 0.2)
+  config.sweep.ema_decay = (0.9, 0.99)
+  config.sweep.optimizer.b1 = (0.5, 0.9)
+  config.sweep.optimizer.b2 = (0.999, 0.99)
+  config_lib.validate(config)
+  members = [
+      config_lib.member_config(config, s)
+      for s in config_lib.sweep_members(config)
+  ]
+  names = list(config_lib.swept_settings(config))
+  assert names == list(config_lib.SWEEPABLE)
+  model = models.model_from_config(members[0])
+  tx = train_step_lib.make_optimizer(members[0], 6)
+  states = step_lib.stack(
+      [
+          train_step_lib.create_train_state(m, model=model, tx=tx)
+          for m in members
+      ]
+  )
+  x = jnp.zeros((2, config.batch_size, 28, 28, 1), jnp.float32)
+  c = jnp.zeros((2, config.batch_size), jnp.int32)
+  new, metrics = jax.eval_shape(
+      lambda s, x, c, k, h: step_lib.sweep_train_step(
+          s, x, c, k, h, config=members[0], total_steps=6
+      ),
+      states,
+      x,
+      c,
+      step_lib.member_keys([m.seed for m in members]),
+      step_lib.member_numbers(members, names),
+  )
+  assert metrics["loss"].shape == (2,)
+  assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(
+      states
+  )
