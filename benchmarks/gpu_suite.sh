@@ -16,13 +16,15 @@
 #
 # Order (the most important figures first, in case time runs out):
 #   1. channel_small train step, float32 (fills the compilation cache);
+#      1b. the step of a sweep of 8 channel_small members (cign_jax.sweeps)
+#      against one run's;
 #   2. a timed channel_small training run, 50 epochs, compilation included,
 #      stopped at $SUITE_TRAIN_SECONDS (default 210) if not done;
 #   3. compilation of the remaining steps and sampling functions, a few
 #      processes in parallel (the cache then serves the timed runs);
 #   4. the four paper configs' steps in float32 with our PyTorch port on the
 #      same GPU, in bfloat16, channel_small at 'highest' precision; sampling
-#      f(z, c) at batch 1000.
+#      f(z, c) at batch 1000; sweeps of 1, 2 and 4 members.
 # Each stage gets what is left of $SUITE_SECONDS (default 480) and is skipped
 # when too little is left.
 set -u
@@ -91,6 +93,9 @@ run_capped() {  # run_capped SECONDS_NEEDED_AT_LEAST CMD...: with what is left
 stage "1. channel_small train step, float32 (passes auto, channel_conv auto)"
 run_capped 60 $BENCH --config=$CS --no_torch $STEP_ARGS
 
+stage "1b. channel_small sweep step, 8 members against one run (issue 23's target: at most twice one run's step)"
+run_capped 60 $BENCH --config=$CS --members=8 $STEP_ARGS
+
 stage "2. channel_small training run, compilation included (cap ${TRAIN_SECONDS} s)"
 echo "compilation cache before: $(ls "$CACHE" | grep -c jit_train_step) train steps"
 if [[ -f "$GPU_DIR/mnist.npz" ]]; then
@@ -144,6 +149,10 @@ stage "4c. channel_small, matmul_precision=highest (full float32)"
 run_capped 20 $BENCH --config=$CS --no_torch --matmul_precision=highest $STEP_ARGS
 stage "4d. sampling f(z, c), the four configs"
 run_capped 20 $BENCH --all --forward_only $FWD_ARGS
+stage "4f. channel_small sweep steps, 1, 2 and 4 members"
+for k in 1 2 4; do
+  run_capped 30 $BENCH --config=$CS --members=$k $STEP_ARGS
+done
 if (( QUICK )); then
   stage "4e. our PyTorch port alone, channel_small (quick: cpu)"
   run_capped 20 $BENCH --config=$CS --steps=1 --warmup=1 --torch_device=cpu \

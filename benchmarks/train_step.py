@@ -7,6 +7,8 @@
   python benchmarks/train_step.py --all --no_torch --compute_dtype=bfloat16
   python benchmarks/train_step.py --config=configs/channel_small.py \
       --matmul_precision=highest --torch_device=cuda
+  python benchmarks/train_step.py --config=configs/channel_small.py \
+      --members=8 [--xla_convs]        # a sweep's step (cign_jax.sweeps)
 
 For each config: compile time, then `--steps` steps of ours and of our
 PyTorch port of the same step (`tests/torch_reference.py`), alternating,
@@ -26,6 +28,13 @@ element-wise work (BatchNorm, dropout, activations) is not counted. XLA's
 own count (`cost_analysis`) misses the convolutions that run as library
 calls (cuDNN on GPU, the C++ kernels on CPU), so it is printed only as a
 remark.
+
+With `--members=K`: the step of a sweep of K members (seeds 0..K-1, as
+`cign_jax.sweeps.step` compiles it), its median time, real images/s over all
+members, and the ratio to K separate single-run steps (the single run's
+step timed in the same process); `--xla_convs` traces it with XLA's
+convolutions instead of the C++ CPU kernels (which run once per member
+under vmap). One line `config=<name> members=K ms_per_step=<median>`.
 
 Our step is compiled as `cign_jax.step_programs` compiles it (the same
 shardings), so that with a persistent compilation cache
@@ -316,6 +325,112 @@ def bench_train(
   return med
 
 
+def _time_steps(fn, state, args, steps, warmup):
+  """(median ms, the last state) of `steps` calls of fn(state, *args)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  for _ in range(warmup):
+    state, m = fn(state, *args)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = fn(state, *args)
+    jax.block_until_ready(m)
+    times.append(1000 * (time.perf_counter() - t))
+  return times, m
+
+
+def bench_members(name, config, members, steps, warmup=2, xla_convs=False):
+  """A sweep of `members` seeds against one run's step (module docstring)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cign_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from cign_jax import sharding  # pylint: disable=g-import-not-at-top
+  from cign_jax import step_programs  # pylint: disable=g-import-not-at-top
+  from cign_jax import train_step as ts  # pylint: disable=g-import-not-at-top
+  from cign_jax.kernels import native_conv  # pylint: disable=g-import-not-at-top
+  from cign_jax.sweeps import step as sweep_step  # pylint: disable=g-import-not-at-top
+
+  b = config.batch_size
+  rs = np.random.RandomState(0)
+  x = rs.uniform(-1, 1, (members, b, 28, 28, 1)).astype(np.float32)
+  c = rs.randint(0, 10, (members, b)).astype(np.int32)
+  mesh = sharding.create_mesh(config)
+  # The single run's step, the reference.
+  single = step_programs.compile_train_step(config, mesh)
+  state = sharding.put_replicated(ts.create_train_state(config), mesh)
+  key = sharding.put_replicated(jax.random.key(0), mesh)
+  batch = sharding.data_sharding(mesh)
+  args = (
+      sharding.put_global_batch(x[0], batch),
+      sharding.put_global_batch(c[0], batch),
+      key,
+  )
+  t0 = time.perf_counter()
+  single = single.lower(state, *args).compile()
+  single_compile = time.perf_counter() - t0
+  one, _ = _time_steps(single, state, args, steps, warmup)
+  # The sweep's.
+  swept = config.copy_and_resolve_references()
+  swept.sweep.seed = tuple(range(members))
+  swept = config_lib.validate(swept)
+  member_configs = [
+      config_lib.member_config(swept, s)
+      for s in config_lib.sweep_members(swept)
+  ]
+  context = native_conv.disabled() if xla_convs else contextlib.nullcontext()
+  with context:
+    sweep_step.forget()
+    program = sweep_step.get(
+        member_configs, ["seed"], mesh, ts.total_train_steps(config)
+    )
+    states = sharding.put_replicated(
+        sweep_step.stack(
+            [
+                ts.create_train_state(m, model=program.model, tx=program.tx)
+                for m in member_configs
+            ]
+        ),
+        mesh,
+    )
+    member_batch = sweep_step.member_batch_sharding(mesh)
+    sweep_args = (
+        sharding.put_global_batch(x, member_batch),
+        sharding.put_global_batch(c, member_batch),
+        sharding.put_replicated(sweep_step.member_keys(range(members)), mesh),
+        {},
+    )
+    t0 = time.perf_counter()
+    compiled = program.step_fn.lower(states, *sweep_args).compile()
+    sweep_compile = time.perf_counter() - t0
+  times, m = _time_steps(compiled, states, sweep_args, steps, warmup)
+  if not np.all(np.asarray(m["finite"])):
+    print("  WARNING: a member's last step was not finite")
+  med, one_med = statistics.median(times), statistics.median(one)
+  convs = "XLA convolutions" if xla_convs else "the default convolutions"
+  print(
+      f"{name}: {members} members, batch {b} each, {convs}; compile "
+      f"{sweep_compile:.1f} s (one run's step {single_compile:.1f} s)"
+  )
+  print(
+      f"  sweep step: {spread(times)}; {1000 * b * members / med:.1f} real "
+      f"images/s over the members"
+  )
+  print(
+      f"  one run's step: {spread(one)}; {members} separate runs "
+      f"{members * one_med:.2f} ms; sweep / separate "
+      f"{med / (members * one_med):.2f}, sweep / one run "
+      f"{med / one_med:.2f}"
+  )
+  print(
+      f"config={name} members={members} ms_per_step={med:.2f} "
+      f"single_ms_per_step={one_med:.2f}"
+  )
+
+
 def bench_forward(name, config, steps, batch=1000, compile_only=False):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -363,6 +478,17 @@ def main():
       help="override the config's batch size",
   )
   parser.add_argument("--no_torch", action="store_true")
+  parser.add_argument(
+      "--members",
+      type=int,
+      default=0,
+      help="time a sweep's step of this many members (seeds)",
+  )
+  parser.add_argument(
+      "--xla_convs",
+      action="store_true",
+      help="with --members: the sweep with XLA's convolutions",
+  )
   parser.add_argument(
       "--forward_only",
       action="store_true",
@@ -462,7 +588,16 @@ def main():
     config_overrides.apply(config, args)
     config = config_lib.validate(config)
     name = os.path.splitext(os.path.basename(path))[0]
-    if args.forward_only:
+    if args.members:
+      bench_members(
+          name,
+          config,
+          args.members,
+          args.steps,
+          warmup=args.warmup,
+          xla_convs=args.xla_convs,
+      )
+    elif args.forward_only:
       bench_forward(
           name,
           config,

@@ -9,6 +9,7 @@ load, after the command-line overrides have been applied.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import ml_collections
@@ -43,6 +44,36 @@ MATMUL_PRECISIONS = ("default", "high", "highest")
 # `models.Conv` with class maps.
 LOSS_PASSES = ("auto", "sequential", "batched")
 CHANNEL_CONVS = ("auto", "concat", "per_class")
+
+
+# The settings a sweep may vary: scalars the train step reads as numbers, so
+# that one compiled step serves every member (`cign_jax.sweeps`). What
+# changes shapes or the program (the network, batch_size,
+# num_mismatch_labels, the conditioning, the dtype, ...) is a run of its own.
+SWEEPABLE = (
+    "seed",
+    "optimizer.learning_rate",
+    "optimizer.weight_decay",
+    "optimizer.b1",
+    "optimizer.b2",
+    "optimizer.eps",
+    "loss.rec_weight",
+    "loss.idem_noise_weight",
+    "loss.tight_noise_weight",
+    "loss.idem_mismatch_weight",
+    "loss.tight_mismatch_weight",
+    "loss.tightness_clamp_a",
+    "model.dropout_rate",
+    "ema_decay",
+    "data.train_noise_std",
+)
+# Swept settings whose 0 switches a part of the step off (no dropout, no
+# average, no noise): the members must all be 0 or all be positive.
+SWEPT_ZERO_OR_POSITIVE = (
+    "model.dropout_rate",
+    "ema_decay",
+    "data.train_noise_std",
+)
 
 
 def resolve_passes(passes: str) -> str:
@@ -192,6 +223,23 @@ def base_config() -> ml_collections.ConfigDict:
   # sampling): 'default' lets XLA use TF32 on recent NVIDIA GPUs, 'highest'
   # is full float32, 'high' in between (bf16x3 on GPUs).
   config.matmul_precision = "default"
+
+  # Many runs in one program (`cign_jax.sweeps`): a tuple of values for
+  # each setting of SWEEPABLE to vary, mirroring the config's own tree
+  # (`config.sweep.optimizer.learning_rate = (1e-3, 3e-4)`). The tuples
+  # given are zipped (all of one length K, the members) or, with product,
+  # crossed; each member trains as a run of its own in
+  # WORKDIR/members/<k>/. All empty: one run, no sweep.
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.product = False
+  for name in SWEEPABLE:
+    node = config.sweep
+    *parents, leaf = name.split(".")
+    for part in parents:
+      if part not in node:
+        node[part] = ml_collections.ConfigDict()
+      node = node[part]
+    node[leaf] = ()
   return config
 
 
@@ -212,6 +260,8 @@ def _check_choice(value, choices, key: str, what: str):
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Raises ValueError naming the first invalid field; returns the config."""
   base = base_config()
+  if "sweep" in config:
+    _check_sweep_keys(config.sweep)
 
   def walk(node, ref, prefix):
     for key in node.keys():
@@ -374,6 +424,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       f"{tuple(config.mesh_shape)} does not match mesh_axis_names "
       f"{tuple(config.mesh_axis_names)}",
   )
+  if is_sweep(config):
+    for k, settings in enumerate(sweep_members(config)):
+      try:
+        validate(member_config(config, settings))
+      except ValueError as e:
+        raise ValueError(
+            f"config.sweep, member {k} ({settings}): {e}"
+        ) from None
   return config
 
 
@@ -434,6 +492,117 @@ def fit_to_data(
         f"from the data's classes {names}"
     )
   return validate(config)
+
+
+def _check_sweep_keys(sweep: ml_collections.ConfigDict, prefix: str = ""):
+  """Refuses a sweep of anything but SWEEPABLE, naming it."""
+  for key in sweep.keys():
+    name = f"{prefix}{key}"
+    if name == "product":
+      _check(
+          isinstance(sweep[key], bool),
+          "sweep.product",
+          f"must be True or False, got {sweep[key]!r}",
+      )
+      continue
+    if isinstance(sweep[key], ml_collections.ConfigDict) and any(
+        s.startswith(name + ".") for s in SWEEPABLE
+    ):
+      _check_sweep_keys(sweep[key], name + ".")
+      continue
+    _check(
+        name in SWEEPABLE,
+        f"sweep.{name}",
+        f"{name} cannot be swept: the members of a sweep share one compiled "
+        f"train step, so only scalars the step reads as numbers may vary "
+        f"({', '.join(SWEEPABLE)}); a different {name} is a run (or sweep) "
+        "of its own",
+    )
+    values = sweep[key]
+    _check(
+        isinstance(values, (tuple, list))
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            for v in values
+        ),
+        f"sweep.{name}",
+        f"must be a tuple of numbers, one per member, got {values!r}",
+    )
+
+
+def swept_settings(config: ml_collections.ConfigDict) -> dict:
+  """{dotted name: tuple of values} of the settings config.sweep varies,
+  in SWEEPABLE's order ({} when the config is a single run)."""
+  sweep = config.get("sweep")
+  if sweep is None:
+    return {}
+  out = {}
+  for name in SWEEPABLE:
+    node = sweep
+    for part in name.split("."):
+      node = node.get(part) if node is not None else None
+    if node:
+      out[name] = tuple(node)
+  return out
+
+
+def is_sweep(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config asks for several runs in one program."""
+  return bool(swept_settings(config))
+
+
+def sweep_members(config: ml_collections.ConfigDict) -> list:
+  """Each member's settings, {dotted name: value}, in member order: the
+  swept tuples zipped, or (config.sweep.product) crossed, the first
+  setting varying slowest."""
+  settings = swept_settings(config)
+  names = list(settings)
+  if config.sweep.product:
+    rows = itertools.product(*settings.values())
+  else:
+    lengths = {name: len(values) for name, values in settings.items()}
+    _check(
+        len(set(lengths.values())) <= 1,
+        "sweep",
+        f"the swept settings have different numbers of values {lengths}; "
+        "give every one the same number (one per member), or set "
+        "config.sweep.product = True for every combination",
+    )
+    rows = zip(*settings.values())
+  members = [dict(zip(names, row)) for row in rows]
+  for name in SWEPT_ZERO_OR_POSITIVE:
+    if name in settings:
+      zero = [v == 0 for v in settings[name]]
+      _check(
+          all(zero) or not any(zero),
+          f"sweep.{name}",
+          f"0 switches this part of the step off, which changes the "
+          f"program: its values must all be 0 or all be positive, got "
+          f"{settings[name]}",
+      )
+  return members
+
+
+def member_config(
+    config: ml_collections.ConfigDict, settings: dict
+) -> ml_collections.ConfigDict:
+  """A sweep member's config: the sweep's config with the member's settings
+  and no sweep (what the member's run directory records)."""
+  member = config.copy_and_resolve_references()
+  member.sweep = base_config().sweep
+  for name, value in settings.items():
+    *parents, leaf = name.split(".")
+    node = member
+    for part in parents:
+      node = node[part]
+    try:
+      node[leaf] = value
+    except TypeError:
+      raise ValueError(
+          f"config.sweep.{name}: {value!r} is not a valid value for "
+          f"config.{name} (a {type(node[leaf]).__name__})"
+      ) from None
+  return member
 
 
 def computed_metrics(config: ml_collections.ConfigDict) -> tuple:

@@ -36,6 +36,9 @@ devices.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,6 +94,38 @@ def threefry2x32_20(key0, key1, x0, x1):
         lax.add(x1, schedule[(injection + 1) % 3]), np.uint32(injection)
     )
   return x0, x1
+
+
+# A sweep's per-member rate (`per_member_rate`): while a sweep's step is
+# traced, the masks compare with the member's threshold and scale by its
+# keep probability, traced arrays, instead of the network's constant rate.
+_MEMBER_RATE = threading.local()
+
+
+@contextlib.contextmanager
+def per_member_rate(threshold, keep_prob):
+  """Within this block (while a function is traced), every dropout mask
+  keeps the elements whose bits are below `threshold` (uint32, the member's
+  `keep_threshold(1 - rate)`, computed on the host as a single run computes
+  it) and scales them by 1 / `keep_prob` (1 - rate), both traced values,
+  so that one program serves members of different rates. The network's
+  own rate must be positive (a rate of 0 builds no dropout at all)."""
+  previous = getattr(_MEMBER_RATE, "value", None)
+  _MEMBER_RATE.value = (threshold, keep_prob)
+  try:
+    yield
+  finally:
+    _MEMBER_RATE.value = previous
+
+
+def _threshold_and_keep(rate: float, dtype):
+  """The mask's uint32 threshold and the kept elements' divisor for
+  `rate`, or the member's (`per_member_rate`)."""
+  member = getattr(_MEMBER_RATE, "value", None)
+  if member is not None:
+    threshold, keep_prob = member
+    return jnp.asarray(threshold, jnp.uint32), jnp.asarray(keep_prob, dtype)
+  return jnp.uint32(keep_threshold(1.0 - rate)), jnp.asarray(1.0 - rate, dtype)
 
 
 def keep_threshold(keep_prob: float) -> int:
@@ -181,10 +216,9 @@ def drop_by_bits(x, rate: float, bits):
   # The barrier makes XLA compute the mask once (1 byte per element) instead
   # of fusing the 20 Threefry rounds into every consumer of the activation
   # (the next BatchNorm's reductions, the backward pass, ...).
-  keep = lax.optimization_barrier(bits < jnp.uint32(keep_threshold(1.0 - rate)))
-  return jnp.where(
-      keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype)
-  )
+  threshold, keep_prob = _threshold_and_keep(rate, x.dtype)
+  keep = lax.optimization_barrier(bits < threshold)
+  return jnp.where(keep, x / keep_prob, jnp.zeros((), x.dtype))
 
 
 def channel_dropout(x, rate: float, key):
@@ -204,7 +238,6 @@ def channel_dropout(x, rate: float, key):
     )
   if rate == 0.0:
     return x
-  keep = keep_mask(key, 1.0 - rate, (x.shape[0], 1, 1, x.shape[-1]))
-  return jnp.where(
-      keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype)
-  )
+  threshold, keep_prob = _threshold_and_keep(rate, x.dtype)
+  keep = element_bits(key, (x.shape[0], 1, 1, x.shape[-1])) < threshold
+  return jnp.where(keep, x / keep_prob, jnp.zeros((), x.dtype))

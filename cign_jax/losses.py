@@ -74,7 +74,7 @@ def sample_prior(key, shape, clip: bool):
 
 def add_training_noise(key, images, std: float):
   """The training images' regulariser: x + std N(0, 1), clamped to [-1, 1]."""
-  if std == 0:
+  if isinstance(std, (int, float)) and std == 0:  # (a sweep's is traced)
     return images
   return jnp.clip(
       images + std * jax.random.normal(key, images.shape, images.dtype),

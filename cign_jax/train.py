@@ -185,38 +185,21 @@ def train_and_evaluate(
 
   t_begin = time.time()
   config = config_lib.validate(config)
+  if config_lib.is_sweep(config):
+    raise ValueError(
+        f"config.sweep varies {', '.join(config_lib.swept_settings(config))}"
+        ": a sweep trains its members together with cign_jax.sweeps."
+        "training.train_and_evaluate (what `python -m cign_jax.main` runs)"
+    )
   # Every check comes before the first write to the run directory, so a
-  # refused start leaves it as it was. The data come first: the config's
-  # unset image shape and class count are the data's.
-  data = reader.load_training_data(config, dataset)
-  (images, labels), test = data.train, data.test
-  config = config_lib.fit_to_data(
-      config, images.shape[1:], data.num_classes, data.class_names
+  # refused start leaves it as it was.
+  config, images, labels, val_split = load_training_data(
+      config, dataset, evaluator
   )
   _check_resume_config(workdir, config)
   mesh = sharding.create_mesh(config)
   sharding.check_batch_divides(config, mesh)
-  val_split = validation.validation_split(config, test)
-  if config.best_metric == "val_loss" and val_split is None:
-    others = [
-        repr(m) for m in config_lib.computed_metrics(config) if m != "val_loss"
-    ]
-    raise ValueError(
-        "config.best_metric is 'val_loss' but the run has no validation "
-        "split: pass dataset={'train': (images, labels), 'test': (images, "
-        "labels)}, or set config.best_metric to "
-        + " or ".join(others + ["'' (no best checkpoint)"])
-    )
-  if config_lib.needs_evaluator(config) and evaluator is None:
-    raise ValueError(
-        f"config.eval_samples_per_label = {config.eval_samples_per_label} "
-        "asks for evaluation during training, which lives in "
-        "cign_jax.evaluation: call cign_jax.evaluation.in_loop."
-        "train_and_evaluate (what `python -m cign_jax.main` does) or pass "
-        "evaluator="
-    )
   batches = reader.TrainBatches(images, labels, config.batch_size, config.seed)
-  _check_labels_fit(config, labels)
   total_steps = train_step_lib.total_train_steps(config, batches.num_examples)
 
   # One writer per run: held until this function returns (or the process
@@ -238,6 +221,39 @@ def train_and_evaluate(
   finally:
     if lock is not None:
       lock.release()
+
+
+def load_training_data(config, dataset, evaluator):
+  """(config, training images, labels, validation split or None) of a run
+  (see `train_and_evaluate` for `dataset`): the config with its unset image
+  shape and class count taken from the data, checked against what it asks
+  for."""
+  data = reader.load_training_data(config, dataset)
+  (images, labels), test = data.train, data.test
+  config = config_lib.fit_to_data(
+      config, images.shape[1:], data.num_classes, data.class_names
+  )
+  val_split = validation.validation_split(config, test)
+  if config.best_metric == "val_loss" and val_split is None:
+    others = [
+        repr(m) for m in config_lib.computed_metrics(config) if m != "val_loss"
+    ]
+    raise ValueError(
+        "config.best_metric is 'val_loss' but the run has no validation "
+        "split: pass dataset={'train': (images, labels), 'test': (images, "
+        "labels)}, or set config.best_metric to "
+        + " or ".join(others + ["'' (no best checkpoint)"])
+    )
+  if config_lib.needs_evaluator(config) and evaluator is None:
+    raise ValueError(
+        f"config.eval_samples_per_label = {config.eval_samples_per_label} "
+        "asks for evaluation during training, which lives in "
+        "cign_jax.evaluation: call cign_jax.evaluation.in_loop."
+        "train_and_evaluate (what `python -m cign_jax.main` does) or pass "
+        "evaluator="
+    )
+  _check_labels_fit(config, labels)
+  return config, images, labels, val_split
 
 
 def _check_labels_fit(config, labels):

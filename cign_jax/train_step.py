@@ -47,11 +47,17 @@ def learning_rate(config: ml_collections.ConfigDict, total_steps=None):
   """The learning rate: the paper's constant, or (`optimizer.lr_schedule =
   'cosine'`) a cosine decay from it to 0 over the run's steps."""
   o = config.optimizer
-  if o.lr_schedule == "constant":
-    return o.learning_rate
-  if total_steps is None:
+  if o.lr_schedule != "constant" and total_steps is None:
     total_steps = total_train_steps(config)
-  return optax.cosine_decay_schedule(o.learning_rate, max(int(total_steps), 1))
+  return schedule(o.learning_rate, o.lr_schedule, total_steps)
+
+
+def schedule(peak, lr_schedule: str, total_steps=None):
+  """`learning_rate` for a peak rate given as a number (a sweep's member
+  rate is a traced value)."""
+  if lr_schedule == "constant":
+    return peak
+  return optax.cosine_decay_schedule(peak, max(int(total_steps), 1))
 
 
 def make_optimizer(
@@ -65,20 +71,33 @@ def make_optimizer(
   uses it with none).
   """
   o = config.optimizer
-  lr = learning_rate(config, total_steps)
-  name = o.get("name", "adamw")
+  return optimizer(
+      o.get("name", "adamw"),
+      learning_rate(config, total_steps),
+      b1=o.b1,
+      b2=o.b2,
+      eps=o.eps,
+      weight_decay=o.weight_decay,
+  )
+
+
+def optimizer(
+    name: str, lr, b1, b2, eps, weight_decay
+) -> optax.GradientTransformation:
+  """`make_optimizer` from its numbers (numbers or traced values: a sweep
+  builds each member's inside its step); `lr` a rate or a schedule."""
   if name == "adamw":
     return optax.adamw(
         learning_rate=lr,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        weight_decay=o.weight_decay,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        weight_decay=weight_decay,
     )
   if name == "adam":
     return optax.chain(
-        optax.add_decayed_weights(o.weight_decay),
-        optax.scale_by_adam(b1=o.b1, b2=o.b2, eps=o.eps),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
         optax.scale_by_learning_rate(lr),
     )
   raise ValueError(
@@ -179,7 +198,9 @@ def train_step(
       state.params
   )
   new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-  if ema_decay > 0:
+  # (A sweep passes each member's decay as a traced value: the state then
+  # keeps an average, as every member's decay is positive.)
+  if not isinstance(ema_decay, (int, float)) or ema_decay > 0:
     new_state = new_state.replace(
         ema_params=update_ema(
             state.ema_params,

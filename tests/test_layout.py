@@ -39,7 +39,12 @@ CORE = {
     "cign_jax.metric_writers",
     "cign_jax.validation",
 }
-SIDE_PACKAGES = ("cign_jax.commands", "cign_jax.evaluation", "cign_jax.interop")
+SIDE_PACKAGES = (
+    "cign_jax.commands",
+    "cign_jax.evaluation",
+    "cign_jax.interop",
+    "cign_jax.sweeps",  # many runs in one program, above train
+)
 CORE.add("cign_jax.run_dir")  # lock, atomic writes, digests of a run dir
 CORE.add("cign_jax.grouped")  # the batched loss calls (an alternative)
 CORE.add("cign_jax.step_programs")  # the compiled train steps a process keeps

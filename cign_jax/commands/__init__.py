@@ -149,6 +149,14 @@ def _unknown_config_key(argv) -> Optional[str]:
             if isinstance(node, ml_collections.ConfigDict)
             else "none (not a group)"
         )
+        if path.startswith("sweep.") and path != "sweep.product":
+          name = path[len("sweep.") :]
+          return (
+              f"error: --config.{path}: {name} cannot be swept: the "
+              "members of a sweep share one compiled train step, so only "
+              "scalars the step reads as numbers may vary "
+              f"({', '.join(config_lib.SWEEPABLE)})"
+          )
         return (
             f"error: --config.{path}: {prefix} has no key {part!r}; "
             f"the keys of {prefix}: {known}"

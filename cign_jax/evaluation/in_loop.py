@@ -46,6 +46,7 @@ from cign_jax.evaluation import classifier as classifier_lib
 from cign_jax.evaluation import distances
 from cign_jax.evaluation import registry
 from cign_jax.evaluation import scoring
+from cign_jax.sweeps import training as sweep_training
 
 
 def check_config(config: ml_collections.ConfigDict) -> registry.Needs:
@@ -199,7 +200,13 @@ def train_and_evaluate(
     evaluator = InLoopEvaluator(
         eval_config, test, classifier, splits, train_split
     )
-  return train.train_and_evaluate(
+  # A sweep's members share the evaluator: what it computes is not swept.
+  run = (
+      sweep_training.train_and_evaluate
+      if config_lib.is_sweep(config)
+      else train.train_and_evaluate
+  )
+  return run(
       config,
       workdir,
       dataset,
