@@ -440,10 +440,11 @@ def load_or_train(
   ClassifierCacheError (see the module docstring) unless `retrain`.
   `splits`: the data to train on, as `train` takes it (their shape chooses
   the cache; without them the dataset is read, a source kind with its
-  default options); a classifier trained on given splits is cached apart,
-  in that folder's name plus `-data-<digest of the training split>`, so
-  that one trained on other images (a subset, a user's .npz) never stands
-  in for the dataset's.
+  default options); for MNIST and Fashion-MNIST a classifier trained on
+  given splits is cached apart, in that folder's name plus
+  `-data-<digest of the training split>`, so that one trained on other
+  images (a subset, a user's .npz) never stands in for the dataset's (a
+  source kind's name, its path, already names its data).
   """
   data_lib.check_dataset_name(dataset)
   given = splits is not None
@@ -458,7 +459,7 @@ def load_or_train(
     )
     image_shape = np.shape(splits[0][0])[1:]
   directory = cache_directory(dataset, image_shape, cache_dir)
-  if given:
+  if given and dataset in data_lib.DATASETS:
     directory = f"{directory}-data-{_digest(splits[0])}"
   if not retrain and os.path.exists(os.path.join(directory, INFO_FILE)):
     return load(dataset, directory)
