@@ -36,6 +36,17 @@ def dataset(num_examples: int = NUM_EXAMPLES, seed: int = 0):
   return images, labels
 
 
+def coloured(num: int, size: int, seed: int = 0, num_classes: int = 3):
+  """(images uint8 (num, size, size, 3), labels int32): RGB images whose
+  class is the dominant colour channel."""
+  rs = np.random.RandomState(seed)
+  labels = (np.arange(num) % num_classes).astype(np.int32)
+  images = rs.randint(0, 60, (num, size, size, 3)).astype(np.uint8)
+  for i, label in enumerate(labels):
+    images[i, :, :, label] += 180
+  return images, labels
+
+
 def load_split(dataset_name: str, split: str, data_dir: str = ""):
   """`reader.load_split`'s signature; the synthetic data for any dataset."""
   del dataset_name, data_dir

@@ -16,16 +16,7 @@ from cign_jax.evaluation import evaluate
 from cign_jax.evaluation import fid
 from cign_jax.evaluation import in_loop
 from conftest import tiny_config
-
-
-def _coloured(num, size, seed=0, num_classes=3):
-  """uint8 RGB images whose class is the dominant colour channel."""
-  rs = np.random.RandomState(seed)
-  labels = (np.arange(num) % num_classes).astype(np.int32)
-  images = rs.randint(0, 60, (num, size, size, 3)).astype(np.uint8)
-  for i, label in enumerate(labels):
-    images[i, :, :, label] += 180
-  return images, labels
+import synthetic
 
 
 class PooledFeatures:
@@ -58,8 +49,8 @@ def _cache(monkeypatch, tmp_path):
 
 def test_classifier_for_rgb_data_learns_and_is_cached_per_shape(cache):
   del cache
-  train_split = _coloured(300, 32)
-  test_split = _coloured(60, 32, seed=1)
+  train_split = synthetic.coloured(300, 32)
+  test_split = synthetic.coloured(60, 32, seed=1)
   clf, info = classifier_lib.train(
       "npz:/data/colours.npz",
       splits=(train_split, test_split),
@@ -91,8 +82,8 @@ def test_classifier_for_rgb_data_learns_and_is_cached_per_shape(cache):
 
 
 def _write_npz(tmp_path, num=90):
-  images, labels = _coloured(num, 32)
-  test_images, test_labels = _coloured(210, 32, seed=1)
+  images, labels = synthetic.coloured(num, 32)
+  test_images, test_labels = synthetic.coloured(210, 32, seed=1)
   path = tmp_path / "colours.npz"
   np.savez(
       path,

@@ -16,22 +16,13 @@ from cign_jax.commands import sample as sample_command
 from cign_jax.data import reader
 from cign_jax.data import registry
 from conftest import tiny_config
-
-
-def _coloured(num, size, seed=0, num_classes=3):
-  """uint8 RGB images whose class is the dominant colour channel."""
-  rs = np.random.RandomState(seed)
-  labels = (np.arange(num) % num_classes).astype(np.int32)
-  images = rs.randint(0, 60, (num, size, size, 3)).astype(np.uint8)
-  for i, label in enumerate(labels):
-    images[i, :, :, label] += 180
-  return images, labels
+import synthetic
 
 
 @pytest.fixture(name="npz_path")
 def _npz_path(tmp_path):
-  images, labels = _coloured(48, 32)
-  test_images, test_labels = _coloured(12, 32, seed=1)
+  images, labels = synthetic.coloured(48, 32)
+  test_images, test_labels = synthetic.coloured(12, 32, seed=1)
   path = tmp_path / "data.npz"
   np.savez(
       path,
@@ -53,8 +44,8 @@ def _write_folder(root, images, labels, names, ext="png"):
 
 @pytest.fixture(name="folder_path")
 def _folder_path(tmp_path):
-  images, labels = _coloured(30, 40)
-  test_images, test_labels = _coloured(6, 40, seed=1)
+  images, labels = synthetic.coloured(30, 40)
+  test_images, test_labels = synthetic.coloured(6, 40, seed=1)
   # Named so that sorting, not creation order, gives the labels.
   names = ["zebra", "apple", "mango"]
   root = str(tmp_path / "faces")
@@ -173,7 +164,7 @@ def test_folder_names_a_file_that_is_no_image(folder_path):
 
 
 def test_a_folder_of_one_class_cannot_train_a_conditional_model(tmp_path):
-  images, _ = _coloured(8, 32)
+  images, _ = synthetic.coloured(8, 32)
   _write_folder(str(tmp_path / "one"), images, [0] * 8, ["only"])
   config = tiny_config(
       **{
@@ -258,7 +249,7 @@ def test_training_through_an_npz(npz_path, tmp_path):
   assert tuple(config.data.class_names) == ("red", "green", "blue")
   # The same config on data of another size: the run's recorded shape is
   # not the data's, and the resume is refused naming the field.
-  images, labels = _coloured(16, 64)
+  images, labels = synthetic.coloured(16, 64)
   np.savez(
       path,
       images=images,
@@ -294,8 +285,8 @@ def _tfds_dir(tmp_path_factory):
 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  images, labels = _coloured(16, 32)
-  test_images, test_labels = _coloured(4, 32, seed=1)
+  images, labels = synthetic.coloured(16, 32)
+  test_images, test_labels = synthetic.coloured(4, 32, seed=1)
 
   class CignTinyColours(tfds.core.GeneratorBasedBuilder):
     # tfds looks for a builder's files beside its module, which must be in a
