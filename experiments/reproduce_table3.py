@@ -48,6 +48,9 @@ test_labels).
 --quick: a smoke test of the whole pipeline for CI on a CPU: tiny
 networks, a few steps, FID at 64 features only on 64 samples per class,
 and the table says so; its numbers mean nothing.
+
+experiments/conditioning_study.py trains and scores through the same
+pieces (`prepare_runs`, `train_run`, `load_classifier`, `evaluate_run`).
 """
 
 import dataclasses
