@@ -11,8 +11,8 @@ the differences.
 For each config (a name in cign_jax/configs or a path): one sweep
 (`config.sweep.seed = (0, ..., N-1)`, `cign_jax.sweeps`: the N seeds
 trained together in one jitted program) in ROOT/NAME, its members complete
-runs in ROOT/NAME/members/<k>/ (member k has seed k; seed 0 is the single
-run of reproduce_table3.py). Each member's best checkpoint (lowest
+runs in ROOT/NAME/members/<k>/ (member k has seed k; seed 0 is the seed
+of reproduce_table3.py's run). Each member's best checkpoint (lowest
 validation loss, as the original) is scored with the paper's protocol,
 reproduce_table3.py's own evaluation (`evaluate_run`, cached beside the
 member in table3_eval.json): 1000 samples per label (noise seed 0) against
@@ -59,6 +59,7 @@ sys.path.insert(0, EXPERIMENTS)
 from cign_jax import commands
 from cign_jax import config as config_lib
 from cign_jax import run_dir
+from cign_jax import train
 from cign_jax import utils
 from cign_jax.evaluation import registry
 from cign_jax.sweeps import training as sweep_training
@@ -247,23 +248,40 @@ def study(
   for run in runs:
     workdir = os.path.join(root, run.name)
     left = None if deadline is None else deadline - time.time()
-    finished, step, total = table3.train_run(run, workdir, left)
+    seeds = config_lib.sweep_members(run.config)
+    total = run.total_steps
+    step = table3.trained_steps(workdir, run.config)
+    finished = False
+    if len(table3.stopped_members(workdir)) < len(seeds):
+      try:
+        finished, step, total = table3.train_run(run, workdir, left)
+      except train.NonFiniteLossError:
+        # Every seed stopped on a non-finite step (sweep.json says where):
+        # reported below, and the other configs go on.
+        if len(table3.stopped_members(workdir)) < len(seeds):
+          raise
     record = {
         "name": run.name,
         "epochs": step / run.steps_per_epoch,
         "target_epochs": total / run.steps_per_epoch,
         "members": [],
     }
-    if not finished:
+    if len(table3.stopped_members(workdir)) == len(seeds):
+      record["status"] = (
+          "every seed stopped on a non-finite step (sweep.json says where); "
+          "nothing to score"
+      )
+    elif not finished:
       record["status"] = (
           f"training stopped at step {step} of {total} (time limit); run "
           "the same command again to resume"
       )
+    if "status" in record:
       print(f"{run.name}: {record['status']}")
       records.append(record)
       continue
     stopped = table3.stopped_members(workdir)
-    for k, settings in enumerate(config_lib.sweep_members(run.config)):
+    for k, settings in enumerate(seeds):
       member = sweep_training.member_dir(workdir, k)
       entry = {"seed": settings["seed"], "dir": os.path.relpath(member, root)}
       if k in stopped:
@@ -332,7 +350,7 @@ def write_report(path, records, names, quick, dataset, num_seeds) -> Dict:
       )
       + " samples per label (noise seed 0) against as many test images of "
       "the label; per-class metrics averaged over the classes, label "
-      "accuracy over all samples.",
+      f"accuracy over all samples. The per-seed numbers are in {RAW_FILE}.",
       "",
       "## Per config: mean ± standard deviation over the seeds",
       "",
@@ -347,7 +365,7 @@ def write_report(path, records, names, quick, dataset, num_seeds) -> Dict:
   notes = []
   for record in records:
     scored = [m for m in record["members"] if "metrics" in m]
-    epochs = f"{record['epochs']:.2f} of {record['target_epochs']:g}"
+    epochs = f"{record['epochs']:.2f} of {record['target_epochs']:.4g}"
     cells = [record["name"], str(len(scored)), epochs]
     summaries[record["name"]] = {}
     for name in names:

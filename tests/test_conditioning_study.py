@@ -225,6 +225,7 @@ def _features(monkeypatch, tmp_path):
   return extractor
 
 
+@pytest.mark.slow  # two sweep programs traced and compiled
 def test_quick_study_end_to_end(study, features, tmp_path, monkeypatch):
   # Imported here: scipy.stats does not import where torch is blocked, as
   # test_dependencies collects the suite.
@@ -304,6 +305,34 @@ def test_quick_study_end_to_end(study, features, tmp_path, monkeypatch):
   monkeypatch.setattr(evaluate, "generate_for_eval", refused)
   study.study(root, **kwargs)
   assert open(report).read() == text
+
+
+def test_a_config_whose_every_seed_stopped_is_reported_not_trained(
+    study, tmp_path, monkeypatch
+):
+  images, labels = synthetic.coloured(24, 32)
+  path = tmp_path / "colours.npz"
+  np.savez(
+      path, images=images, labels=labels, test_images=images, test_labels=labels
+  )
+  root = tmp_path / "study"
+  stopped = {"step": 3, "reason": "non-finite loss", "last_checkpoint": 2}
+  (root / "channel_small").mkdir(parents=True)
+  (root / "channel_small" / "sweep.json").write_text(
+      json.dumps({"stopped": {"0": stopped, "1": stopped}})
+  )
+
+  def refused(*args, **kwargs):
+    raise AssertionError(f"trained: {args} {kwargs}")
+
+  monkeypatch.setattr(in_loop, "train_and_evaluate", refused)
+  report = study.study(
+      str(root), configs=["channel_small"], dataset=f"npz:{path}", quick=True
+  )
+  assert (
+      "- channel_small: every seed stopped on a non-finite step (sweep.json "
+      "says where); nothing to score" in open(report).read().splitlines()
+  )
 
 
 def test_the_command_needs_two_seeds(tmp_path):
