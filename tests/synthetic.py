@@ -3,7 +3,9 @@
 `dataset()` gives (images uint8 (N, 28, 28, 1), labels int32 (N,)) in the
 form of `cign_jax.data.reader.load_split`: ten classes, each a bright bar
 at its own place and angle over a dim noise background, so the classes
-differ and every pixel value occurs.
+differ and every pixel value occurs. `coloured()` gives RGB images of any
+size whose class is their dominant colour; `PooledFeatures` stands in for
+the FID Inception's features (whose weights are a download).
 
 `python tests/synthetic.py --config=... --workdir=...` is the train command
 (`python -m cign_jax.main`) with `reader.load_split` answering with this
@@ -45,6 +47,30 @@ def coloured(num: int, size: int, seed: int = 0, num_classes: int = 3):
   for i, label in enumerate(labels):
     images[i, :, :, label] += 180
   return images, labels
+
+
+class PooledFeatures:
+  """A stand-in for `fid.extract_features` (the FID Inception's weights are
+  a download): deterministic features of any image shape, the 8-bit pixels
+  average-pooled to 4x4 per channel, projected and squashed; records the
+  shapes it saw."""
+
+  def __init__(self):
+    self.proj = np.random.default_rng(7).normal(size=(48, 2048)) / 7
+    self.shapes = []
+
+  def __call__(self, images, feature_sizes=(2048,), **kwargs):
+    del kwargs
+    from cign_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+
+    pixels = fid.quantize(images).astype(np.float32) / 127.5 - 1
+    self.shapes.append(pixels.shape[1:])
+    n, h, w, c = pixels.shape
+    if c == 1:
+      pixels = np.repeat(pixels, 3, axis=-1)
+    pooled = pixels.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4))
+    feats = np.tanh(pooled.reshape(n, -1) @ self.proj)
+    return {int(s): feats[:, :s] for s in feature_sizes}
 
 
 def load_split(dataset_name: str, split: str, data_dir: str = ""):

@@ -19,30 +19,10 @@ from conftest import tiny_config
 import synthetic
 
 
-class PooledFeatures:
-  """Deterministic features of any image shape: the 8-bit pixels
-  average-pooled to 4x4 per channel, projected and squashed."""
-
-  def __init__(self):
-    self.proj = np.random.default_rng(7).normal(size=(48, 2048)) / 7
-    self.shapes = []
-
-  def __call__(self, images, feature_sizes=(2048,), **kwargs):
-    del kwargs
-    pixels = fid.quantize(images).astype(np.float32) / 127.5 - 1
-    self.shapes.append(pixels.shape[1:])
-    n, h, w, c = pixels.shape
-    if c == 1:
-      pixels = np.repeat(pixels, 3, axis=-1)
-    pooled = pixels.reshape(n, 4, h // 4, 4, w // 4, 3).mean(axis=(2, 4))
-    feats = np.tanh(pooled.reshape(n, -1) @ self.proj)
-    return {int(s): feats[:, :s] for s in feature_sizes}
-
-
 @pytest.fixture(name="cache")
 def _cache(monkeypatch, tmp_path):
   monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path / "cache"))
-  extractor = PooledFeatures()
+  extractor = synthetic.PooledFeatures()
   monkeypatch.setattr(fid, "extract_features", extractor)
   return extractor
 

@@ -352,8 +352,14 @@ class _Sweep:
                 model,
                 train_step_lib.eval_variables(_member_state(states, k)),
             )
+            # (H, W) grey or (H, W, 3) RGB, as one image of a batch.
             self.runs[k].writer.write_images(
-                done, {"samples": grid[None, :, :, None]}
+                done,
+                {
+                    "samples": (
+                        grid[None] if grid.ndim == 3 else grid[None, ..., None]
+                    )
+                },
             )
         at_evaluation = (
             self.val_split is not None or evaluator is not None
