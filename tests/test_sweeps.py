@@ -415,14 +415,14 @@ def test_a_member_trains_as_its_single_run_float32(
     multidevice_worker.compare_states("member 0", other, want, member.optimizer)
 
 
-# The sweep's first step on 2 simulated CPU devices, one member on each
-# (the mesh's 'members' axis; its 'data' axis of size 1 is where each
-# member's batch would be split, as a single run's is: test_multidevice.py).
+# The sweep's first step on 4 simulated CPU devices: a 2 x 2 mesh, the
+# members along its 'members' axis (one on each row) and each member's batch
+# split along its 'data' axis, as a single run's is (test_multidevice.py).
 _MULTIDEVICE = """
 import os, sys
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=2"
+    + " --xla_force_host_platform_device_count=4"
 )
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, {tests!r})
@@ -438,15 +438,19 @@ config = quick.get_config("tiny")
 config.sweep.seed = (0, 1)
 config.sweep.optimizer.learning_rate = (1e-3, 2e-3)
 config.num_train_steps = 1
-config.mesh_shape = (2, 1)
+config.mesh_shape = (2, 2)
 config.mesh_axis_names = ("members", "data")
 states = training.train_and_evaluate(
     config, {workdir!r}, dataset=synthetic.dataset()
 )
 leaf = jax.tree_util.tree_leaves(states.params)[0]
 assert leaf.sharding.spec == P("members"), leaf.sharding
-assert len(leaf.sharding.device_set) == 2
+assert len(leaf.sharding.device_set) == 4
 assert leaf.addressable_shards[0].data.shape[0] == 1  # one member each
+from cign_jax import sharding
+from cign_jax.sweeps import step
+batch = step.member_batch_sharding(sharding.create_mesh(config))
+assert batch.spec == P("members", ("data",)), batch.spec
 np.savez({out!r}, **{{
     jax.tree_util.keystr(k): np.asarray(v)
     for k, v in jax.tree_util.tree_leaves_with_path(
@@ -459,9 +463,10 @@ print("MEMBERS_ALONG_THE_MESH_OK")
 
 @pytest.mark.slow
 def test_members_along_a_mesh_axis(one_step_sweep, tmp_path):
-  """Members laid along a 'members' mesh axis of 2 simulated devices, one
-  member on each, train as on one device, within the float32 tolerances of
-  the multi-device checks."""
+  """Members laid along the 'members' axis of a 2 x 2 mesh of simulated
+  devices, each member's batch split over its 'data' axis, train as on one
+  device, within the float32 tolerances of the multi-device checks (the
+  split batch sums BatchNorm's gradients in another order)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
