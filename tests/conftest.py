@@ -82,6 +82,19 @@ def tiny_config(**overrides):
   return config
 
 
+@pytest.fixture
+def inception_stand_in(monkeypatch, tmp_path):
+  """An empty cache (classifiers, features) and `synthetic.PooledFeatures`
+  as the FID Inception (`fid.extract_features`): evaluation without the
+  Inception's weights or its CPU time."""
+  from cign_jax.evaluation import fid  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path / "cache"))
+  extractor = synthetic.PooledFeatures()
+  monkeypatch.setattr(fid, "extract_features", extractor)
+  return extractor
+
+
 @pytest.fixture(scope="session")
 def synthetic_dataset():
   """(images uint8 (64, 28, 28, 1), labels int32 (64,)): `tests/synthetic.py`."""

@@ -23,7 +23,6 @@ import pytest
 from cign_jax import checkpoints
 from cign_jax import utils
 from cign_jax.evaluation import evaluate
-from cign_jax.evaluation import fid
 from cign_jax.evaluation import in_loop
 import synthetic
 
@@ -216,22 +215,15 @@ def test_the_report_from_given_results(study, tmp_path):
   json.dumps(raw, allow_nan=False)  # plain JSON: no NaN
 
 
-@pytest.fixture(name="features")
-def _features(monkeypatch, tmp_path):
-  """An empty cache (classifiers, features) and the Inception stand-in."""
-  monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path / "cache"))
-  extractor = synthetic.PooledFeatures()
-  monkeypatch.setattr(fid, "extract_features", extractor)
-  return extractor
-
-
 @pytest.mark.slow  # two sweep programs traced and compiled
-def test_quick_study_end_to_end(study, features, tmp_path, monkeypatch):
+def test_quick_study_end_to_end(
+    study, inception_stand_in, tmp_path, monkeypatch
+):
   # Imported here: scipy.stats does not import where torch is blocked, as
   # test_dependencies collects the suite.
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
-  del features
+  del inception_stand_in
   images, labels = synthetic.coloured(96, 32)
   test_images, test_labels = synthetic.coloured(192, 32, seed=1)
   path = tmp_path / "colours.npz"

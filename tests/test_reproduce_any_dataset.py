@@ -38,15 +38,6 @@ def _table3():
   return module
 
 
-@pytest.fixture(name="features")
-def _features(monkeypatch, tmp_path):
-  """An empty cache (classifiers, features) and the Inception stand-in."""
-  monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path / "cache"))
-  extractor = synthetic.PooledFeatures()
-  monkeypatch.setattr(fid, "extract_features", extractor)
-  return extractor
-
-
 def _write_npz(path, size=32, labelled=True, test=True):
   """Three classes of RGB images: 96 to train on and, with `test`, 64 test
   images per class (as many as the quick protocol samples)."""
@@ -64,7 +55,7 @@ def _write_npz(path, size=32, labelled=True, test=True):
 
 
 def test_quick_table3_on_an_npz_dataset(
-    table3, features, tmp_path, monkeypatch
+    table3, inception_stand_in, tmp_path, monkeypatch
 ):
   path = _write_npz(tmp_path / "colours.npz")
   dataset = f"npz:{path}"
@@ -86,7 +77,11 @@ def test_quick_table3_on_an_npz_dataset(
       config.model.num_classes,
   ) == (32, 3, 3)
   assert config.loss.num_mismatch_labels == 2
-  assert (32, 32, 3) in features.shapes  # the samples, RGB as they are
+  assert (
+      32,
+      32,
+      3,
+  ) in inception_stand_in.shapes  # the samples, RGB as they are
 
   best = checkpoints.read_best(workdir)
   with open(os.path.join(workdir, "table3_eval.json")) as f:
@@ -105,8 +100,8 @@ def test_quick_table3_on_an_npz_dataset(
       3 * SAMPLES_PER_CLASS, 32, seed=1
   )
   want_fid = fid.fid_from_features(
-      features(test_images[test_labels == 2], (64,))[64],
-      features(np.asarray(images)[labels == 2], (64,))[64],
+      inception_stand_in(test_images[test_labels == 2], (64,))[64],
+      inception_stand_in(np.asarray(images)[labels == 2], (64,))[64],
   )
   assert result["fid"]["64"]["per_class"]["2"] == pytest.approx(
       want_fid, rel=1e-6
