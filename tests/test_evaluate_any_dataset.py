@@ -19,16 +19,10 @@ from conftest import tiny_config
 import synthetic
 
 
-@pytest.fixture(name="cache")
-def _cache(monkeypatch, tmp_path):
-  monkeypatch.setenv("CIGN_JAX_CACHE", str(tmp_path / "cache"))
-  extractor = synthetic.PooledFeatures()
-  monkeypatch.setattr(fid, "extract_features", extractor)
-  return extractor
-
-
-def test_classifier_for_rgb_data_learns_and_is_cached_per_shape(cache):
-  del cache
+def test_classifier_for_rgb_data_learns_and_is_cached_per_shape(
+    inception_stand_in,
+):
+  del inception_stand_in
   train_split = synthetic.coloured(300, 32)
   test_split = synthetic.coloured(60, 32, seed=1)
   clf, info = classifier_lib.train(
@@ -93,7 +87,7 @@ def _train_run(tmp_path, conditioning):
   return workdir, test
 
 
-def test_evaluate_a_conditional_rgb_run_per_class(cache, tmp_path):
+def test_evaluate_a_conditional_rgb_run_per_class(inception_stand_in, tmp_path):
   workdir, (test_images, test_labels) = _train_run(tmp_path, "channel")
   report = evaluate.run(
       workdir, num_per_class=66, metrics=["fid64", "label_accuracy"]
@@ -101,7 +95,9 @@ def test_evaluate_a_conditional_rgb_run_per_class(cache, tmp_path):
   # Every class: its 66 samples against as many of its 70 test images.
   assert report["counts"] == {"0": 66, "1": 66, "2": 66}
   assert set(report["metrics"]["fid64"]["per_class"]) == {"0", "1", "2"}
-  assert all((32, 32, 3) == s for s in cache.shapes)  # RGB, as it is
+  assert all(
+      (32, 32, 3) == s for s in inception_stand_in.shapes
+  )  # RGB, as it is
   # The label accuracy is the cached classifier's verdict on the samples.
   clf = classifier_lib.load(
       f"npz:{tmp_path / 'colours.npz'}",
@@ -124,8 +120,10 @@ def test_evaluate_a_conditional_rgb_run_per_class(cache, tmp_path):
   assert got == pytest.approx(want_fid, rel=1e-6)
 
 
-def test_evaluate_an_unconditional_rgb_run_over_the_whole_set(cache, tmp_path):
-  del cache
+def test_evaluate_an_unconditional_rgb_run_over_the_whole_set(
+    inception_stand_in, tmp_path
+):
+  del inception_stand_in
   workdir, (test_images, _) = _train_run(tmp_path, "none")
   _, model, _, _ = checkpoints.load_model(workdir)
   assert model.conditioning == "none"
@@ -145,7 +143,7 @@ def test_evaluate_an_unconditional_rgb_run_over_the_whole_set(cache, tmp_path):
   assert "label_accuracy" not in names and "fid64" in names
 
 
-def test_in_loop_fid_on_an_rgb_source(cache, tmp_path):
+def test_in_loop_fid_on_an_rgb_source(inception_stand_in, tmp_path):
   path, _ = _write_npz(tmp_path)
   config = tiny_config(
       **{
@@ -168,4 +166,8 @@ def test_in_loop_fid_on_an_rgb_source(cache, tmp_path):
   best = checkpoints.read_best(workdir)
   assert best["step"] == 2 and best["metric"] == "fid64"
   assert np.isfinite(best["value"])
-  assert (32, 32, 3) in cache.shapes  # the samples, RGB as they are
+  assert (
+      32,
+      32,
+      3,
+  ) in inception_stand_in.shapes  # the samples, RGB as they are
