@@ -49,6 +49,23 @@ def coloured(num: int, size: int, seed: int = 0, num_classes: int = 3):
   return images, labels
 
 
+def coloured_npz(path, num_train: int, num_test: int, size: int = 32, **extra):
+  """Writes an `npz:` dataset of `coloured` images (training seed 0, test
+  seed 1) with `extra` arrays; returns ((images, labels), (test_images,
+  test_labels))."""
+  train = coloured(num_train, size)
+  test = coloured(num_test, size, seed=1)
+  np.savez(
+      path,
+      images=train[0],
+      labels=train[1],
+      test_images=test[0],
+      test_labels=test[1],
+      **extra,
+  )
+  return train, test
+
+
 class PooledFeatures:
   """A stand-in for `fid.extract_features` (the FID Inception's weights are
   a download): deterministic features of any image shape, the 8-bit pixels

@@ -224,16 +224,8 @@ def test_quick_study_end_to_end(
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
   del inception_stand_in
-  images, labels = synthetic.coloured(96, 32)
-  test_images, test_labels = synthetic.coloured(192, 32, seed=1)
   path = tmp_path / "colours.npz"
-  np.savez(
-      path,
-      images=images,
-      labels=labels,
-      test_images=test_images,
-      test_labels=test_labels,
-  )
+  synthetic.coloured_npz(path, 96, 192)
   root = str(tmp_path / "study")
   configs = ["channel_small", "filter_small"]
   kwargs = dict(configs=configs, dataset=f"npz:{path}", quick=True)

@@ -56,17 +56,9 @@ def test_classifier_for_rgb_data_learns_and_is_cached_per_shape(
 
 
 def _write_npz(tmp_path, num=90):
-  images, labels = synthetic.coloured(num, 32)
-  test_images, test_labels = synthetic.coloured(210, 32, seed=1)
   path = tmp_path / "colours.npz"
-  np.savez(
-      path,
-      images=images,
-      labels=labels,
-      test_images=test_images,
-      test_labels=test_labels,
-  )
-  return path, (test_images, test_labels)
+  _, test = synthetic.coloured_npz(path, num, 210)
+  return path, test
 
 
 def _train_run(tmp_path, conditioning):

@@ -21,18 +21,11 @@ import synthetic
 
 @pytest.fixture(name="npz_path")
 def _npz_path(tmp_path):
-  images, labels = synthetic.coloured(48, 32)
-  test_images, test_labels = synthetic.coloured(12, 32, seed=1)
   path = tmp_path / "data.npz"
-  np.savez(
-      path,
-      images=images,
-      labels=labels,
-      test_images=test_images,
-      test_labels=test_labels,
-      class_names=np.array(["red", "green", "blue"]),
+  train, test = synthetic.coloured_npz(
+      path, 48, 12, class_names=np.array(["red", "green", "blue"])
   )
-  return str(path), (images, labels), (test_images, test_labels)
+  return str(path), train, test
 
 
 def _write_folder(root, images, labels, names, ext="png"):
