@@ -42,6 +42,9 @@ def test_the_dataset_configs_name_their_data():
   quick = load("fashion_mnist.py:quick")
   assert quick.data.dataset == "fashion_mnist"
   assert quick.best_metric == "label_accuracy"
+  # All nine wrong labels, as the paper, at a smaller batch, longer.
+  assert (quick.loss.num_mismatch_labels, quick.batch_size) == (9, 24)
+  assert quick.num_train_steps == 4000
   cifar = load("cifar10.py")
   assert cifar.data.dataset == "tfds:cifar10"
   assert cifar.model.conditioning == "channel"
